@@ -1,0 +1,28 @@
+# The two commands of the README. Everything a new machine needs is installed here.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+DEMO_STORE ?= demo_store
+DEMO_REPORT ?= demo_report
+
+.PHONY: demo test install install-dev clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+install: $(PY)
+	$(PIP) install --quiet -e .
+
+install-dev: $(PY)
+	$(PIP) install --quiet -e '.[dev]'
+
+demo: install
+	$(VENV)/bin/entropylens demo --out $(DEMO_REPORT) --store $(DEMO_STORE)
+
+test: install-dev
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(DEMO_STORE) $(DEMO_REPORT) .pytest_cache
