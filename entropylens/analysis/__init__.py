@@ -1,0 +1,1 @@
+"""Analyses: each returns tidy DataFrames or small dataclasses; none reads log formats."""

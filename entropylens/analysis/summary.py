@@ -1,0 +1,101 @@
+"""The run summary: what each run holds and its per-step entropy statistics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from ..engine import run_aggregators
+from ..estimators import best_entropy_source
+from ..store import Store
+from .distribution import StepStats
+
+RUN_COLUMNS = ["run", "tokens", "sequences", "steps", "entropy_source"]
+STEP_COLUMNS = ["run", "step", "tokens", "entropy_token_mean", "entropy_seq_mean", "p50", "p80",
+                "frac_below_0_01"]
+
+
+@dataclass
+class Summary:
+    """Result of :func:`summary`.
+
+    Attributes
+    ----------
+    runs : pandas.DataFrame
+        One row per run: ``run, tokens, sequences, steps, entropy_source``.
+    steps : pandas.DataFrame
+        One row per run and step: ``run, step, tokens, entropy_token_mean, entropy_seq_mean,
+        p50, p80, frac_below_0_01``.
+    """
+
+    runs: pd.DataFrame
+    steps: pd.DataFrame
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """The JSON shape of ``entropylens summary --json`` (DESIGN.md section 6)."""
+        return {"runs": _records(self.runs), "steps": _records(self.steps),
+                "warnings": list(self.warnings)}
+
+
+def _records(frame: pd.DataFrame) -> list[dict]:
+    out = []
+    for row in frame.astype(object).where(frame.notna(), None).to_dict(orient="records"):
+        out.append({k: (v.item() if isinstance(v, np.generic) else v) for k, v in row.items()})
+    return out
+
+
+def _metric_steps(store: Store, run: str) -> pd.DataFrame:
+    """Per-step rows of a run without tokens, from its ``policy_entropy`` metric."""
+    metrics = store.read_metrics(run)
+    entropy = metrics[metrics["metric"] == "policy_entropy"]
+    entropy = entropy.dropna(subset=["step"]).groupby("step", as_index=False)["value"].last()
+    frame = pd.DataFrame({"run": run, "step": entropy["step"].astype("Int64"), "tokens": 0,
+                          "entropy_token_mean": entropy["value"]})
+    return frame.reindex(columns=STEP_COLUMNS)
+
+
+def summary(store: Store | str, runs: str | Sequence[str] | None = None, *,
+            engine: str = "local", **engine_options) -> Summary:
+    """Summarise runs: contents and per-step entropy statistics.
+
+    Per-step statistics come from the best entropy source of each run's tokens (exact, then
+    top-k, then surprisal); a run with only step metrics reports its ``policy_entropy``
+    metric as ``entropy_token_mean`` and ``metric`` as its source.
+
+    Parameters
+    ----------
+    store : Store or path
+    runs : str or sequence of str, optional
+        Default: every run.
+    engine : {"local", "ray"}
+
+    Returns
+    -------
+    Summary
+    """
+    store = store if isinstance(store, Store) else Store.open(store)
+    run_rows, step_frames = [], []
+    for run in store.resolve_runs(runs):
+        manifest = store.manifest(run)
+        counts = manifest.get("counts", {})
+        source = best_entropy_source(manifest) if counts.get("tokens") else None
+        if source is not None:
+            stats = run_aggregators(store, run, {"steps": StepStats(
+                source, vocab_size=manifest.get("vocab_size"))}, engine=engine,
+                **engine_options)["steps"]
+            stats.insert(0, "run", run)
+            steps = stats[STEP_COLUMNS]
+        else:
+            steps = _metric_steps(store, run)
+            source = "metric" if len(steps) else None
+        step_frames.append(steps)
+        run_rows.append({"run": run, "tokens": counts.get("tokens", 0),
+                         "sequences": counts.get("sequences", 0),
+                         "steps": int(steps["step"].nunique()), "entropy_source": source})
+    steps = pd.concat(step_frames, ignore_index=True) if step_frames else \
+        pd.DataFrame(columns=STEP_COLUMNS)
+    return Summary(runs=pd.DataFrame(run_rows, columns=RUN_COLUMNS), steps=steps)

@@ -1,0 +1,530 @@
+"""The canonical Parquet store: one folder per run, written atomically.
+
+Layout (DESIGN.md section 3)::
+
+    STORE/store.json                        format version
+    STORE/runs/<run>/manifest.json          provenance and counts
+    STORE/runs/<run>/tokens/part-*.parquet  one row per generated token
+    STORE/runs/<run>/sequences.parquet      one row per completion
+    STORE/runs/<run>/metrics.parquet        one row per (step, metric)
+
+A run is written into a hidden temporary folder inside ``STORE/runs`` and renamed into place
+only when complete, so a reader sees a run whole or not at all, and a failed or killed ingest
+never damages the runs already there.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from . import __version__
+from .errors import RunExistsError, StoreError
+from .schema import METRIC_SCHEMA, SEQUENCE_SCHEMA, TOKEN_SCHEMA, conform
+
+STORE_FORMAT = "entropylens-store"
+STORE_VERSION = 1
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=@-]{0,199}$")
+_TMP_PREFIX = ".tmp-"
+_OLD_PREFIX = ".old-"
+
+#: Rows buffered before a token part file is sorted and written. Bounds ingest memory.
+ROWS_PER_PART = 1_000_000
+#: Parquet row-group size of token parts: small enough that step filters skip most data.
+ROWS_PER_GROUP = 128 * 1024
+#: Rejected-record examples kept in a manifest.
+MAX_REJECTED_EXAMPLES = 20
+
+
+def validate_run_name(name: str) -> str:
+    """Return ``name`` if it is a safe run name, else raise :class:`StoreError`.
+
+    A run name becomes a folder name, so it may hold letters, digits and ``. _ + = @ -``,
+    must start with a letter or digit, and can never be ``..`` or contain a path separator.
+    """
+    if not isinstance(name, str) or not _RUN_NAME.match(name) or ".." in name:
+        raise StoreError(f"invalid run name {name!r}: use letters, digits and . _ + = @ - "
+                         "(no path separators, no '..', at most 200 characters)")
+    return name
+
+
+def _json_default(value: Any):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        value = float(value)
+        return None if not math.isfinite(value) else value
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (_dt.datetime, _dt.date)):
+        return value.isoformat()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _finite(obj):
+    """Replace NaN and infinities by None so the JSON stays standard."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write ``obj`` as JSON to ``path`` through a temporary file and a rename."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(_finite(obj), fh, indent=1, default=_json_default, allow_nan=False)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class Store:
+    """A folder of runs in the canonical format.
+
+    Use :meth:`open` for an existing store and :meth:`create` to make one (or open it if it
+    exists).
+
+    Parameters
+    ----------
+    path : str or Path
+        The store folder.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.runs_dir = self.path / "runs"
+
+    # -- opening -----------------------------------------------------------------------
+    @classmethod
+    def create(cls, path: str | Path) -> "Store":
+        """Create a store at ``path``, or open the one already there."""
+        path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise StoreError("exists and is not a folder", path=path)
+        if path.is_dir() and (path / "store.json").exists():
+            return cls.open(path)
+        if path.is_dir() and any(p.name != "runs" for p in path.iterdir()):
+            raise StoreError("folder exists, is not empty and is not an entropylens store",
+                             path=path)
+        (path / "runs").mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path / "store.json", {"format": STORE_FORMAT, "version": STORE_VERSION,
+                                                "created_by": f"entropylens {__version__}"})
+        return cls.open(path)
+
+    @classmethod
+    def open(cls, path: str | Path) -> "Store":
+        """Open an existing store.
+
+        Raises
+        ------
+        StoreError
+            When ``path`` holds no store or one of an unknown version.
+        """
+        path = Path(path)
+        marker = path / "store.json"
+        if not marker.exists():
+            raise StoreError("no entropylens store here (create one with "
+                             "'entropylens ingest ... --out STORE')", path=path)
+        try:
+            meta = json.loads(marker.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"unreadable store.json: {exc}", path=marker) from None
+        if meta.get("format") != STORE_FORMAT or meta.get("version") != STORE_VERSION:
+            raise StoreError(f"unsupported store format {meta.get('format')!r} "
+                             f"version {meta.get('version')!r}", path=marker)
+        store = cls(path)
+        store.runs_dir.mkdir(exist_ok=True)
+        store._recover()
+        return store
+
+    def _recover(self) -> None:
+        """Finish or undo a replace that was interrupted between its two renames."""
+        for old in self.runs_dir.glob(_OLD_PREFIX + "*"):
+            name = old.name[len(_OLD_PREFIX):].rsplit("-", 1)[0]
+            target = self.runs_dir / name
+            try:
+                if target.exists():
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    os.replace(old, target)
+            except OSError:
+                pass
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.path)!r}, runs={self.runs()!r})"
+
+    # -- runs --------------------------------------------------------------------------
+    def runs(self) -> list[str]:
+        """Names of the complete runs, sorted."""
+        if not self.runs_dir.is_dir():
+            return []
+        return sorted(p.name for p in self.runs_dir.iterdir()
+                      if p.is_dir() and not p.name.startswith(".")
+                      and (p / "manifest.json").exists())
+
+    def has_run(self, name: str) -> bool:
+        return name in self.runs()
+
+    def run_dir(self, name: str) -> Path:
+        """The folder of an existing run; raises :class:`StoreError` when there is none."""
+        validate_run_name(name)
+        path = self.runs_dir / name
+        if not (path / "manifest.json").exists():
+            known = ", ".join(self.runs()) or "none"
+            raise StoreError(f"no run named {name!r} (runs: {known})", path=self.path)
+        return path
+
+    def resolve_runs(self, runs: str | Sequence[str] | None = None) -> list[str]:
+        """Expand ``None`` to every run and check that named runs exist."""
+        if runs is None or (not isinstance(runs, str) and len(runs) == 0):
+            names = self.runs()
+            if not names:
+                raise StoreError("the store holds no runs", path=self.path)
+            return names
+        names = [runs] if isinstance(runs, str) else list(runs)
+        for name in names:
+            self.run_dir(name)
+        return names
+
+    def manifest(self, run: str) -> dict:
+        """The run's manifest (provenance and counts)."""
+        path = self.run_dir(run) / "manifest.json"
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"unreadable manifest: {exc}", path=path) from None
+
+    def delete_run(self, name: str) -> None:
+        """Remove a run (atomically: it is renamed away first)."""
+        path = self.run_dir(name)
+        trash = self.runs_dir / f"{_TMP_PREFIX}deleted-{name}-{uuid.uuid4().hex[:8]}"
+        os.replace(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def write_run(self, name: str, *, replace: bool = False) -> "RunWriter":
+        """Start writing a run; use as a context manager.
+
+        Raises
+        ------
+        RunExistsError
+            When the run exists and ``replace`` is false (checked before anything is written).
+        """
+        return RunWriter(self, name, replace=replace)
+
+    # -- reading -----------------------------------------------------------------------
+    def tokens_dataset(self, run: str) -> ds.Dataset:
+        """The run's tokens as a :class:`pyarrow.dataset.Dataset` (possibly empty)."""
+        folder = self.run_dir(run) / "tokens"
+        parts = sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []
+        if not parts:
+            return ds.dataset(pa.table({f.name: pa.array([], f.type) for f in TOKEN_SCHEMA},
+                                       schema=TOKEN_SCHEMA))
+        return ds.dataset([str(p) for p in parts], schema=TOKEN_SCHEMA, format="parquet")
+
+    @staticmethod
+    def _step_filter(steps: Iterable[int] | None, filter: ds.Expression | None):
+        expr = filter
+        if steps is not None:
+            step_expr = ds.field("step").isin(pa.array(list(steps), pa.int64()))
+            expr = step_expr if expr is None else (expr & step_expr)
+        return expr
+
+    def scan_tokens(self, run: str, *, columns: Sequence[str] | None = None,
+                    steps: Iterable[int] | None = None, filter: ds.Expression | None = None,
+                    batch_size: int = 256 * 1024) -> Iterator[pa.RecordBatch]:
+        """Stream token batches with column projection and step filters.
+
+        Parameters
+        ----------
+        run : str
+        columns : sequence of str, optional
+            Columns to read (all when omitted).
+        steps : iterable of int, optional
+            Keep only these steps; row groups of other steps are skipped from statistics.
+        filter : pyarrow.dataset.Expression, optional
+            Any further row filter.
+        batch_size : int
+            Maximum rows per batch.
+        """
+        dataset = self.tokens_dataset(run)
+        expr = self._step_filter(steps, filter)
+        yield from dataset.to_batches(columns=list(columns) if columns else None, filter=expr,
+                                      batch_size=batch_size)
+
+    def read_tokens(self, run: str, *, columns: Sequence[str] | None = None,
+                    steps: Iterable[int] | None = None,
+                    filter: ds.Expression | None = None) -> pa.Table:
+        """Read tokens into one table (use :meth:`scan_tokens` for large runs)."""
+        dataset = self.tokens_dataset(run)
+        return dataset.to_table(columns=list(columns) if columns else None,
+                                filter=self._step_filter(steps, filter))
+
+    def token_steps(self, run: str) -> list[int]:
+        """Distinct non-null steps of the run's tokens, sorted."""
+        steps = self.read_tokens(run, columns=["step"]).column("step")
+        return sorted(pc.unique(steps.drop_null()).to_pylist())
+
+    def read_sequences(self, run: str, *, columns: Sequence[str] | None = None) -> pa.Table:
+        """The run's sequences table (empty with the canonical schema when absent)."""
+        path = self.run_dir(run) / "sequences.parquet"
+        if not path.exists():
+            table = SEQUENCE_SCHEMA.empty_table()
+            return table.select(list(columns)) if columns else table
+        return pq.read_table(path, columns=list(columns) if columns else None,
+                             schema=SEQUENCE_SCHEMA)
+
+    def read_metrics(self, run: str, *, pivot: bool = False,
+                     split: str | None = None) -> pd.DataFrame:
+        """The run's step metrics.
+
+        Parameters
+        ----------
+        run : str
+        pivot : bool
+            Return one row per step and one column per metric instead of the long table.
+        split : str, optional
+            Keep only metrics of this split.
+
+        Returns
+        -------
+        pandas.DataFrame
+            Long format: ``step, metric, value, raw_key, split``.
+        """
+        path = self.run_dir(run) / "metrics.parquet"
+        table = pq.read_table(path, schema=METRIC_SCHEMA) if path.exists() \
+            else METRIC_SCHEMA.empty_table()
+        frame = table.to_pandas()
+        if split is not None:
+            frame = frame[frame["split"] == split]
+        if pivot:
+            frame = frame.pivot_table(index="step", columns="metric", values="value",
+                                      aggfunc="last").sort_index()
+            frame.columns.name = None
+        return frame
+
+
+class RunWriter:
+    """Writes one run into a temporary folder and moves it into place on :meth:`commit`.
+
+    Token batches are buffered up to :data:`ROWS_PER_PART` rows, sorted by
+    ``step, sample_id, position`` and written as one part file, so memory stays bounded.
+    Use as a context manager: leaving the block normally commits, an exception aborts and
+    removes every file written.
+    """
+
+    def __init__(self, store: Store, name: str, *, replace: bool = False):
+        validate_run_name(name)
+        self.store = store
+        self.name = name
+        self.replace = replace
+        self.final = store.runs_dir / name
+        if self.final.exists() and not replace:
+            raise RunExistsError(f"run {name!r} already exists (use --replace to overwrite it)",
+                                 path=store.path)
+        self.tmp = store.runs_dir / f"{_TMP_PREFIX}{name}-{uuid.uuid4().hex[:12]}"
+        (self.tmp / "tokens").mkdir(parents=True)
+        self.manifest: dict[str, Any] = {
+            "run": name,
+            "entropylens_version": __version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "sources": [],
+            "temperature": None,
+            "logprob_basis": "unknown",
+            "vocab_size": None,
+            "top_k": None,
+            "entropy_sources": [],
+            "counts": {},
+            "rejected": {"count": 0, "examples": []},
+        }
+        self._token_buffer: list[pa.Table] = []
+        self._buffered = 0
+        self._parts = 0
+        self._seq_writer: pq.ParquetWriter | None = None
+        self._metrics: list[pa.Table] = []
+        self._counts = {"tokens": 0, "sequences": 0, "metrics": 0, "exact_entropy": 0,
+                        "topk": 0, "logprobs": 0, "null_logprobs": 0}
+        self._steps: set[int] = set()
+        self._max_top_k = 0
+        self._done = False
+
+    # -- context manager ---------------------------------------------------------------
+    def __enter__(self) -> "RunWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+        return False
+
+    # -- writing -----------------------------------------------------------------------
+    def add_source(self, path: str | Path, *, format: str, sha256: str | None = None,
+                   size: int | None = None, **extra: Any) -> None:
+        """Record a source file in the manifest."""
+        entry = {"path": str(path), "format": format, "size": size, "sha256": sha256}
+        entry.update(extra)
+        self.manifest["sources"].append(entry)
+
+    def reject(self, *, path: str | Path | None, line: int | None, message: str) -> None:
+        """Count a skipped bad record and keep the first examples."""
+        rejected = self.manifest["rejected"]
+        rejected["count"] += 1
+        if len(rejected["examples"]) < MAX_REJECTED_EXAMPLES:
+            rejected["examples"].append({"file": str(path) if path else None, "line": line,
+                                         "message": message})
+
+    def write_tokens(self, data: pa.Table | pa.RecordBatch, *, path=None,
+                     row_offset: int = 0) -> None:
+        """Conform and buffer token rows; a part file is written every ROWS_PER_PART rows."""
+        table = conform(data, "tokens", path=path, row_offset=row_offset)
+        if not table.num_rows:
+            return
+        self._count_tokens(table)
+        self._token_buffer.append(table)
+        self._buffered += table.num_rows
+        if self._buffered >= ROWS_PER_PART:
+            self._flush_tokens()
+
+    def _count_tokens(self, table: pa.Table) -> None:
+        counts = self._counts
+        counts["tokens"] += table.num_rows
+        counts["exact_entropy"] += table.num_rows - table.column("entropy").null_count
+        counts["logprobs"] += table.num_rows - table.column("logprob").null_count
+        counts["null_logprobs"] += table.column("logprob").null_count
+        top = table.column("top_logprobs")
+        counts["topk"] += table.num_rows - top.null_count
+        if table.num_rows - top.null_count:
+            lengths = pc.list_value_length(top)
+            self._max_top_k = max(self._max_top_k, pc.max(lengths).as_py() or 0)
+        self._steps.update(pc.unique(table.column("step").drop_null()).to_pylist())
+
+    def _flush_tokens(self) -> None:
+        if not self._token_buffer:
+            return
+        table = pa.concat_tables(self._token_buffer)
+        self._token_buffer, self._buffered = [], 0
+        order = pc.sort_indices(table, sort_keys=[("step", "ascending"),
+                                                  ("sample_id", "ascending"),
+                                                  ("position", "ascending")])
+        table = table.take(order)
+        out = self.tmp / "tokens" / f"part-{self._parts:05d}.parquet"
+        pq.write_table(table, out, row_group_size=ROWS_PER_GROUP, compression="zstd")
+        self._parts += 1
+
+    def write_sequences(self, data: pa.Table | pa.RecordBatch, *, path=None,
+                        row_offset: int = 0) -> None:
+        """Conform and append completion rows."""
+        table = conform(data, "sequences", path=path, row_offset=row_offset)
+        if not table.num_rows:
+            return
+        if self._seq_writer is None:
+            self._seq_writer = pq.ParquetWriter(self.tmp / "sequences.parquet", SEQUENCE_SCHEMA,
+                                                compression="zstd")
+        self._seq_writer.write_table(table)
+        self._counts["sequences"] += table.num_rows
+
+    def write_metrics(self, data: pa.Table | pa.RecordBatch, *, path=None,
+                      row_offset: int = 0) -> None:
+        """Conform and keep long-format metric rows (written, sorted, at commit)."""
+        table = conform(data, "metrics", path=path, row_offset=row_offset)
+        if table.num_rows:
+            self._metrics.append(table)
+            self._counts["metrics"] += table.num_rows
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Rows written so far: ``tokens``, ``sequences``, ``metrics`` and more."""
+        return dict(self._counts)
+
+    # -- finishing ---------------------------------------------------------------------
+    def commit(self) -> Path:
+        """Write the remaining data and the manifest, then move the run into place."""
+        if self._done:
+            return self.final
+        try:
+            self._flush_tokens()
+            if self._seq_writer is not None:
+                self._seq_writer.close()
+            if self._metrics:
+                metrics = pa.concat_tables(self._metrics)
+                order = pc.sort_indices(metrics, sort_keys=[("metric", "ascending"),
+                                                            ("step", "ascending")])
+                pq.write_table(metrics.take(order), self.tmp / "metrics.parquet",
+                               compression="zstd")
+            self._finish_manifest()
+            write_json_atomic(self.tmp / "manifest.json", self.manifest)
+            self._move_into_place()
+        except BaseException:
+            self.abort()
+            raise
+        self._done = True
+        return self.final
+
+    def _finish_manifest(self) -> None:
+        counts = self._counts
+        metric_steps: set[int] = set()
+        for table in self._metrics:
+            metric_steps.update(pc.unique(table.column("step").drop_null()).to_pylist())
+        self.manifest["counts"] = {
+            "tokens": counts["tokens"],
+            "sequences": counts["sequences"],
+            "metrics": counts["metrics"],
+            "token_steps": len(self._steps),
+            "metric_steps": len(metric_steps),
+            "tokens_with_entropy": counts["exact_entropy"],
+            "tokens_with_topk": counts["topk"],
+            "tokens_with_logprob": counts["logprobs"],
+            "null_logprobs": counts["null_logprobs"],
+            **{k: v for k, v in self.manifest["counts"].items() if k not in counts},
+        }
+        sources = []
+        if counts["exact_entropy"]:
+            sources.append("exact")
+        if counts["topk"]:
+            sources.append("topk")
+        if counts["logprobs"]:
+            sources.append("surprisal")
+        self.manifest["entropy_sources"] = sources
+        if self.manifest.get("top_k") is None and self._max_top_k:
+            self.manifest["top_k"] = self._max_top_k
+
+    def _move_into_place(self) -> None:
+        if self.final.exists():
+            if not self.replace:
+                raise RunExistsError(f"run {self.name!r} already exists", path=self.store.path)
+            old = self.store.runs_dir / f"{_OLD_PREFIX}{self.name}-{uuid.uuid4().hex[:8]}"
+            os.replace(self.final, old)
+            os.replace(self.tmp, self.final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.tmp, self.final)
+
+    def abort(self) -> None:
+        """Remove everything written so far; the store is as it was."""
+        if self._seq_writer is not None:
+            try:
+                self._seq_writer.close()
+            except Exception:
+                pass
+            self._seq_writer = None
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self._done = True
