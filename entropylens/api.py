@@ -18,6 +18,44 @@ from .store import Store
 
 __all__ = ["open", "ingest", "formats", "summary", "demo", "DemoResult"]
 
+# -- trend analyses: per-step curves, collapse phases, saturation law, covariance, compare --
+from .analysis.compare import Comparison, compare  # noqa: E402
+from .analysis.covariance import Covariance, covariance  # noqa: E402
+from .analysis.curves import performance, policy_entropy  # noqa: E402
+from .analysis.phases import Phases, RunPhases, phases  # noqa: E402
+from .analysis.saturation import SaturationFit, fit_saturation  # noqa: E402
+
+__all__ += ["policy_entropy", "performance", "phases", "Phases", "RunPhases", "fit_saturation",
+            "SaturationFit", "covariance", "Covariance", "compare", "Comparison"]
+# -- end trend analyses --
+
+# -- token analyses: distributions, forking tokens, data quality --
+from .analysis.distribution import Distribution, distribution  # noqa: E402
+from .analysis.forking import (Forking, forking_mask, forking_overlap,  # noqa: E402
+                               forking_tokens)
+from .analysis.quality import quality  # noqa: E402
+
+__all__ += ["distribution", "Distribution", "forking_tokens", "Forking", "forking_overlap",
+            "forking_mask", "quality"]
+# -- end token analyses --
+
+# -- roles: planning versus execution tokens, strategic-gram lexicons --
+from .analysis.lexicon import (Lexicon, MinedLexicon, PlanningMatch,  # noqa: E402
+                               load_lexicon, match_planning_tokens, mine_lexicon)
+from .analysis.roles import Roles, roles  # noqa: E402
+
+__all__ += ["roles", "Roles", "mine_lexicon", "MinedLexicon", "load_lexicon", "Lexicon",
+            "match_planning_tokens", "PlanningMatch"]
+# -- end roles --
+
+# -- record: rescoring completions with a model, recording generate() (extra [torch]) --
+# torch and transformers are imported only when one of these runs.
+from .ingest.hf_generate import RecordResult, from_hf_generate  # noqa: E402
+from .record import RescoreResult, record_generate, rescore  # noqa: E402
+
+__all__ += ["rescore", "RescoreResult", "record_generate", "from_hf_generate", "RecordResult"]
+# -- end record --
+
 
 def open(path: str | Path) -> Store:  # noqa: A001 - reads naturally as el.open(...)
     """Open an existing store."""
@@ -35,7 +73,8 @@ class DemoResult:
 
 def demo(*, samples: str | Path = "sample_logs", store: str | Path = "demo_store",
          out: str | Path = "demo_report") -> DemoResult:
-    """Ingest every run folder under ``samples`` into ``store`` and summarise it.
+    """Ingest every run folder under ``samples`` into ``store``, summarise it and write the
+    report into ``out``.
 
     Each subfolder of ``samples`` becomes a run of the same name (replacing an earlier demo).
     """
@@ -49,4 +88,39 @@ def demo(*, samples: str | Path = "sample_logs", store: str | Path = "demo_store
     for folder in folders:
         ingest(folder, store, run=folder.name, replace=True)
     opened = Store.open(store)
-    return DemoResult(store=opened, summary=summary(opened), report_path=None)
+    written = report(opened, out)
+    return DemoResult(store=opened, summary=summary(opened), report_path=written.path)
+
+
+# -- report: figures, one self-contained HTML page, Markdown and JSON --
+def report(store: Store | str | Path, out: str | Path, runs: str | Sequence[str] | None = None,
+           *, engine: str = "local", title: str = "entropylens report"):
+    """Write the diagnostic report of ``runs`` into the folder ``out``.
+
+    Writes ``out/index.html`` (one self-contained page: figures inline, no network, no
+    JavaScript), ``out/report.md``, ``out/report.json`` (every number of the page) and
+    ``out/figures/*.png``. A section whose analysis cannot run on a run (a metric-only run
+    has no forking tokens) says "not available" and why.
+
+    Parameters
+    ----------
+    store : Store or path
+    out : path
+        Report folder (created; an earlier report's files are overwritten).
+    runs : str or sequence of str, optional
+        Default: every run.
+    engine : {"local", "ray"}
+    title : str
+
+    Returns
+    -------
+    entropylens.report.Report
+        ``.path`` is ``index.html``; ``.model`` the content of ``report.json``.
+    """
+    from .report import build_report
+
+    return build_report(store, out, runs, engine=engine, title=title)
+
+
+__all__ += ["report"]
+# -- end report --

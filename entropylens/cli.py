@@ -10,7 +10,7 @@ import json
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import typer
 
@@ -75,13 +75,19 @@ def ingest(
     replace: bool = typer.Option(False, "--replace", help="Overwrite a run that exists."),
     alias: Optional[List[str]] = typer.Option(None, "--alias",
                                               help="Metric alias RAW_KEY=CANONICAL."),
+    aliases_file: Optional[Path] = typer.Option(
+        None, "--aliases", help="TOML or JSON file of metric aliases {raw_key: canonical} "
+                                "(--alias wins over it)."),
 ):
     """Read log files into a canonical store."""
     try:
+        from .aliases import load_alias_file
+        aliases = load_alias_file(aliases_file) if aliases_file is not None else {}
+        aliases.update(_pairs(alias, "--alias"))
         runs = api.ingest(sources, out, run=run, format=format, mapping=_pairs(map, "--map"),
                           temperature=temperature, vocab_size=vocab_size,
                           on_error=on_error.value, replace=replace,
-                          aliases=_pairs(alias, "--alias"))
+                          aliases=aliases)
     except EntropylensError as exc:
         _fail(exc)
     store = api.open(out)
@@ -169,6 +175,445 @@ def demo(
     if result.report_path is not None:
         typer.echo(f"report: {result.report_path}")
 
+
+# -- trend analyses: phases, fit, compare, covariance ----------------------------------------
+def _num(value, digits: int = 3) -> str:
+    return "-" if value is None or value != value else f"{value:.{digits}g}"
+
+
+@app.command()
+def phases(
+    store: Path = typer.Argument(..., help="Store folder."),
+    run: Optional[List[str]] = RunOption,
+    engine: Engine = EngineOption,
+    as_json: bool = JsonOption,
+):
+    """Collapse phases of the entropy curve: segments, early drop, arrival step, alarm."""
+    try:
+        result = api.phases(store, run or None, engine=engine.value)
+    except EntropylensError as exc:
+        _fail(exc)
+    if as_json:
+        _emit_json(result.to_dict())
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    for item in result.runs:
+        table = Table(title=f"{item.run}: entropy from {item.entropy_source}, early drop "
+                            f"fraction {_num(item.early_drop_fraction)}, within 10% of the "
+                            f"floor {_num(item.floor)} at step {_fmt(item.arrival_step)}")
+        for column in ("start", "end", "phase", "entropy from", "to", "slope/step"):
+            table.add_column(column, justify="right")
+        for seg in item.segments.itertuples():
+            table.add_row(str(seg.start_step), str(seg.end_step), seg.label,
+                          f"{seg.start_entropy:.3f}", f"{seg.end_entropy:.3f}",
+                          f"{seg.slope:+.4f}")
+        console.print(table)
+        if item.note:
+            console.print(f"note: {item.note}", highlight=False, markup=False)
+        colour = "red" if item.alarm else "dim"
+        console.print(f"[{colour}]{item.alarm_message}[/{colour}]", highlight=False)
+
+
+@app.command()
+def fit(
+    store: Path = typer.Argument(..., help="Store folder."),
+    run: Optional[List[str]] = RunOption,
+    reward: Optional[str] = typer.Option(None, "--reward",
+                                         help="Performance metric (default: val_accuracy, "
+                                              "else reward_mean)."),
+    engine: Engine = EngineOption,
+    as_json: bool = JsonOption,
+):
+    """Fit the saturation law R = -a*exp(H) + b and its ceiling b - a."""
+    try:
+        result = api.fit_saturation(store, run or None, reward=reward, engine=engine.value)
+    except EntropylensError as exc:
+        _fail(exc)
+    fits = result if isinstance(result, list) else [result]
+    if as_json:
+        _emit_json(result.to_dict() if not isinstance(result, list)
+                   else {"fits": [f.to_dict() for f in fits]})
+        return
+    for item in fits:
+        if item.error:
+            typer.echo(f"{item.run}: no fit: {item.error}")
+            continue
+        a_ci, b_ci, c_ci = (item.a_ci or [None, None], item.b_ci or [None, None],
+                            item.ceiling_ci or [None, None])
+        typer.echo(f"{item.run}: {item.y} = -a*exp(H) + b, H = {item.x}, n = {item.n}")
+        typer.echo(f"  a = {_num(item.a, 4)} [{_num(a_ci[0])}, {_num(a_ci[1])}]   "
+                   f"b = {_num(item.b, 4)} [{_num(b_ci[0])}, {_num(b_ci[1])}]   "
+                   f"R^2 = {_num(item.r2)}")
+        typer.echo(f"  ceiling b - a = {_num(item.ceiling, 4)} [{_num(c_ci[0])}, "
+                   f"{_num(c_ci[1])}]   early prediction (first {item.early.get('n_fit')} "
+                   f"points) RMSE = {_num(item.early.get('rmse'))}")
+        for note in item.notes:
+            typer.echo(f"  note: {note}")
+
+
+@app.command()
+def compare(
+    store: Path = typer.Argument(..., help="Store folder."),
+    run: Optional[List[str]] = RunOption,
+    reward: Optional[str] = typer.Option(None, "--reward", help="Performance metric."),
+    engine: Engine = EngineOption,
+    as_json: bool = JsonOption,
+):
+    """Runs side by side: entropy drop, phases, saturation fit, final performance."""
+    try:
+        result = api.compare(store, run or None, reward=reward, engine=engine.value)
+    except EntropylensError as exc:
+        _fail(exc)
+    if as_json:
+        _emit_json(result.to_dict())
+        return
+    for row in result.table.to_dict(orient="records"):
+        collapse = "-" if _fmt(row["collapse_start"]) == "-" else \
+            f"steps {_fmt(row['collapse_start'])}-{_fmt(row['collapse_end'])}"
+        typer.echo(f"{row['run']}: {_fmt(row['steps'])} steps, entropy "
+                   f"({_fmt(row['entropy_source'])}) {_num(row['first_entropy'])} -> "
+                   f"{_num(row['last_entropy'])}, early drop fraction "
+                   f"{_num(row['early_drop_fraction'])}, within 10% of floor at step "
+                   f"{_fmt(row['arrival_step'])}, rapid collapse {collapse}, alarm "
+                   f"{_fmt(row['alarm'])}")
+        typer.echo(f"  {_fmt(row['performance_metric'])} {_num(row['first_performance'])} -> "
+                   f"{_num(row['final_performance'])}, saturation ceiling "
+                   f"{_num(row['ceiling'])} (R^2 {_num(row['r2'])}, n {_fmt(row['fit_n'])})")
+        if isinstance(row["note"], str):
+            typer.echo(f"  note: {row['note']}")
+
+
+@app.command()
+def covariance(
+    store: Path = typer.Argument(..., help="Store folder."),
+    run: Optional[List[str]] = RunOption,
+    engine: Engine = EngineOption,
+    as_json: bool = JsonOption,
+):
+    """Covariance of token logprob and advantage by group, and its link to entropy change."""
+    try:
+        result = api.covariance(store, run or None, engine=engine.value)
+    except EntropylensError as exc:
+        _fail(exc)
+    if as_json:
+        _emit_json(result.to_dict())
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    means = result.groups.groupby(["run", "group"], sort=False)["mean_cov"].mean()
+    for corr in result.correlation.itertuples():
+        typer.echo(f"{corr.run}: correlation of a step's mean covariance with the next "
+                   f"entropy change: Pearson {_num(corr.pearson_r)}, Spearman "
+                   f"{_num(corr.spearman_r)}, n = {corr.n} steps")
+        table = Table(title="group means of covariance, averaged over steps")
+        table.add_column("group")
+        table.add_column("mean cov", justify="right")
+        for (name, group), value in means.items():
+            if name == corr.run:
+                table.add_row(group, f"{value:.4f}")
+        console.print(table)
+    for reason in result.skipped:
+        typer.echo(f"skipped: {reason}")
+# -- end trend analyses -----------------------------------------------------------------------
+
+
+# -- token analyses: forking tokens ----------------------------------------------------------
+class Scope(str, Enum):
+    step = "step"
+    global_ = "global"
+    sequence = "sequence"
+    batch = "batch"
+
+
+@app.command()
+def forks(
+    store: Path = typer.Argument(..., help="Store folder."),
+    ratio: float = typer.Option(0.2, "--ratio", min=0.0, max=1.0,
+                                help="Share of highest-entropy tokens that fork (rho)."),
+    scope: Scope = typer.Option(Scope.step, "--scope", help="Where thresholds are taken."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1,
+                                             help="Tokens per batch (scope batch)."),
+    overlap: Optional[Tuple[str, str]] = typer.Option(
+        None, "--overlap", metavar="RUN_A RUN_B",
+        help="Also report the overlap of forking positions of two runs."),
+    min_count: int = typer.Option(5, "--min-count", min=1,
+                                  help="Minimum occurrences to rank a token by rate."),
+    top: int = typer.Option(30, "--top", min=1, help="Tokens listed per run."),
+    run: Optional[List[str]] = RunOption,
+    engine: Engine = EngineOption,
+    as_json: bool = JsonOption,
+):
+    """Forking tokens: top-rho entropy thresholds, most frequent forking tokens, overlap."""
+    if scope is Scope.batch and batch_size is None:
+        raise typer.BadParameter("scope 'batch' needs --batch-size N", param_hint="--batch-size")
+    if scope is not Scope.batch and batch_size is not None:
+        raise typer.BadParameter("--batch-size applies to --scope batch only",
+                                 param_hint="--batch-size")
+    if not 0 < ratio < 1:
+        raise typer.BadParameter("must lie strictly between 0 and 1", param_hint="--ratio")
+    try:
+        result = api.forking_tokens(store, run or None, ratio=ratio, scope=scope.value,
+                                    batch_size=batch_size, min_count=min_count, top_n=top,
+                                    engine=engine.value)
+        pair = api.forking_overlap(store, overlap[0], overlap[1], ratio=ratio,
+                                   scope=scope.value, batch_size=batch_size,
+                                   engine=engine.value) if overlap else None
+    except EntropylensError as exc:
+        _fail(exc)
+    if as_json:
+        out = result.to_dict()
+        if pair is not None:
+            out["overlap"] = pair
+        _emit_json(out)
+        return
+    _print_forks(result, pair)
+
+
+def _print_forks(result, pair) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    for row in result.runs.itertuples():
+        thresholds = result.thresholds[result.thresholds["run"] == row.run]["threshold"]
+        console.print(f"[bold]{row.run}[/bold]: {row.forking_tokens} of {row.tokens} tokens "
+                      f"fork ({row.forking_fraction:.1%}), entropy from {row.entropy_source}; "
+                      f"{row.units} {result.scope} threshold(s), median "
+                      f"{thresholds.median():.3f} nats (range {thresholds.min():.3f} to "
+                      f"{thresholds.max():.3f})", highlight=False)
+        for title, frame in (("most forking tokens", result.top_tokens),
+                             (f"highest forking rate (seen >= {result.min_count} times)",
+                              result.top_by_rate)):
+            table = Table(title=f"{row.run}: {title}")
+            for column in ("token", "count", "forking", "rate"):
+                table.add_column(column, justify="right")
+            for item in frame[frame["run"] == row.run].head(15).itertuples():
+                table.add_row(repr(item.token), str(item.count), str(item.forking_count),
+                              f"{item.forking_rate:.2f}")
+            console.print(table)
+        shares = result.composition[result.composition["run"] == row.run]
+        console.print("forking share vs all tokens: " + ", ".join(
+            f"{item.category} {_fmt(item.forking_share)} vs {_fmt(item.all_share)}"
+            for item in shares.itertuples()), highlight=False)
+    if pair is not None:
+        console.print(f"overlap of forking positions {pair['run_a']} -> {pair['run_b']}: "
+                      f"{_fmt(pair['overlap'])} (Jaccard {_fmt(pair['jaccard'])}) over "
+                      f"{pair['shared_positions']} shared positions", highlight=False)
+        if pair["warning"]:
+            console.print(f"[yellow]warning:[/yellow] {pair['warning']}", highlight=False)
+# -- end token analyses ----------------------------------------------------------------------
+
+
+# -- report ------------------------------------------------------------------------------------
+@app.command()
+def report(
+    store: Path = typer.Argument(..., help="Store folder."),
+    out: Path = typer.Option(..., "--out", help="Report folder (created when missing)."),
+    run: Optional[List[str]] = RunOption,
+    engine: Engine = EngineOption,
+):
+    """Write the diagnostic report: index.html, report.md, report.json and figures/."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed, whatever the environment says
+    try:
+        result = api.report(store, out, run or None, engine=engine.value)
+    except EntropylensError as exc:
+        _fail(exc)
+    for missing in result.model["unavailable"]:
+        where = f"{missing['run']}: " if missing["run"] else ""
+        typer.echo(f"{where}{missing['section']} not available: {missing['reason']}", err=True)
+    typer.echo(str(result.path))
+# -- end report --------------------------------------------------------------------------------
+
+
+# -- roles: planning versus execution tokens, lexicon mining -----------------------------------
+class LexiconMode(str, Enum):
+    replace = "replace"
+    extend = "extend"
+
+
+class Convention(str, Enum):
+    auto = "auto"
+    bytelevel = "bytelevel"
+    sentencepiece = "sentencepiece"
+    text = "text"
+
+
+@app.command()
+def roles(
+    store: Path = typer.Argument(..., help="Store folder."),
+    lexicon: Optional[Path] = typer.Option(
+        None, "--lexicon", help="Strategic grams, one phrase a line (default: the 249 HICRA "
+                                "grams)."),
+    lexicon_mode: LexiconMode = typer.Option(
+        LexiconMode.replace, "--lexicon-mode", help="Use --lexicon alone or add it to the "
+                                                    "default lexicon."),
+    convention: Convention = typer.Option(
+        Convention.auto, "--convention", help="Tokenizer convention of the token text."),
+    window: Optional[int] = typer.Option(None, "--window", min=3,
+                                         help="Steps per window of the phase rule."),
+    run: Optional[List[str]] = RunOption,
+    engine: Engine = EngineOption,
+    as_json: bool = JsonOption,
+):
+    """Planning versus execution tokens per step, semantic entropy and the two phases."""
+    try:
+        result = api.roles(store, run or None, lexicon=lexicon,
+                           lexicon_mode=lexicon_mode.value, convention=convention.value,
+                           window=window, engine=engine.value)
+    except EntropylensError as exc:
+        _fail(exc)
+    if as_json:
+        _emit_json(result.to_dict())
+        return
+    _print_roles(result)
+
+
+def _print_roles(result) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    for row in result.runs.itertuples():
+        table = Table(title=f"{row.run}: {row.planning_tokens} of {row.tokens} tokens planning "
+                            f"({row.lexicon_size} grams, {row.convention} tokens), entropy "
+                            f"from {row.entropy_source}, nats")
+        for column in ("step", "plan tok", "exec tok", "plan H", "exec H", "plan rel PPL",
+                       "exec rel PPL", "semantic H", "grams"):
+            table.add_column(column, justify="right")
+        for step in result.wide(row.run).itertuples():
+            table.add_row(*[_fmt(getattr(step, name, None)) for name in (
+                "step", "planning_tokens", "execution_tokens", "planning_mean_entropy",
+                "execution_mean_entropy", "planning_relative_perplexity",
+                "execution_relative_perplexity", "semantic_entropy", "gram_count")])
+        console.print(table)
+        for phase in result.phases.get(row.run, []):
+            where = (f"steps {phase['start_step']}-{phase['end_step']}" if phase["detected"]
+                     else "not detected")
+            console.print(f"{phase['name']}: {where}: {phase['reason']}", highlight=False,
+                          markup=False)
+
+
+@app.command("mine-lexicon")
+def mine_lexicon(
+    store: Path = typer.Argument(..., help="Store folder."),
+    run: Optional[List[str]] = RunOption,
+    reward_threshold: float = typer.Option(0.5, "--reward-threshold",
+                                           help="Solutions have a reward above this."),
+    min_n: int = typer.Option(1, "--min-n", min=1, help="Shortest n-gram, in words."),
+    max_n: int = typer.Option(5, "--max-n", min=1, help="Longest n-gram, in words."),
+    min_df: float = typer.Option(0.05, "--min-df", min=0.0, max=1.0,
+                                 help="Smallest share of solutions containing an n-gram."),
+    top: int = typer.Option(100, "--top", min=1, help="N-grams kept."),
+    out: Optional[Path] = typer.Option(None, "--out",
+                                       help="Write the phrases as a lexicon file for --lexicon."),
+    as_json: bool = JsonOption,
+):
+    """Rank n-grams of successful completions as candidate strategic grams (offline)."""
+    try:
+        result = api.mine_lexicon(store, run or None, reward_threshold=reward_threshold,
+                                  min_n=min_n, max_n=max_n, min_df=min_df, top_n=top)
+        if out is not None:
+            result.write(out)
+    except EntropylensError as exc:
+        _fail(exc)
+    if as_json:
+        _emit_json(result.to_dict())
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{result.documents} solutions (reward > {result.reward_threshold:g}), "
+                        f"{result.others} other completions")
+    for column in ("gram", "df", "per solution", "score", "df others"):
+        table.add_column(column, justify="right" if column != "gram" else "left")
+    for row in result.table.itertuples():
+        table.add_row(row.gram, _fmt(row.df), _fmt(row.mean_per_solution), _fmt(row.score),
+                      _fmt(row.df_other))
+    Console().print(table)
+    if out is not None:
+        typer.echo(f"lexicon: {out}", err=True)
+# -- end roles ---------------------------------------------------------------------------------
+
+
+# -- rescore: exact per-token entropy of text completions, scored with a model -----------------
+class Device(str, Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class EosMode(str, Enum):
+    auto = "auto"
+    always = "always"
+    never = "never"
+
+
+@app.command()
+def rescore(
+    src: Path = typer.Argument(..., help="A store (with --source-run) or a sequence file: "
+                                         "verl rollout JSONL, TRL completions Parquet, a table "
+                                         "with prompt/completion columns."),
+    model: Path = typer.Option(..., "--model", help="Hugging Face model folder or .gguf file."),
+    out: Path = typer.Option(..., "--out", help="Store to write the run into."),
+    run: Optional[str] = typer.Option(None, "--run", help="Run name (default: SOURCE-rescored)."),
+    source_run: Optional[str] = typer.Option(None, "--source-run",
+                                             help="Run of the source store to rescore."),
+    format: Optional[str] = typer.Option(None, "--format",
+                                         help="Format of a sequence file (default: detect)."),
+    temperature: float = typer.Option(1.0, "--temperature",
+                                      help="Score softmax(logits / T)."),
+    device: Optional[Device] = typer.Option(None, "--device",
+                                            help="Default: cuda when available, else cpu."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1,
+                                   help="Completions per forward pass."),
+    top_k: int = typer.Option(20, "--top-k", min=0, help="Alternatives stored per token."),
+    no_chat_template: bool = typer.Option(False, "--no-chat-template",
+                                          help="Encode prompts as they are."),
+    eos: EosMode = typer.Option(EosMode.auto, "--eos",
+                                help="Append the end-of-turn token: auto (when the completion "
+                                     "stopped on it), always or never."),
+    source_tokens: bool = typer.Option(False, "--source-tokens",
+                                       help="Score the token ids the source run logged "
+                                            "instead of re-tokenising the text."),
+    step: Optional[List[int]] = typer.Option(None, "--step",
+                                             help="Only these steps (repeat for several)."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1,
+                                        help="Only the first N completions."),
+    on_error: OnError = typer.Option(OnError.stop, "--on-error",
+                                     help="Stop at a record that cannot be scored, or skip it."),
+    replace: bool = typer.Option(False, "--replace", help="Overwrite a run that exists."),
+    as_json: bool = JsonOption,
+):
+    """Score completions with a model: exact per-token entropy, logprob and top-k, as a run."""
+    if not temperature > 0:
+        raise typer.BadParameter("must be positive", param_hint="--temperature")
+    try:
+        result = api.rescore(src, model, out, run=run, source_run=source_run, format=format,
+                             temperature=temperature,
+                             device=device.value if device else None, batch_size=batch_size,
+                             top_k=top_k, chat_template=not no_chat_template, eos=eos.value,
+                             tokens="source" if source_tokens else "text",
+                             steps=step or None, limit=limit, on_error=on_error.value,
+                             replace=replace)
+    except EntropylensError as exc:
+        _fail(exc)
+    if as_json:
+        _emit_json(result.to_dict())
+        return
+    retok = result.retokenised
+    note = (f"; {retok['different']} of {retok['compared']} completions re-tokenised "
+            "differently from the logged ids" if retok else "")
+    skipped = f", {result.skipped} skipped" if result.skipped else ""
+    typer.echo(f"{result.run}: {result.tokens} tokens of {result.sequences} completions scored "
+               f"on {result.device} ({result.tokens_per_second:.0f} tokens/s){skipped}{note} "
+               f"-> {out}", err=True)
+# -- end rescore -------------------------------------------------------------------------------
 
 def main() -> None:  # pragma: no cover - console entry point
     app()

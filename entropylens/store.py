@@ -44,6 +44,8 @@ _OLD_PREFIX = ".old-"
 
 #: Rows buffered before a token part file is sorted and written. Bounds ingest memory.
 ROWS_PER_PART = 1_000_000
+#: Buffered bytes that also trigger a part file: rows with top-k lists are large.
+BYTES_PER_PART = 128 * 1024 * 1024
 #: Parquet row-group size of token parts: small enough that step filters skip most data.
 ROWS_PER_GROUP = 128 * 1024
 #: Rejected-record examples kept in a manifest.
@@ -401,7 +403,8 @@ class RunWriter:
         self._count_tokens(table)
         self._token_buffer.append(table)
         self._buffered += table.num_rows
-        if self._buffered >= ROWS_PER_PART:
+        self._buffered_bytes = getattr(self, "_buffered_bytes", 0) + table.nbytes
+        if self._buffered >= ROWS_PER_PART or self._buffered_bytes >= BYTES_PER_PART:
             self._flush_tokens()
 
     def _count_tokens(self, table: pa.Table) -> None:
@@ -422,6 +425,7 @@ class RunWriter:
             return
         table = pa.concat_tables(self._token_buffer)
         self._token_buffer, self._buffered = [], 0
+        self._buffered_bytes = 0
         order = pc.sort_indices(table, sort_keys=[("step", "ascending"),
                                                   ("sample_id", "ascending"),
                                                   ("position", "ascending")])

@@ -12,6 +12,7 @@ from ..engine import run_aggregators
 from ..estimators import best_entropy_source
 from ..store import Store
 from .distribution import StepStats
+from .quality import QUALITY_COLUMNS, QualityScan, run_quality
 
 RUN_COLUMNS = ["run", "tokens", "sequences", "steps", "entropy_source"]
 STEP_COLUMNS = ["run", "step", "tokens", "entropy_token_mean", "entropy_seq_mean", "p50", "p80",
@@ -29,16 +30,23 @@ class Summary:
     steps : pandas.DataFrame
         One row per run and step: ``run, step, tokens, entropy_token_mean, entropy_seq_mean,
         p50, p80, frac_below_0_01``.
+    warnings : list of str
+        ``"RUN: message"`` for every data-quality check of severity ``warning``.
+    quality : pandas.DataFrame
+        Every data-quality finding (:func:`entropylens.analysis.quality.quality`):
+        ``run, check, severity, count, message``.
     """
 
     runs: pd.DataFrame
     steps: pd.DataFrame
     warnings: list[str] = field(default_factory=list)
+    quality: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(
+        columns=QUALITY_COLUMNS))
 
     def to_dict(self) -> dict:
         """The JSON shape of ``entropylens summary --json`` (DESIGN.md section 6)."""
         return {"runs": _records(self.runs), "steps": _records(self.steps),
-                "warnings": list(self.warnings)}
+                "warnings": list(self.warnings), "quality": _records(self.quality)}
 
 
 def _records(frame: pd.DataFrame) -> list[dict]:
@@ -78,24 +86,37 @@ def summary(store: Store | str, runs: str | Sequence[str] | None = None, *,
     Summary
     """
     store = store if isinstance(store, Store) else Store.open(store)
-    run_rows, step_frames = [], []
+    run_rows, step_frames, quality_frames = [], [], []
     for run in store.resolve_runs(runs):
         manifest = store.manifest(run)
         counts = manifest.get("counts", {})
         source = best_entropy_source(manifest) if counts.get("tokens") else None
+        scan = None
         if source is not None:
-            stats = run_aggregators(store, run, {"steps": StepStats(
-                source, vocab_size=manifest.get("vocab_size"))}, engine=engine,
-                **engine_options)["steps"]
+            # the data-quality checks ride on the same scan as the statistics
+            results = run_aggregators(store, run, {
+                "steps": StepStats(source, vocab_size=manifest.get("vocab_size"),
+                                   top_k=manifest.get("top_k")),
+                "quality": QualityScan(manifest.get("vocab_size"))}, engine=engine,
+                **engine_options)
+            stats, scan = results["steps"], results["quality"]
             stats.insert(0, "run", run)
             steps = stats[STEP_COLUMNS]
         else:
             steps = _metric_steps(store, run)
             source = "metric" if len(steps) else None
+        quality_frames.append(run_quality(store, run, manifest, scan, engine=engine,
+                                          **engine_options))
         step_frames.append(steps)
         run_rows.append({"run": run, "tokens": counts.get("tokens", 0),
                          "sequences": counts.get("sequences", 0),
                          "steps": int(steps["step"].nunique()), "entropy_source": source})
     steps = pd.concat(step_frames, ignore_index=True) if step_frames else \
         pd.DataFrame(columns=STEP_COLUMNS)
-    return Summary(runs=pd.DataFrame(run_rows, columns=RUN_COLUMNS), steps=steps)
+    quality_frames = [frame for frame in quality_frames if len(frame)]
+    quality = pd.concat(quality_frames, ignore_index=True) if quality_frames else \
+        pd.DataFrame(columns=QUALITY_COLUMNS)
+    warnings = [f"{row.run}: {row.message}" for row in quality.itertuples()
+                if row.severity == "warning"]
+    return Summary(runs=pd.DataFrame(run_rows, columns=RUN_COLUMNS), steps=steps,
+                   warnings=warnings, quality=quality)

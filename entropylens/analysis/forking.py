@@ -1,0 +1,784 @@
+"""Forking tokens: the top-ρ highest-entropy tokens within a scope (arXiv 2506.01939).
+
+A token *forks* when its entropy is strictly above its scope's threshold, the
+``(1 - ratio)`` quantile of the scope's token entropies (``numpy.quantile``'s default linear
+rule). Strictly: a scope of equal entropies (or of one token) has no forking token, and ties
+at the threshold do not fork, so a scope can hold slightly fewer than ``ratio`` of its tokens.
+
+Scopes (DESIGN.md section 5):
+
+- ``step`` (default): one threshold per training step;
+- ``global``: one threshold per run;
+- ``sequence``: one threshold per completion (step, sample_id);
+- ``batch``: fixed-size batches of ``batch_size`` tokens of one step, in stored order
+  (sample_id, position), as trainers select within a micro-batch. Batches restart at each
+  step; the last batch of a step may be smaller.
+
+Memory: ``step``, ``sequence`` and ``batch`` thresholds are exact and computed one step at a
+time (a filtered scan per step), so memory is bounded by the largest step. ``global`` holds the
+run's entropies (float64) in memory; :func:`global_threshold` is the function a mergeable
+sketch would replace. Counting forking tokens by text is a second, streaming pass
+(:class:`ForkingCounts`) with state bounded by the number of distinct tokens.
+
+Tokens without an entropy from the run's source (NaN) are neither counted nor forking.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+
+from ..engine import Aggregator, run_aggregators
+from ..errors import EntropylensError
+from ..estimators import columns_for, token_entropy
+from ..store import Store
+from .distribution import NO_STEP, token_runs
+
+SCOPES = ("step", "global", "sequence", "batch")
+CATEGORIES = ("whitespace", "punctuation", "digits", "other")
+_KEY_COLUMNS = ("step", "sample_id", "position")
+_TOKEN_COLUMNS = ("token", "token_id")
+
+#: Tokenizer markers and their text: GPT-2 byte-level BPE space/newline/tab, SentencePiece
+#: word boundary.
+_MARKERS = str.maketrans({"Ġ": " ", "Ċ": "\n", "ĉ": "\t", "▁": " "})
+
+
+# -- quantiles -------------------------------------------------------------------------------
+
+def grouped_quantile(codes: np.ndarray, values: np.ndarray, q: float,
+                     groups: int | None = None) -> np.ndarray:
+    """The ``q`` quantile of ``values`` within each group, exactly as ``numpy.quantile``.
+
+    Parameters
+    ----------
+    codes : numpy.ndarray of int
+        Group of each value, ``0 .. groups - 1``.
+    values : numpy.ndarray of float
+        No NaN.
+    q : float
+    groups : int, optional
+        Number of groups (default ``codes.max() + 1``).
+
+    Returns
+    -------
+    numpy.ndarray
+        float64 per group, NaN for an empty group. Bit-identical to
+        ``numpy.quantile(values[codes == g], q)`` (default ``linear`` rule).
+    """
+    groups = int(codes.max()) + 1 if groups is None and len(codes) else (groups or 0)
+    out = np.full(groups, np.nan)
+    if not len(values):
+        return out
+    order = np.lexsort((values, codes))
+    ordered = values[order]
+    counts = np.bincount(codes, minlength=groups)
+    starts = np.cumsum(counts) - counts
+    present = counts > 0
+    n = counts[present]
+    # numpy's linear rule: virtual index (n - 1) * q, floor/next neighbours, then _lerp
+    virtual = (n - 1) * q
+    previous = np.floor(virtual)
+    above = virtual >= n - 1
+    prev_index = np.where(above, n - 1, previous).astype(np.int64)
+    next_index = np.where(above, n - 1, previous + 1).astype(np.int64)
+    a = ordered[starts[present] + prev_index]
+    b = ordered[starts[present] + next_index]
+    gamma = np.where(above, virtual + 1, virtual - previous)
+    diff = b - a
+    result = a + diff * gamma
+    late = gamma >= 0.5
+    result[late] = (b - diff * (1 - gamma))[late]
+    out[present] = result
+    return out
+
+
+def global_threshold(arrays: list[np.ndarray], ratio: float) -> float:
+    """Run-wide threshold: the exact ``1 - ratio`` quantile of all ``arrays``.
+
+    The one function a mergeable quantile sketch replaces for runs too large to hold.
+    """
+    values = np.concatenate(arrays) if arrays else np.empty(0)
+    return float(np.quantile(values, 1 - ratio)) if len(values) else float("nan")
+
+
+# -- thresholds --------------------------------------------------------------------------
+
+@dataclass
+class ScopeThresholds:
+    """Thresholds of one run in one scope, and the rule that flags a token.
+
+    Attributes
+    ----------
+    scope : str
+    ratio : float
+    batch_size : int or None
+    frame : pandas.DataFrame
+        ``step`` (NO_STEP for tokens without a step), ``sample_id`` (scope ``sequence``) or
+        ``batch`` (scope ``batch``), ``threshold``, ``tokens``.
+    batches : dict
+        Scope ``batch``: per step, ``(sorted sample ids, position span, batch start keys)``
+        locating a token's batch from its (sample_id, position). A duplicated position that
+        straddles a batch start goes to the later batch.
+    source : str or None
+        The entropy source the thresholds were computed from.
+    options : dict
+        ``vocab_size`` and ``top_k`` for the top-k estimate.
+    """
+
+    scope: str
+    ratio: float
+    batch_size: int | None
+    frame: pd.DataFrame
+    batches: dict = field(default_factory=dict)
+    source: str | None = None
+    options: dict = field(default_factory=dict)
+
+    @classmethod
+    def concat(cls, parts: Sequence["ScopeThresholds"], scope: str, ratio: float,
+               batch_size: int | None) -> "ScopeThresholds":
+        """Join the thresholds of disjoint steps."""
+        frames = [p.frame for p in parts if len(p.frame)]
+        frame = pd.concat(frames, ignore_index=True) if frames else _empty_frame(scope)
+        batches = {}
+        for part in parts:
+            batches.update(part.batches)
+        return cls(scope, ratio, batch_size, frame, batches)
+
+    def entropy(self, tokens) -> np.ndarray:
+        """Per-token entropy of a batch from the thresholds' source."""
+        return token_entropy(tokens, self.source, **self.options)
+
+    def token_thresholds(self, steps: np.ndarray, sample_ids: np.ndarray,
+                         positions: np.ndarray) -> np.ndarray:
+        """The threshold that applies to each token (NaN where its scope is unknown)."""
+        frame = self.frame
+        if not len(frame):
+            return np.full(len(steps), np.nan)
+        if self.scope == "global":
+            return np.full(len(steps), float(frame["threshold"].iloc[0]))
+        if self.scope == "step":
+            index = pd.Index(frame["step"].to_numpy(np.int64))
+            where = index.get_indexer(steps)
+        elif self.scope == "sequence":
+            index = pd.MultiIndex.from_arrays([frame["step"].to_numpy(np.int64),
+                                               frame["sample_id"].to_numpy(object)])
+            where = index.get_indexer(pd.MultiIndex.from_arrays([steps, sample_ids]))
+        else:
+            batch = self._locate_batches(steps, sample_ids, positions)
+            index = pd.MultiIndex.from_arrays([frame["step"].to_numpy(np.int64),
+                                               frame["batch"].to_numpy(np.int64)])
+            where = index.get_indexer(pd.MultiIndex.from_arrays([steps, batch]))
+        values = frame["threshold"].to_numpy(np.float64)
+        return np.where(where >= 0, values[np.maximum(where, 0)], np.nan)
+
+    def _locate_batches(self, steps, sample_ids, positions) -> np.ndarray:
+        out = np.full(len(steps), -1, dtype=np.int64)
+        for step in np.unique(steps):
+            if int(step) not in self.batches:
+                continue
+            ids, span, starts = self.batches[int(step)]
+            chosen = steps == step
+            codes = ids.get_indexer(sample_ids[chosen])
+            keys = codes.astype(np.int64) * span + positions[chosen]
+            found = np.searchsorted(starts, keys, side="right") - 1
+            out[chosen] = np.where(codes >= 0, found, -1)
+        return out
+
+    def flags(self, steps, sample_ids, positions, entropy: np.ndarray) -> np.ndarray:
+        """True for each forking token: entropy strictly above its scope's threshold."""
+        threshold = self.token_thresholds(steps, sample_ids, positions)
+        with np.errstate(invalid="ignore"):
+            return np.asarray(entropy > threshold) & np.isfinite(entropy)
+
+
+def _empty_frame(scope: str) -> pd.DataFrame:
+    columns = {"step": pd.Series(dtype="int64")}
+    if scope == "sequence":
+        columns["sample_id"] = pd.Series(dtype=object)
+    if scope == "batch":
+        columns["batch"] = pd.Series(dtype="int64")
+    columns["threshold"] = pd.Series(dtype=float)
+    columns["tokens"] = pd.Series(dtype="int64")
+    return pd.DataFrame(columns)
+
+
+def _key_arrays(batch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    steps = batch.column("step")
+    steps = (steps.fill_null(NO_STEP) if steps.null_count else steps) \
+        .to_numpy(zero_copy_only=False).astype(np.int64)
+    samples = batch.column("sample_id").to_numpy(zero_copy_only=False).astype(object)
+    positions = batch.column("position").to_numpy(zero_copy_only=False).astype(np.int64)
+    return steps, samples, positions
+
+
+def compute_thresholds(steps: np.ndarray, samples: np.ndarray, positions: np.ndarray,
+                       entropy: np.ndarray, *, scope: str, ratio: float,
+                       batch_size: int | None = None) -> ScopeThresholds:
+    """Exact thresholds of ``scope`` over the given tokens (NaN entropies left out).
+
+    Parameters
+    ----------
+    steps, samples, positions : numpy.ndarray
+        Token keys (steps as int64 with :data:`NO_STEP` for none).
+    entropy : numpy.ndarray
+    scope : {"step", "global", "sequence", "batch"}
+    ratio : float
+    batch_size : int, optional
+        Required for scope ``batch``.
+    """
+    keep = np.isfinite(entropy)
+    steps, samples, positions, entropy = (steps[keep], samples[keep], positions[keep],
+                                          entropy[keep])
+    q = 1 - ratio
+    if not len(entropy):
+        return ScopeThresholds(scope, ratio, batch_size, _empty_frame(scope))
+    if scope == "global":
+        frame = pd.DataFrame({"step": [NO_STEP], "threshold": [global_threshold([entropy],
+                                                                                 ratio)],
+                              "tokens": [len(entropy)]})
+        return ScopeThresholds(scope, ratio, batch_size, frame)
+    if scope == "step":
+        unique, codes = np.unique(steps, return_inverse=True)
+        rows = [float(np.quantile(entropy[codes == i], q)) for i in range(len(unique))]
+        frame = pd.DataFrame({"step": unique, "threshold": rows,
+                              "tokens": np.bincount(codes, minlength=len(unique))})
+        return ScopeThresholds(scope, ratio, batch_size, frame)
+    if scope == "sequence":
+        keys = pd.MultiIndex.from_arrays([steps, samples])
+        codes, unique = pd.factorize(keys, sort=True)
+        frame = pd.DataFrame({"step": unique.get_level_values(0).to_numpy(np.int64),
+                              "sample_id": unique.get_level_values(1).to_numpy(object),
+                              "threshold": grouped_quantile(codes, entropy, q, len(unique)),
+                              "tokens": np.bincount(codes, minlength=len(unique))})
+        return ScopeThresholds(scope, ratio, batch_size, frame)
+    # batch: stored order (step, sample_id, position), batches restart at each step
+    batches, frames = {}, []
+    for step in np.unique(steps):
+        chosen = steps == step
+        ids = pd.Index(np.unique(samples[chosen].astype(str)).astype(object))
+        codes = ids.get_indexer(samples[chosen])
+        pos = positions[chosen]
+        span = int(pos.max() - min(int(pos.min()), 0)) + 2
+        keys = codes.astype(np.int64) * span + pos
+        order = np.argsort(keys, kind="stable")
+        batch_of = np.empty(len(keys), dtype=np.int64)
+        batch_of[order] = np.arange(len(keys)) // batch_size
+        starts = keys[order][::batch_size]
+        batches[int(step)] = (ids, span, starts)
+        groups = int(batch_of.max()) + 1
+        frames.append(pd.DataFrame({
+            "step": int(step), "batch": np.arange(groups),
+            "threshold": grouped_quantile(batch_of, entropy[chosen], q, groups),
+            "tokens": np.bincount(batch_of, minlength=groups)}))
+    return ScopeThresholds(scope, ratio, batch_size, pd.concat(frames, ignore_index=True),
+                           batches)
+
+
+class ForkingThresholds(Aggregator):
+    """Pass 1: collect the scanned tokens' keys and entropies, finish with their thresholds.
+
+    Run it over one step at a time for the ``step``, ``sequence`` and ``batch`` scopes (memory
+    of one step) or over a whole run for ``global``.
+    """
+
+    def __init__(self, source: str, *, scope: str, ratio: float,
+                 batch_size: int | None = None, vocab_size: int | None = None,
+                 top_k: int | None = None):
+        self.source, self.scope, self.ratio, self.batch_size = source, scope, ratio, batch_size
+        self.vocab_size, self.top_k = vocab_size, top_k
+        self.columns = _KEY_COLUMNS + columns_for(source)
+
+    def start(self) -> list:
+        return []
+
+    def update(self, state: list, batch: pa.RecordBatch) -> list:
+        entropy = token_entropy(batch, self.source, vocab_size=self.vocab_size,
+                                top_k=self.top_k)
+        if self.scope == "global":
+            # a run-wide threshold needs the entropies only, not the token keys
+            empty = np.empty(len(entropy), dtype=np.int8)
+            state.append((empty, empty, empty, entropy))
+        else:
+            state.append((*_key_arrays(batch), entropy))
+        return state
+
+    def merge(self, left: list, right: list) -> list:
+        return left + right
+
+    def finish(self, state: list) -> ScopeThresholds:
+        if not state:
+            return ScopeThresholds(self.scope, self.ratio, self.batch_size,
+                                   _empty_frame(self.scope))
+        steps, samples, positions, entropy = (np.concatenate(parts) for parts in zip(*state))
+        return compute_thresholds(steps, samples, positions, entropy, scope=self.scope,
+                                  ratio=self.ratio, batch_size=self.batch_size)
+
+
+# -- counting by token text ------------------------------------------------------------------
+
+def token_keys(batch) -> pa.Array:
+    """Text a token is counted under: its ``token``, else ``<id N>``, else ``<unknown>``."""
+    names = batch.schema.names
+    text = batch.column("token") if "token" in names else pa.nulls(batch.num_rows, pa.string())
+    if "token_id" in names:
+        ids = pc.cast(batch.column("token_id"), pa.string())
+        text = pc.coalesce(text, pc.binary_join_element_wise("<id ", ids, ">", ""))
+    text = pc.coalesce(text, pa.scalar("<unknown>"))
+    return text.combine_chunks() if isinstance(text, pa.ChunkedArray) else text
+
+
+def normalise_token(text: str) -> str:
+    """Decoded text of a tokenizer piece: ``Ġ``/``▁`` to a space, ``Ċ`` to a newline,
+    ``ĉ`` to a tab, SentencePiece byte pieces ``<0x0A>`` to their character."""
+    if len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
+        try:
+            code = int(text[3:5], 16)
+        except ValueError:
+            return text.translate(_MARKERS)
+        return chr(code) if code < 128 else text
+    return text.translate(_MARKERS)
+
+
+def token_category(text: str) -> str:
+    """``whitespace``, ``punctuation``, ``digits`` or ``other`` for a token's text.
+
+    Markers are normalised first (:func:`normalise_token`). Whitespace: only whitespace.
+    Digits: decimal digits, possibly with surrounding whitespace (`` 7``). Punctuation: only
+    punctuation and symbol characters (Unicode categories P* and S*), possibly with
+    whitespace. Anything else (words, mixed pieces like ``1.``, special tokens) is ``other``.
+    """
+    decoded = normalise_token(text)
+    if decoded and decoded.isspace():
+        return "whitespace"
+    core = decoded.strip()
+    if not core:
+        return "other"
+    if all(unicodedata.category(c) == "Nd" for c in core):
+        return "digits"
+    if all(unicodedata.category(c)[0] in "PS" for c in core):
+        return "punctuation"
+    return "other"
+
+
+def count_forking(keys: pa.Array, flags: np.ndarray, judged: np.ndarray) -> pd.DataFrame:
+    """``count`` and ``forking_count`` per token text, over the judged tokens."""
+    table = pa.table({"token": keys, "fork": pa.array(flags.astype(np.int64))}) \
+        .filter(pa.array(judged))
+    grouped = table.group_by("token").aggregate([("fork", "count"), ("fork", "sum")])
+    return pd.DataFrame({"count": grouped.column("fork_count").to_numpy(),
+                         "forking_count": grouped.column("fork_sum").to_numpy()},
+                        index=pd.Index(grouped.column("token").to_pylist(), name="token"))
+
+
+def _add_counts(left: pd.DataFrame | None, right: pd.DataFrame) -> pd.DataFrame:
+    if left is None:
+        return right
+    return left.add(right, fill_value=0).astype(np.int64)
+
+
+class ForkingCounts(Aggregator):
+    """Pass 2: flag each token with known thresholds and count tokens and forks by text.
+
+    State: one row per distinct token text, so memory is bounded by the vocabulary.
+    """
+
+    def __init__(self, source: str, thresholds: ScopeThresholds, *,
+                 vocab_size: int | None = None, top_k: int | None = None):
+        self.source, self.thresholds = source, thresholds
+        self.vocab_size, self.top_k = vocab_size, top_k
+        self.columns = _KEY_COLUMNS + _TOKEN_COLUMNS + columns_for(source)
+
+    def start(self):
+        return None
+
+    def update(self, state, batch: pa.RecordBatch):
+        entropy = token_entropy(batch, self.source, vocab_size=self.vocab_size,
+                                top_k=self.top_k)
+        flags = self.thresholds.flags(*_key_arrays(batch), entropy)
+        return _add_counts(state, count_forking(token_keys(batch), flags,
+                                                np.isfinite(entropy)))
+
+    def merge(self, left, right):
+        return right if left is None else left if right is None else _add_counts(left, right)
+
+    def finish(self, state) -> pd.DataFrame:
+        """``token, count, forking_count`` (int64), one row per distinct token text."""
+        if state is None:
+            return pd.DataFrame({"token": pd.Series(dtype=object),
+                                 "count": pd.Series(dtype="int64"),
+                                 "forking_count": pd.Series(dtype="int64")})
+        return state.astype(np.int64).rename_axis("token").reset_index()
+
+
+# -- the analysis ------------------------------------------------------------------------
+
+THRESHOLD_COLUMNS = {"step": ["run", "step", "threshold", "tokens"],
+                     "global": ["run", "step", "threshold", "tokens"],
+                     "sequence": ["run", "step", "sample_id", "threshold", "tokens"],
+                     "batch": ["run", "step", "batch", "threshold", "tokens"]}
+TOKEN_COLUMNS = ["run", "token", "count", "forking_count", "forking_rate"]
+COMPOSITION_COLUMNS = ["run", "category", "forking_share", "all_share", "forking_tokens",
+                       "tokens"]
+RUN_COLUMNS = ["run", "entropy_source", "tokens", "forking_tokens", "forking_fraction",
+               "units"]
+
+
+@dataclass
+class Forking:
+    """Result of :func:`forking_tokens`.
+
+    Attributes
+    ----------
+    ratio : float
+    scope : str
+    batch_size : int or None
+    thresholds : pandas.DataFrame
+        ``run, step, threshold, tokens`` (plus ``sample_id`` for scope ``sequence``, ``batch``
+        for scope ``batch``; ``step`` is null for scope ``global``). ``tokens`` counts the
+        scope's tokens with an entropy.
+    top_tokens : pandas.DataFrame
+        ``run, token, count, forking_count, forking_rate``: the ``top_n`` token texts most
+        often forking.
+    top_by_rate : pandas.DataFrame
+        Same columns: the ``top_n`` highest forking rates among texts seen at least
+        ``min_count`` times.
+    composition : pandas.DataFrame
+        ``run, category, forking_share, all_share, forking_tokens, tokens`` for the categories
+        whitespace, punctuation, digits and other: the share of forking tokens and of all
+        tokens in each.
+    runs : pandas.DataFrame
+        ``run, entropy_source, tokens, forking_tokens, forking_fraction, units``.
+    min_count : int
+    """
+
+    ratio: float
+    scope: str
+    batch_size: int | None
+    thresholds: pd.DataFrame
+    top_tokens: pd.DataFrame
+    top_by_rate: pd.DataFrame
+    composition: pd.DataFrame
+    runs: pd.DataFrame
+    min_count: int = 5
+    _scopes: dict = field(default_factory=dict, repr=False)
+
+    def to_dict(self) -> dict:
+        """The JSON shape of ``entropylens forks --json`` (DESIGN.md section 6)."""
+        from .summary import _records
+
+        return {"ratio": self.ratio, "scope": self.scope, "batch_size": self.batch_size,
+                "min_count": self.min_count, "runs": _records(self.runs),
+                "thresholds": _records(self.thresholds),
+                "top_tokens": _records(self.top_tokens),
+                "top_by_rate": _records(self.top_by_rate),
+                "composition": _records(self.composition)}
+
+    def scope_thresholds(self, run: str | None = None) -> ScopeThresholds:
+        """The :class:`ScopeThresholds` of ``run`` (the only run when omitted)."""
+        if run is None:
+            if len(self._scopes) != 1:
+                raise EntropylensError(f"several runs ({', '.join(self._scopes)}): name one")
+            run = next(iter(self._scopes))
+        if run not in self._scopes:
+            raise EntropylensError(f"no forking thresholds for run {run!r} "
+                                   f"(runs: {', '.join(self._scopes)})")
+        return self._scopes[run]
+
+
+def _check_options(ratio: float, scope: str, batch_size: int | None) -> None:
+    if scope not in SCOPES:
+        raise EntropylensError(f"unknown scope {scope!r} (one of {', '.join(SCOPES)})")
+    if not (isinstance(ratio, (int, float)) and 0 < ratio < 1):
+        raise EntropylensError(f"ratio must lie strictly between 0 and 1, got {ratio!r}")
+    if scope == "batch":
+        if batch_size is None or int(batch_size) < 1:
+            raise EntropylensError("scope 'batch' needs a batch size of at least 1 token "
+                                   "(--batch-size N)")
+    elif batch_size is not None:
+        raise EntropylensError(f"--batch-size applies to scope 'batch' only, not {scope!r}")
+
+
+def _token_step_filters(store: Store, run: str) -> list[tuple[int, ds.Expression | None]]:
+    """(step key, scan arguments) for each step of a run, tokens without a step last."""
+    steps = [(int(s), None) for s in store.token_steps(run)]
+    table = store.read_tokens(run, columns=["step"], filter=ds.field("step").is_null())
+    if table.num_rows:
+        steps.append((NO_STEP, ds.field("step").is_null()))
+    return steps
+
+
+def run_thresholds(store: Store, run: str, source: str, manifest: dict, *, scope: str,
+                   ratio: float, batch_size: int | None = None, engine: str = "local",
+                   **engine_options) -> ScopeThresholds:
+    """Thresholds of one run: one scan per step (exact), or one run-wide scan for global."""
+    options = {"vocab_size": manifest.get("vocab_size"), "top_k": manifest.get("top_k")}
+    aggregator = ForkingThresholds(source, scope=scope, ratio=ratio, batch_size=batch_size,
+                                   **options)
+    if scope == "global":
+        result = run_aggregators(store, run, {"t": aggregator}, engine=engine,
+                                 **engine_options)["t"]
+        result.source, result.options = source, options
+        return result
+    parts = []
+    for step, null_filter in _token_step_filters(store, run):
+        if null_filter is None:
+            parts.append(run_aggregators(store, run, {"t": aggregator}, steps=[step],
+                                         engine=engine, **engine_options)["t"])
+        else:
+            parts.append(_null_step_thresholds(store, run, aggregator, null_filter))
+    result = ScopeThresholds.concat(parts, scope, ratio, batch_size)
+    result.source, result.options = source, options
+    return result
+
+
+def _null_step_thresholds(store: Store, run: str, aggregator: ForkingThresholds,
+                          null_filter: ds.Expression) -> ScopeThresholds:
+    # the engine selects steps by value; tokens without a step are few (inference logs)
+    state = aggregator.start()
+    for batch in store.scan_tokens(run, columns=list(aggregator.columns), filter=null_filter):
+        if batch.num_rows:
+            state = aggregator.update(state, batch)
+    return aggregator.finish(state)
+
+
+def _public_thresholds(run: str, thresholds: ScopeThresholds) -> pd.DataFrame:
+    frame = thresholds.frame.copy()
+    frame.insert(0, "run", run)
+    frame["step"] = frame["step"].astype("Int64").mask(frame["step"] == NO_STEP)
+    return frame[THRESHOLD_COLUMNS[thresholds.scope]]
+
+
+def _composition(run: str, counts: pd.DataFrame) -> pd.DataFrame:
+    categories = counts["token"].map(token_category)
+    by = counts.groupby(categories)[["count", "forking_count"]].sum() \
+        .reindex(list(CATEGORIES), fill_value=0)
+    total, forks = by["count"].sum(), by["forking_count"].sum()
+    return pd.DataFrame({
+        "run": run, "category": list(CATEGORIES),
+        "forking_share": (by["forking_count"] / forks).to_numpy() if forks
+        else np.full(len(CATEGORIES), np.nan),
+        "all_share": (by["count"] / total).to_numpy() if total
+        else np.full(len(CATEGORIES), np.nan),
+        "forking_tokens": by["forking_count"].to_numpy(np.int64),
+        "tokens": by["count"].to_numpy(np.int64)})
+
+
+def _top(run: str, counts: pd.DataFrame, top_n: int, min_count: int):
+    counts = counts.assign(run=run, forking_rate=counts["forking_count"] / counts["count"])
+    by_count = counts[counts["forking_count"] > 0].sort_values(
+        ["forking_count", "count", "token"], ascending=[False, False, True]).head(top_n)
+    by_rate = counts[(counts["count"] >= min_count) & (counts["forking_count"] > 0)] \
+        .sort_values(["forking_rate", "count", "token"], ascending=[False, False, True]) \
+        .head(top_n)
+    return by_count[TOKEN_COLUMNS], by_rate[TOKEN_COLUMNS]
+
+
+def forking_tokens(store: Store | str, runs=None, *, ratio: float = 0.2, scope: str = "step",
+                   batch_size: int | None = None, min_count: int = 5, top_n: int = 30,
+                   engine: str = "local", **engine_options) -> Forking:
+    """Forking tokens: thresholds, the tokens most often forking, and their composition.
+
+    Parameters
+    ----------
+    store : Store or path
+    runs : str or sequence of str, optional
+        Default: every run with per-token data.
+    ratio : float
+        ρ: the share of highest-entropy tokens that fork in each scope (default 0.2).
+    scope : {"step", "global", "sequence", "batch"}
+        See the module notes.
+    batch_size : int, optional
+        Tokens per batch, for scope ``batch`` only.
+    min_count : int
+        Minimum occurrences of a token text to be ranked by forking rate.
+    top_n : int
+        Rows per run of ``top_tokens`` and ``top_by_rate``.
+    engine : {"local", "ray"}
+
+    Returns
+    -------
+    Forking
+        A token forks when its entropy is strictly above its scope's threshold
+        ``numpy.quantile(entropies, 1 - ratio)``.
+
+    Raises
+    ------
+    EntropylensError
+        For an unknown scope, a ratio outside (0, 1), a missing or misplaced batch size, or
+        runs without per-token data.
+    """
+    _check_options(ratio, scope, batch_size)
+    store = store if isinstance(store, Store) else Store.open(store)
+    ratio, batch_size = float(ratio), (int(batch_size) if batch_size is not None else None)
+    thresholds, tops, rates, compositions, run_rows, scopes = [], [], [], [], [], {}
+    for run, source, manifest in token_runs(store, runs):
+        scoped = run_thresholds(store, run, source, manifest, scope=scope, ratio=ratio,
+                                batch_size=batch_size, engine=engine, **engine_options)
+        counts = run_aggregators(store, run, {"c": ForkingCounts(
+            source, scoped, vocab_size=manifest.get("vocab_size"),
+            top_k=manifest.get("top_k"))}, engine=engine, **engine_options)["c"]
+        scopes[run] = scoped
+        thresholds.append(_public_thresholds(run, scoped))
+        top, rate = _top(run, counts, top_n, min_count)
+        tops.append(top)
+        rates.append(rate)
+        compositions.append(_composition(run, counts))
+        total, forks = int(counts["count"].sum()), int(counts["forking_count"].sum())
+        run_rows.append({"run": run, "entropy_source": source, "tokens": total,
+                         "forking_tokens": forks,
+                         "forking_fraction": forks / total if total else np.nan,
+                         "units": len(scoped.frame)})
+    return Forking(ratio=ratio, scope=scope, batch_size=batch_size,
+                   thresholds=pd.concat(thresholds, ignore_index=True),
+                   top_tokens=pd.concat(tops, ignore_index=True),
+                   top_by_rate=pd.concat(rates, ignore_index=True),
+                   composition=pd.concat(compositions, ignore_index=True),
+                   runs=pd.DataFrame(run_rows, columns=RUN_COLUMNS), min_count=min_count,
+                   _scopes=scopes)
+
+
+def forking_mask(tokens_table: pa.Table | pa.RecordBatch, forking: Forking, *,
+                 run: str | None = None) -> np.ndarray:
+    """The per-token forking flag of ``tokens_table`` under the thresholds of ``forking``.
+
+    Parameters
+    ----------
+    tokens_table : pyarrow.Table or RecordBatch
+        Tokens of ``run`` with ``step, sample_id, position`` and the columns of the run's
+        entropy source (e.g. from ``store.read_tokens(run)``).
+    forking : Forking
+    run : str, optional
+        Required when ``forking`` holds several runs.
+
+    Returns
+    -------
+    numpy.ndarray of bool
+        False for tokens without entropy or outside the scopes ``forking`` saw.
+    """
+    scoped = forking.scope_thresholds(run)
+    return _mask(tokens_table, scoped)
+
+
+def _mask(tokens_table, scoped: ScopeThresholds) -> np.ndarray:
+    needed = set(_KEY_COLUMNS) | set(columns_for(scoped.source))
+    missing = sorted(needed - set(tokens_table.schema.names))
+    if missing:
+        raise EntropylensError(f"the tokens table lacks column(s) {', '.join(missing)}")
+    return scoped.flags(*_key_arrays(tokens_table), scoped.entropy(tokens_table))
+
+
+def _step_tables(store: Store, run: str, columns: list[str], steps):
+    """One step's tokens at a time, for the given step keys (NO_STEP: tokens without one)."""
+    for step in steps:
+        if step == NO_STEP:
+            yield step, store.read_tokens(run, columns=columns,
+                                          filter=ds.field("step").is_null())
+        else:
+            yield step, store.read_tokens(run, columns=columns, steps=[step])
+
+
+def forking_overlap(store: Store | str, run_a: str, run_b: str, ratio: float = 0.2,
+                    scope: str = "step", *, batch_size: int | None = None,
+                    engine: str = "local", **engine_options) -> dict:
+    """Overlap of the forking positions of two runs scored on the same tokens.
+
+    Each run's forking tokens come from its own thresholds over all its tokens; positions are
+    matched on ``(step, sample_id, position)``, one step at a time. arXiv 2506.01939
+    (Table 1) reports about 86% overlap between a base model and its RL-trained checkpoint.
+
+    Parameters
+    ----------
+    store : Store or path
+    run_a, run_b : str
+        Two runs holding the same completions (e.g. one checkpoint rescored by another).
+    ratio, scope, batch_size, engine
+        As in :func:`forking_tokens`.
+
+    Returns
+    -------
+    dict
+        ``run_a, run_b, ratio, scope, shared_positions, forking_a, forking_b, both,
+        overlap`` (the share of ``run_a``'s forking positions also forking in ``run_b``),
+        ``jaccard``, ``token_mismatches`` (shared positions whose token ids differ: the runs
+        were then not scored on the same tokens), ``warning`` (a message when there are
+        mismatches, else None) and ``by_step`` (a list of ``{step,
+        shared_positions, overlap}``). Counts are over shared positions where both runs have
+        an entropy.
+
+    Raises
+    ------
+    EntropylensError
+        When the runs share no token position.
+    """
+    _check_options(ratio, scope, batch_size)
+    store = store if isinstance(store, Store) else Store.open(store)
+    chosen = {run: (source, manifest) for run, source, manifest in
+              token_runs(store, [run_a, run_b])}
+    for run in (run_a, run_b):
+        if run not in chosen:
+            raise EntropylensError(f"run {run!r} has no per-token entropies", path=store.path)
+    scoped = {run: run_thresholds(store, run, *chosen[run], scope=scope, ratio=float(ratio),
+                                  batch_size=batch_size, engine=engine, **engine_options)
+              for run in (run_a, run_b)}
+    steps_a = {s for s, _ in _token_step_filters(store, run_a)}
+    steps_b = {s for s, _ in _token_step_filters(store, run_b)}
+    common = sorted(steps_a & steps_b)
+    totals = {"shared": 0, "a": 0, "b": 0, "both": 0, "mismatch": 0}
+    by_step = []
+    # a run may be compared with itself: one reader per side, not one per name
+    readers = [_step_tables(store, run, sorted(set(_KEY_COLUMNS) | {"token_id"}
+                                                | set(columns_for(chosen[run][0]))), common)
+               for run in (run_a, run_b)]
+    for (step, table_a), (_, table_b) in zip(*readers):
+        frame_a = _flag_frame(table_a, scoped[run_a])
+        frame_b = _flag_frame(table_b, scoped[run_b])
+        joined = frame_a.merge(frame_b, on=["sample_id", "position"], suffixes=("_a", "_b"))
+        joined = joined[joined["judged_a"] & joined["judged_b"]]
+        if not len(joined):
+            continue
+        fork_a, fork_b = joined["fork_a"].to_numpy(), joined["fork_b"].to_numpy()
+        both = int((fork_a & fork_b).sum())
+        totals["shared"] += len(joined)
+        totals["a"] += int(fork_a.sum())
+        totals["b"] += int(fork_b.sum())
+        totals["both"] += both
+        ids = joined[["token_id_a", "token_id_b"]].dropna()
+        totals["mismatch"] += int((ids["token_id_a"] != ids["token_id_b"]).sum())
+        by_step.append({"step": None if step == NO_STEP else int(step),
+                        "shared_positions": len(joined),
+                        "overlap": both / int(fork_a.sum()) if fork_a.any() else None})
+    if not totals["shared"]:
+        raise EntropylensError(f"runs {run_a!r} and {run_b!r} share no token position "
+                               "(step, sample_id, position) with entropies in both: overlap "
+                               "needs two runs scored on the same tokens", path=store.path)
+    union = totals["a"] + totals["b"] - totals["both"]
+    return {"run_a": run_a, "run_b": run_b, "ratio": float(ratio), "scope": scope,
+            "shared_positions": totals["shared"], "forking_a": totals["a"],
+            "forking_b": totals["b"], "both": totals["both"],
+            "overlap": totals["both"] / totals["a"] if totals["a"] else None,
+            "jaccard": totals["both"] / union if union else None,
+            "token_mismatches": totals["mismatch"],
+            "warning": (f"{totals['mismatch']} of {totals['shared']} shared positions hold "
+                        "different token ids: the runs were not scored on the same tokens, "
+                        "so the overlap compares different text") if totals["mismatch"]
+            else None,
+            "by_step": by_step}
+
+
+def _flag_frame(table: pa.Table, scoped: ScopeThresholds) -> pd.DataFrame:
+    entropy = scoped.entropy(table)
+    ids = table.column("token_id")
+    return pd.DataFrame({
+        "sample_id": table.column("sample_id").to_numpy(zero_copy_only=False),
+        "position": table.column("position").to_numpy(zero_copy_only=False),
+        "token_id": pd.array(ids.to_pylist() if ids.null_count else ids.to_numpy(),
+                             dtype="Int64"),
+        "fork": _mask(table, scoped), "judged": np.isfinite(entropy)})

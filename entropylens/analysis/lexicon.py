@@ -1,0 +1,792 @@
+"""Strategic-gram lexicons: loading, matching on decoded tokens, and mining.
+
+arXiv 2509.03646 (HICRA) calls a generated token a *planning* token when it is part of a
+"strategic gram" ("wait", "but wait", "let me", "the key insight is", ...) and an *execution*
+token otherwise. This module finds lexicon phrases in the text that a completion's tokens
+decode to and maps every match back to the tokens it overlaps:
+
+- Tokens are decoded to bytes under one tokenizer convention (:data:`CONVENTIONS`):
+  ``bytelevel`` (GPT-2 style byte-level BPE: ``Ġ`` is a space, ``Ċ`` a newline, a multi-byte
+  character may be split across tokens), ``sentencepiece`` (``▁`` is a space, byte-fallback
+  tokens such as ``<0x0A>``) or ``text`` (tokens are plain text, as OpenAI and vLLM return
+  them; OpenAI's ``bytes:\\xe2\\x80`` pieces are decoded as bytes). :func:`detect_convention`
+  picks one from the tokens themselves.
+- Each sequence's bytes are decoded as UTF-8; every token keeps its byte span, so a character
+  split across two tokens belongs to both.
+- Phrases are found by one compiled regular expression (the phrases factored as a character
+  trie; where one phrase extends another the longer wins, so "but wait" beats "but"),
+  case-insensitively, on word boundaries (a phrase that starts or ends with a letter or digit
+  must not touch another one), with any run of whitespace between its words and either
+  apostrophe (``'`` or ``’``). Matches do not overlap: the text is scanned left to right.
+- A token is a planning token when its bytes overlap a match.
+
+:func:`mine_lexicon` ranks n-grams of successful completions so that users can build a
+lexicon for their own domain, offline.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import cached_property
+from importlib import resources
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ..errors import EntropylensError
+from ..store import Store
+
+#: Tokenizer conventions understood by the matcher.
+CONVENTIONS = ("bytelevel", "sentencepiece", "text")
+#: The default lexicon shipped as package data: the 249 grams of arXiv 2509.03646, App. A.
+DEFAULT_LEXICON_FILE = "strategic_grams_hicra.txt"
+LEXICON_MODES = ("replace", "extend")
+
+_APOSTROPHES = "'\u2019\u02bc"
+_APOSTROPHE_CLASS = "['\u2019\u02bc]"
+_WORD_CHAR = re.compile(r"\w")
+_COMMENT = re.compile(r"^#(\s|$)")
+_SP_BYTE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+_OPENAI_BYTES = re.compile(r"^bytes:((?:\\x[0-9A-Fa-f]{2})+)$")
+#: Separator placed between sequences in one decoded batch: no phrase can contain it.
+_SEPARATOR = b"\x00"
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from bytes to printable characters (byte-level BPE)."""
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+                 + list(range(ord("®"), ord("ÿ") + 1)))
+    chars = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return {byte: chr(char) for byte, char in zip(printable, chars)}
+
+
+_BYTE_ENCODER = _bytes_to_unicode()
+_BYTE_DECODER = {char: byte for byte, char in _BYTE_ENCODER.items()}
+
+
+# --------------------------------------------------------------------------------------
+# Lexicons
+# --------------------------------------------------------------------------------------
+
+def normalize_phrase(phrase: str) -> str:
+    """Lower-case a phrase, collapse its whitespace and straighten its apostrophes."""
+    phrase = " ".join(phrase.split()).lower()
+    for apostrophe in _APOSTROPHES[1:]:
+        phrase = phrase.replace(apostrophe, "'")
+    return phrase
+
+
+def _phrase_pattern(phrase: str) -> str:
+    words = [re.escape(word).replace("'", _APOSTROPHE_CLASS) for word in phrase.split(" ")]
+    body = r"\s+".join(words)
+    before = r"(?<!\w)" if _WORD_CHAR.match(phrase[0]) else ""
+    after = r"(?!\w)" if _WORD_CHAR.match(phrase[-1]) else ""
+    return before + body + after
+
+
+def _trie_pattern(phrases: Sequence[str]) -> str:
+    """A regular expression matching any of ``phrases``, factored as a character trie.
+
+    A space matches any run of whitespace and an apostrophe either apostrophe; a phrase that
+    ends with a letter or digit must not be followed by one.
+    """
+    end = ""
+    trie: dict = {}
+    for phrase in phrases:
+        node = trie
+        for ch in phrase:
+            node = node.setdefault(ch, {})
+        node[end] = True
+
+    def unit(ch: str) -> str:
+        if ch == " ":
+            return r"\s+"
+        if ch == "'":
+            return _APOSTROPHE_CLASS
+        return re.escape(ch)
+
+    def emit(node: dict, last: str) -> str:
+        # Continuations first, so the longest phrase wins; ending here is the fallback.
+        alternatives = [unit(ch) + emit(node[ch], ch) for ch in sorted(k for k in node if k)]
+        if end in node:
+            alternatives.append(r"(?!\w)" if _WORD_CHAR.match(last) else "")
+        if len(alternatives) == 1:
+            return alternatives[0]
+        return "(?:" + "|".join(alternatives) + ")"
+
+    return emit(trie, "")
+
+
+@dataclass(frozen=True)
+class Lexicon:
+    """A set of strategic-gram phrases and the compiled matcher for them.
+
+    Attributes
+    ----------
+    phrases : tuple of str
+        Normalised phrases (lower case, single spaces, straight apostrophes), unique, in the
+        order first given.
+    source : str
+        Where the phrases came from (file names, ``"default"``, ``"list"``).
+    """
+
+    phrases: tuple[str, ...]
+    source: str = "list"
+
+    def __post_init__(self):
+        if not self.phrases:
+            raise EntropylensError(f"the lexicon ({self.source}) holds no phrases")
+
+    def __len__(self) -> int:
+        return len(self.phrases)
+
+    def __iter__(self):
+        return iter(self.phrases)
+
+    @cached_property
+    def pattern(self) -> re.Pattern:
+        """One regular expression for every phrase, built as a trie of the phrases.
+
+        At each text position the trie tries one branch per character, so the cost does not
+        grow with the number of phrases (a flat alternation of the 249 default phrases is
+        about 500 times slower). Where one phrase extends another ("but", "but wait"), the
+        longer one is tried first. Map a match back to its phrase with :meth:`phrase_index`.
+        """
+        word = [p for p in self.phrases if _WORD_CHAR.match(p[0])]
+        other = [p for p in self.phrases if not _WORD_CHAR.match(p[0])]
+        parts = []
+        if word:
+            parts.append(r"(?<!\w)" + _trie_pattern(word))
+        if other:
+            parts.append(_trie_pattern(other))
+        return re.compile("|".join(parts), re.IGNORECASE)
+
+    @cached_property
+    def _index(self) -> dict[str, int]:
+        return {p.casefold(): i for i, p in enumerate(self.phrases)}
+
+    def phrase_index(self, matched: str) -> int:
+        """Index in :attr:`phrases` of the phrase that matched the text ``matched``."""
+        key = normalize_phrase(matched).casefold()
+        index = self._index.get(key)
+        if index is None:  # a case equivalence that casefold does not share with re
+            index = next(i for i, p in enumerate(self.phrases)
+                         if re.fullmatch(_phrase_pattern(p), matched, re.IGNORECASE))
+        return index
+
+    def extend(self, phrases: Iterable[str], source: str = "list") -> "Lexicon":
+        """A new lexicon with ``phrases`` added after these."""
+        return Lexicon(_unique(list(self.phrases) + [normalize_phrase(p) for p in phrases]),
+                       f"{self.source}+{source}")
+
+
+def _unique(phrases: Iterable[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(p for p in phrases if p))
+
+
+def _parse_lexicon(text: str, path: str) -> list[str]:
+    """Phrases of a lexicon file: one a line; ``#`` followed by a space starts a comment line.
+
+    A line such as ``## step`` is a phrase (the published list has it), not a comment.
+    """
+    phrases = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if not stripped or _COMMENT.match(stripped):
+            continue
+        phrase = normalize_phrase(stripped)
+        if "\x00" in phrase:
+            raise EntropylensError("a phrase may not contain a NUL character", path=path,
+                                   line=lineno)
+        phrases.append(phrase)
+    return phrases
+
+
+def read_lexicon_file(path: str | Path) -> list[str]:
+    """Read the phrases of one lexicon file (UTF-8, one phrase a line, ``# `` comments).
+
+    Raises
+    ------
+    EntropylensError
+        When the file is missing, not UTF-8 (naming the line) or holds no phrase.
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise EntropylensError(f"cannot read the lexicon: {exc.strerror or exc}",
+                               path=path) from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise EntropylensError("the lexicon is not UTF-8 text", path=path, line=line) from None
+    phrases = _parse_lexicon(text, str(path))
+    if not phrases:
+        raise EntropylensError("the lexicon holds no phrases (one phrase a line)", path=path)
+    return phrases
+
+
+def default_lexicon() -> Lexicon:
+    """The 249 strategic grams published with HICRA (arXiv 2509.03646, Appendix A)."""
+    text = resources.files("entropylens").joinpath("data", DEFAULT_LEXICON_FILE) \
+        .read_text(encoding="utf-8")
+    return Lexicon(_unique(_parse_lexicon(text, DEFAULT_LEXICON_FILE)), "default")
+
+
+def load_lexicon(lexicon: "str | Path | Sequence[str] | Lexicon | None" = None, *,
+                 mode: str = "replace") -> Lexicon:
+    """Build the lexicon an analysis uses.
+
+    Parameters
+    ----------
+    lexicon : path, sequence of str, Lexicon or None
+        A lexicon file (one phrase a line, ``# `` comment lines), several files, a list of
+        phrases, or a :class:`Lexicon`. None gives the default lexicon.
+    mode : {"replace", "extend"}
+        ``replace`` uses ``lexicon`` alone; ``extend`` adds it to the default lexicon.
+
+    Returns
+    -------
+    Lexicon
+    """
+    if mode not in LEXICON_MODES:
+        raise EntropylensError(f"unknown lexicon mode {mode!r} (one of "
+                               f"{', '.join(LEXICON_MODES)})")
+    if lexicon is None:
+        return default_lexicon()
+    if isinstance(lexicon, Lexicon):
+        given = lexicon
+    elif isinstance(lexicon, (str, Path)):
+        given = Lexicon(_unique(read_lexicon_file(lexicon)), Path(lexicon).name)
+    else:
+        items = list(lexicon)
+        if items and all(isinstance(i, Path) for i in items):
+            given = Lexicon(_unique(p for f in items for p in read_lexicon_file(f)),
+                            "+".join(Path(f).name for f in items))
+        else:
+            given = Lexicon(_unique(normalize_phrase(str(p)) for p in items), "list")
+    if mode == "extend":
+        return default_lexicon().extend(given.phrases, given.source)
+    return given
+
+
+# --------------------------------------------------------------------------------------
+# Decoding tokens
+# --------------------------------------------------------------------------------------
+
+def detect_convention(tokens: Iterable[str | None]) -> str:
+    """Guess the tokenizer convention of a sample of token strings.
+
+    Counts distinct tokens that show each convention's marks: ``Ġ``/``Ċ``/``ĉ`` built only
+    from the byte-level alphabet (``bytelevel``), ``▁`` or ``<0xNN>`` (``sentencepiece``),
+    a plain space, tab or newline (``text``). The most frequent mark wins; with no marks at
+    all the tokens are taken as plain text.
+    """
+    votes = Counter()
+    for token in set(tokens):
+        if not token:
+            continue
+        if ("\u0120" in token or "\u010a" in token or "\u0109" in token) \
+                and all(ch in _BYTE_DECODER for ch in token):
+            votes["bytelevel"] += 1
+        elif "\u2581" in token or _SP_BYTE.match(token):
+            votes["sentencepiece"] += 1
+        elif " " in token or "\n" in token or "\t" in token:
+            votes["text"] += 1
+    if not votes:
+        return "text"
+    return max(CONVENTIONS, key=lambda c: (votes[c], c == "text"))
+
+
+def token_bytes(token: str | None, convention: str) -> bytes:
+    """The bytes a token stands for under ``convention``.
+
+    Byte-level pieces map back through GPT-2's byte alphabet (a character outside it, as in
+    an added special token, stands for its own UTF-8); sentencepiece ``▁`` is a space and
+    ``<0xNN>`` one byte; plain-text tokens are their UTF-8, except OpenAI's ``bytes:\\xNN``.
+    """
+    if not token:
+        return b""
+    if convention == "bytelevel":
+        try:
+            return bytes(_BYTE_DECODER[ch] for ch in token)
+        except KeyError:
+            return b"".join(bytes([_BYTE_DECODER[ch]]) if ch in _BYTE_DECODER
+                            else ch.encode("utf-8", "surrogatepass") for ch in token)
+    if convention == "sentencepiece":
+        byte = _SP_BYTE.match(token)
+        if byte:
+            return bytes([int(byte.group(1), 16)])
+        return token.replace("\u2581", " ").encode("utf-8", "surrogatepass")
+    if convention == "text":
+        raw = _OPENAI_BYTES.match(token)
+        if raw:
+            return bytes(int(h, 16) for h in raw.group(1).split("\\x")[1:])
+        return token.encode("utf-8", "surrogatepass")
+    raise EntropylensError(f"unknown tokenizer convention {convention!r} "
+                           f"(one of {', '.join(CONVENTIONS)})")
+
+
+def _char_byte_offsets(text: str) -> np.ndarray | None:
+    """Byte offset of every character of ``text`` (plus the end), None when text is ASCII.
+
+    ``text`` was decoded with ``surrogateescape``: each escaped byte (U+DC80..U+DCFF) is one
+    character of one byte.
+    """
+    if text.isascii():
+        return None
+    points = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    lengths = np.where(points < 0x80, 1, np.where(points < 0x800, 2, np.where(
+        (points >= 0xDC80) & (points <= 0xDCFF), 1, np.where(points < 0x10000, 3, 4))))
+    return np.concatenate([[0], np.cumsum(lengths)])
+
+
+@dataclass
+class MatchResult:
+    """Phrases found in a set of sequences and the tokens they cover.
+
+    Attributes
+    ----------
+    planning : numpy.ndarray of bool
+        One flag per input token: the token overlaps a lexicon match.
+    sequence : numpy.ndarray of int64
+        For each match, the index of its sequence (0-based, in input order).
+    gram : numpy.ndarray of int64
+        For each match, the index of its phrase in ``lexicon.phrases``.
+    first_token, last_token : numpy.ndarray of int64
+        For each match, the first and last input token (row) it overlaps.
+    text : list of str
+        The decoded text of every sequence (undecodable bytes shown as U+FFFD).
+    """
+
+    planning: np.ndarray
+    sequence: np.ndarray
+    gram: np.ndarray
+    first_token: np.ndarray
+    last_token: np.ndarray
+    text: list[str] = field(default_factory=list)
+
+
+class PlanningMatcher:
+    """Finds lexicon phrases in token sequences under one tokenizer convention.
+
+    Token strings are decoded once per distinct string (the cache is bounded by the
+    vocabulary), every sequence of a batch is decoded in one pass and the lexicon's regular
+    expression runs once over the whole batch; only matches are touched in Python.
+
+    Parameters
+    ----------
+    lexicon : Lexicon
+    convention : {"bytelevel", "sentencepiece", "text"}
+    """
+
+    def __init__(self, lexicon: Lexicon, convention: str):
+        if convention not in CONVENTIONS:
+            raise EntropylensError(f"unknown tokenizer convention {convention!r} "
+                                   f"(one of {', '.join(CONVENTIONS)})")
+        self.lexicon = lexicon
+        self.convention = convention
+        self._cache: dict[str, bytes] = {}
+
+    def _encode_dictionary(self, values: list) -> list[bytes]:
+        cache, out = self._cache, []
+        for value in values:
+            if value is None:
+                out.append(b"")
+                continue
+            raw = cache.get(value)
+            if raw is None:
+                raw = cache[value] = token_bytes(value, self.convention)
+            out.append(raw)
+        return out
+
+    def match(self, tokens: pa.Array | pa.ChunkedArray | Sequence[str | None],
+              starts: np.ndarray, *, keep_text: bool = False) -> MatchResult:
+        """Match phrases in sequences laid end to end.
+
+        Parameters
+        ----------
+        tokens : pyarrow string array or sequence of str
+            Token strings of all sequences, each sequence's tokens in order.
+        starts : numpy.ndarray of int
+            Index of the first token of every sequence (increasing, the first one 0).
+        keep_text : bool
+            Also return each sequence's decoded text.
+        """
+        if not isinstance(tokens, (pa.Array, pa.ChunkedArray)):
+            tokens = pa.array(list(tokens), pa.string())
+        if isinstance(tokens, pa.ChunkedArray):
+            tokens = tokens.combine_chunks()
+        n = len(tokens)
+        starts = np.asarray(starts, dtype=np.int64)
+        empty = np.zeros(0, np.int64)
+        if n == 0:
+            return MatchResult(np.zeros(0, bool), empty, empty, empty, empty,
+                               [""] * len(starts) if keep_text else [])
+        encoded = pc.dictionary_encode(tokens.cast(pa.string()))
+        pieces = self._encode_dictionary(encoded.dictionary.to_pylist())
+        if encoded.indices.null_count:  # null tokens (id-only rows) decode to nothing
+            pieces.append(b"")
+            indices = pc.fill_null(encoded.indices, len(pieces) - 1)
+        else:
+            indices = encoded.indices
+        indices = indices.to_numpy(zero_copy_only=False).astype(np.int64)
+        separator = len(pieces)
+        pieces.append(_SEPARATOR)
+        # One separator after every sequence: sequence k's tokens shift right by k slots.
+        seq_of_token = np.repeat(np.arange(len(starts)), np.diff(np.append(starts, n)))
+        layout = np.insert(indices, np.append(starts[1:], n), separator)
+        lengths = np.fromiter((len(p) for p in pieces), np.int64, len(pieces))[layout]
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        blob = pa.array(pieces, pa.large_binary()).take(pa.array(layout))
+        data = blob.buffers()[2]
+        first = int(np.frombuffer(blob.buffers()[1], np.int64)[blob.offset])
+        raw = data.to_pybytes()[first:first + int(offsets[-1])] if data is not None else b""
+        text = raw.decode("utf-8", "surrogateescape")
+        char_offsets = _char_byte_offsets(text)
+
+        slot = np.arange(n) + seq_of_token
+        tok_start, tok_end = offsets[slot], offsets[slot + 1]
+        index = self.lexicon.phrase_index
+        spans = [(m.start(), m.end(), index(m.group())) for m in
+                 self.lexicon.pattern.finditer(text)]
+        planning = np.zeros(n, bool)
+        if spans:
+            span = np.array(spans, dtype=np.int64)
+            lo, hi = span[:, 0], span[:, 1]
+            if char_offsets is not None:
+                lo, hi = char_offsets[lo], char_offsets[hi]
+            gram = span[:, 2]
+            first_token = np.searchsorted(tok_end, lo, side="right")
+            last_token = np.searchsorted(tok_start, hi, side="left") - 1
+            seq_start_byte = offsets[starts + np.arange(len(starts))]
+            sequence = np.searchsorted(seq_start_byte, lo, side="right") - 1
+            cover = np.zeros(n + 1, np.int64)
+            np.add.at(cover, first_token, 1)
+            np.add.at(cover, last_token + 1, -1)
+            planning = np.cumsum(cover[:-1]) > 0
+        else:
+            gram = sequence = first_token = last_token = empty
+        texts = []
+        if keep_text:
+            ends = np.append(starts[1:], n)
+            for k, (a, b) in enumerate(zip(starts, ends)):
+                lo_b, hi_b = offsets[a + k], offsets[b + k]
+                texts.append(raw[lo_b:hi_b].decode("utf-8", "replace"))
+        return MatchResult(planning, sequence.astype(np.int64), gram.astype(np.int64),
+                           first_token.astype(np.int64), last_token.astype(np.int64), texts)
+
+
+@dataclass
+class PlanningMatch:
+    """Result of :func:`match_planning_tokens`.
+
+    Attributes
+    ----------
+    planning : numpy.ndarray of bool
+        One flag per input token (in input order): True for planning tokens.
+    grams : pandas.DataFrame
+        One row per match: ``sequence`` (0-based, in order of first appearance), ``gram``
+        (the phrase), ``first_token`` and ``last_token`` (input row indices).
+    texts : list of str
+        Each sequence's decoded text.
+    convention : str
+        The tokenizer convention used.
+    """
+
+    planning: np.ndarray
+    grams: pd.DataFrame
+    texts: list[str]
+    convention: str
+
+
+def _sequence_starts(table: pa.Table) -> tuple[pa.Table, np.ndarray, np.ndarray]:
+    """Order rows by sequence and position; return (table, order, sequence starts)."""
+    n = table.num_rows
+    keys = [k for k in ("step", "sample_id") if k in table.column_names]
+    if "position" in table.column_names:
+        order = pc.sort_indices(table, sort_keys=[(k, "ascending") for k in
+                                                  keys + ["position"]]).to_numpy()
+    else:
+        order = np.arange(n)
+    table = table.take(pa.array(order))
+    change = np.zeros(max(n - 1, 0), bool)
+    for key in keys:
+        column = table.column(key)
+        if column.null_count:
+            column = pc.fill_null(column.cast(pa.string()) if key == "step" else column,
+                                  "\x00null")
+        change |= pc.not_equal(column.slice(1), column.slice(0, n - 1)).to_numpy(
+            zero_copy_only=False)
+    starts = np.concatenate([[0], np.flatnonzero(change) + 1]) if n else np.zeros(0, np.int64)
+    return table, order, starts
+
+
+def match_planning_tokens(tokens, lexicon=None, *, convention: str = "auto",
+                          lexicon_mode: str = "replace") -> PlanningMatch:
+    """Mark the planning tokens of decoded token sequences.
+
+    Parameters
+    ----------
+    tokens : sequence of str, pyarrow.Table or pandas.DataFrame
+        Either the token strings of one completion in order, or a table with a ``token``
+        column and optionally ``step``, ``sample_id`` (a sequence is one ``(step,
+        sample_id)``) and ``position`` (order within a sequence).
+    lexicon : path, sequence of str, Lexicon or None
+        See :func:`load_lexicon`; None is the default HICRA lexicon.
+    convention : {"auto", "bytelevel", "sentencepiece", "text"}
+        Tokenizer convention; ``auto`` detects it from the tokens.
+    lexicon_mode : {"replace", "extend"}
+
+    Returns
+    -------
+    PlanningMatch
+        Flags in the input's row order.
+    """
+    lex = load_lexicon(lexicon, mode=lexicon_mode)
+    if isinstance(tokens, pd.DataFrame):
+        tokens = pa.Table.from_pandas(tokens, preserve_index=False)
+    if isinstance(tokens, pa.Table):
+        if "token" not in tokens.column_names:
+            raise EntropylensError("the token table has no 'token' column", field="token")
+        table, order, starts = _sequence_starts(tokens)
+        column = table.column("token").cast(pa.string())
+    else:
+        column = pa.array([None if t is None else str(t) for t in tokens], pa.string())
+        order = np.arange(len(column))
+        starts = np.zeros(1 if len(column) else 0, np.int64)
+    if convention == "auto":
+        convention = detect_convention(column.to_pylist()[:200_000])
+    result = PlanningMatcher(lex, convention).match(column, starts, keep_text=True)
+    planning = np.zeros(len(order), bool)
+    planning[order] = result.planning
+    grams = pd.DataFrame({"sequence": result.sequence,
+                          "gram": [lex.phrases[g] for g in result.gram],
+                          "first_token": order[result.first_token] if len(order) else
+                          result.first_token,
+                          "last_token": order[result.last_token] if len(order) else
+                          result.last_token})
+    return PlanningMatch(planning, grams, result.text, convention)
+
+
+# --------------------------------------------------------------------------------------
+# Mining a lexicon
+# --------------------------------------------------------------------------------------
+
+MINED_COLUMNS = ["gram", "n", "solutions", "df", "occurrences", "mean_per_solution",
+                 "sparsity", "score", "df_other"]
+#: English function words that are never strategic on their own: an n-gram made only of these
+#: (or of one-letter words such as the "x" of "4 x 7") is not mined. Discourse markers ("so",
+#: "but", "now", "wait", "since") are deliberately absent.
+FUNCTION_WORDS = frozenset("""
+a an the of to in on at by for with from as into onto is are was were be been being am it
+its it's he she they them his her their i you we our my your this that these those and or
+has have had will would there which who whom
+""".split())
+_BREAK = re.compile(r"[^\w\s,']|[\d_]+")
+_WORD = re.compile(r"\w+(?:'\w+)*|,")
+
+
+def _ngrams(text: str, min_n: int, max_n: int) -> Counter:
+    """Word n-grams of a text, lower case, not crossing sentence punctuation or numbers.
+
+    Commas are kept inside n-grams ("wait, but") but an n-gram never starts or ends with one.
+    """
+    text = text.lower()
+    for apostrophe in _APOSTROPHES[1:]:
+        text = text.replace(apostrophe, "'")
+    counts: Counter = Counter()
+    for segment in _BREAK.split(text):
+        words = _WORD.findall(segment)
+        for i, word in enumerate(words):
+            if word == ",":
+                continue
+            words_n = 0
+            for j in range(i, len(words)):
+                if words[j] != ",":
+                    words_n += 1
+                if words_n > max_n:
+                    break
+                if words[j] == "," or words_n < min_n:
+                    continue
+                counts[" ".join(words[i:j + 1]).replace(" ,", ",")] += 1
+    return counts
+
+
+@dataclass
+class MinedLexicon:
+    """Result of :func:`mine_lexicon`.
+
+    Attributes
+    ----------
+    table : pandas.DataFrame
+        Ranked n-grams: ``gram, n, solutions`` (successful completions containing it),
+        ``df`` (that share of successful completions), ``occurrences``,
+        ``mean_per_solution`` (occurrences per containing completion), ``sparsity``
+        (its inverse), ``score = df * sparsity`` and ``df_other`` (share of the other
+        completions containing it, for contrast).
+    documents : int
+        Successful completions read.
+    others : int
+        Completions at or below the threshold.
+    reward_threshold : float
+    """
+
+    table: pd.DataFrame
+    documents: int
+    others: int
+    reward_threshold: float
+    runs: list[str] = field(default_factory=list)
+
+    @property
+    def phrases(self) -> list[str]:
+        """The mined phrases, best first."""
+        return self.table["gram"].tolist()
+
+    def write(self, path: str | Path) -> Path:
+        """Write the phrases as a lexicon file for ``--lexicon``."""
+        path = Path(path)
+        header = (f"# Strategic grams mined by entropylens from {self.documents} completions "
+                  f"with reward > {self.reward_threshold:g} (runs: {', '.join(self.runs)}).\n"
+                  "# Ranked by document frequency times within-solution sparsity; "
+                  "review before use.\n")
+        try:
+            path.write_text(header + "".join(p + "\n" for p in self.phrases), encoding="utf-8")
+        except OSError as exc:
+            raise EntropylensError(f"cannot write the lexicon: {exc.strerror or exc}",
+                                   path=path) from None
+        return path
+
+    def to_dict(self) -> dict:
+        from .summary import _records
+        return {"runs": list(self.runs), "documents": self.documents, "others": self.others,
+                "reward_threshold": self.reward_threshold, "grams": _records(self.table)}
+
+
+def mine_lexicon(store: Store | str, runs: str | Sequence[str] | None = None, *,
+                 reward_threshold: float = 0.5, min_n: int = 1, max_n: int = 5,
+                 min_df: float = 0.05, top_n: int = 100, exclude_prompt: bool = True,
+                 drop_function_words: bool = True, split: str | None = None) -> MinedLexicon:
+    """Rank n-grams of successful completions as candidate strategic grams.
+
+    A strategic gram is a phrase that many solutions use, a few times each ("so", "let's
+    check"), unlike content that recurs inside one solution ("the apples"). For every word
+    n-gram (``min_n`` to ``max_n`` words, not crossing sentence punctuation or numbers) of the
+    completions whose reward is above ``reward_threshold``:
+
+    - ``df``: share of those completions containing it (document frequency);
+    - ``sparsity``: completions containing it over its occurrences (1 when it appears once in
+      each, lower when it repeats inside solutions);
+    - ``score = df * sparsity``, the ranking key (ties: higher df, shorter, alphabetical).
+
+    N-grams below ``min_df`` (or in fewer than two completions) are dropped, and so is an
+    n-gram that only ever occurs inside one longer kept n-gram (same completions, same
+    occurrences) and, by default, one made only of function words. Nothing is downloaded:
+    the n-grams come from the stored completions.
+
+    Parameters
+    ----------
+    store : Store or path
+    runs : str or sequence of str, optional
+        Default: every run.
+    reward_threshold : float
+        A completion is a solution when its reward is strictly above this.
+    min_n, max_n : int
+        N-gram lengths in words (1..5 by default).
+    min_df : float
+        Minimum document frequency kept.
+    top_n : int
+        Rows returned.
+    exclude_prompt : bool
+        Do not count, for a completion, n-grams that occur in its own prompt (copied problem
+        text is content, not strategy).
+    drop_function_words : bool
+        Drop n-grams made only of :data:`FUNCTION_WORDS` and one-letter words ("is", "of
+        the", "x"): they are frequent everywhere and never a strategy by themselves.
+    split : str, optional
+        Only completions of this split.
+
+    Returns
+    -------
+    MinedLexicon
+    """
+    if not 1 <= min_n <= max_n:
+        raise EntropylensError(f"need 1 <= min_n <= max_n, got {min_n} and {max_n}")
+    store = store if isinstance(store, Store) else Store.open(store)
+    names = store.resolve_runs(runs)
+    df_counts: Counter = Counter()
+    occurrences: Counter = Counter()
+    other_df: Counter = Counter()
+    documents = others = 0
+    for run in names:
+        table = store.read_sequences(run, columns=["split", "prompt", "completion", "reward"])
+        if split is not None:
+            table = table.filter(pc.equal(table.column("split"), split))
+        for prompt, completion, reward in zip(table.column("prompt").to_pylist(),
+                                              table.column("completion").to_pylist(),
+                                              table.column("reward").to_pylist()):
+            if not completion or reward is None:
+                continue
+            grams = _ngrams(completion, min_n, max_n)
+            if exclude_prompt and prompt:
+                prompt_grams = _ngrams(prompt, min_n, max_n)
+                grams = Counter({g: c for g, c in grams.items() if g not in prompt_grams})
+            if reward > reward_threshold:
+                documents += 1
+                df_counts.update(grams.keys())
+                occurrences.update(grams)
+            else:
+                others += 1
+                other_df.update(grams.keys())
+    if documents == 0:
+        raise EntropylensError(f"no completion with a reward above {reward_threshold:g} in "
+                               f"run(s) {', '.join(names)}; lower --reward-threshold or check "
+                               "that the runs have sequences with rewards", path=store.path)
+    floor = max(2, int(np.ceil(min_df * documents)))
+    kept = {g: d for g, d in df_counts.items() if d >= floor}
+    redundant = set()
+    for gram in kept:
+        words = gram.replace(",", " ,").split(" ")
+        real = [w for w in words if w != ","]
+        if len(real) < 2:
+            continue
+        for sub_words in (words[1:], words[:-1]):
+            while sub_words and sub_words[0] == ",":
+                sub_words = sub_words[1:]
+            while sub_words and sub_words[-1] == ",":
+                sub_words = sub_words[:-1]
+            sub = " ".join(sub_words).replace(" ,", ",")
+            if sub in kept and kept[sub] == kept[gram] and occurrences[sub] == occurrences[gram]:
+                redundant.add(sub)
+    rows = []
+    for gram, d in kept.items():
+        words = gram.replace(",", " ").split()
+        if gram in redundant or (drop_function_words and all(
+                w in FUNCTION_WORDS or len(w) == 1 for w in words)):
+            continue
+        n = len(words)
+        occ = occurrences[gram]
+        rows.append({"gram": gram, "n": n, "solutions": d, "df": d / documents,
+                     "occurrences": occ, "mean_per_solution": occ / d, "sparsity": d / occ,
+                     "score": (d / documents) * (d / occ),
+                     "df_other": other_df[gram] / others if others else float("nan")})
+    table = pd.DataFrame(rows, columns=MINED_COLUMNS)
+    if len(table):
+        table = table.sort_values(["score", "df", "n", "gram"],
+                                  ascending=[False, False, True, True], kind="mergesort")
+    table = table.head(top_n).reset_index(drop=True)
+    return MinedLexicon(table=table, documents=documents, others=others,
+                        reward_threshold=float(reward_threshold), runs=list(names))

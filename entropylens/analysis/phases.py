@@ -1,0 +1,443 @@
+"""Collapse phases of the per-step policy-entropy curve.
+
+Method
+------
+The curve is :func:`~entropylens.analysis.curves.policy_entropy` (token mean per training
+step). It is cut into segments by **PELT** (``ruptures``) with a **piecewise-linear
+least-squares cost** (each segment is fitted by its own line in the step; irregular step
+spacing is respected) and a **BIC penalty** ``3 * sigma**2 * log(n)``: a new segment must
+lower the residual sum of squares by more than its three parameters (break, intercept, slope)
+cost under Gaussian noise of scale ``sigma``. ``sigma`` is a robust noise estimate, the larger
+of (a) the median absolute step-to-step difference / (0.6745 * sqrt 2) and (b) the scaled
+median absolute deviation around a running median of ``max(5, n/10)`` points (it catches
+slow wander that (a) misses), floored at 1% of the curve's range. Segments hold at least
+``max(3, ceil(n/20))`` points; curves of more than :data:`MAX_POINTS` points consider change
+points only every ``ceil(n/MAX_POINTS)`` points, so the search stays fast.
+
+Labels
+------
+Let ``R`` be the range (max - min) of the fitted segment lines, ``span`` the steps the curve
+covers, and for each segment ``rate = slope * span / R`` (the share of the whole range the
+segment's trend would cover over the whole run) and ``change`` its fitted end minus start.
+
+- ``plateau``: ``|rate| < 0.5`` or ``|change| < 0.1 R``; every segment is a plateau when
+  ``R <= 2 sigma`` (the curve is flat within its noise);
+- ``rise``: otherwise ``rate >= 0.5``;
+- ``rapid_collapse``: ``rate <= -3`` (falling fast enough to cover the whole range in a third
+  of the run) and, after neighbours of the same label are merged, a drop of at least 25% of
+  ``R``; a faster but smaller fall is a ``slow_decline``;
+- ``slow_decline``: the other falling segments.
+
+The segments' lines need not meet. Where the fitted value jumps between two neighbours by
+more than ``2 sigma`` and 25% of ``R`` (a fall faster than the minimum segment length), the
+jump becomes a segment of its own, from the last step of one to the first step of the next,
+labelled by the same rule. Adjacent segments with the same label are merged and refitted.
+
+Summary numbers
+---------------
+- ``start_entropy``: the first point of the curve; ``floor``: the mean of its last
+  ``max(3, ceil(n/10))`` points; ``total_drop = start_entropy - floor``.
+- ``early_drop_fraction = (start_entropy - H(s0 + span/12)) / total_drop`` with ``H`` linearly
+  interpolated between logged steps: the share of the total drop that happened in the first
+  twelfth of the steps (arXiv 2505.22617 reports 0.73). None when the curve does not fall by
+  more than ``2 sigma`` overall.
+- ``arrival_step``: the first step whose entropy is at most ``floor + 0.1 * total_drop``
+  ("within 10% of the total drop above the floor"); None when there is no drop.
+- ``alarm``: True when entropy has collapsed (an ``arrival_step`` exists and the floor is at
+  most 25% of the starting entropy) while performance has plateaued: a line fitted to the last
+  ``max(3, ceil(m/4))`` of the ``m`` performance points (validation accuracy, else mean
+  reward) gains less than 5% of the performance range over those points. The message says why
+  in either case.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from ..errors import EntropylensError
+from ..store import Store
+from .curves import open_store, performance, policy_entropy
+
+PHASE_LABELS = ("rapid_collapse", "slow_decline", "plateau", "rise")
+SEGMENT_COLUMNS = ["start_step", "end_step", "label", "start_entropy", "end_entropy", "slope"]
+#: Fewer points than this give no segmentation (a line needs a residual to judge noise).
+MIN_POINTS = 3
+#: Longer curves consider change points only every ceil(n / MAX_POINTS) points.
+MAX_POINTS = 400
+#: Thresholds of the labelling rule (see the module docstring).
+PLATEAU_RATE = 0.5
+PLATEAU_CHANGE = 0.1
+COLLAPSE_RATE = -3.0
+COLLAPSE_DROP = 0.25
+#: The first twelfth of training (arXiv 2505.22617: 200 of 2400 steps).
+EARLY_FRACTION = 1 / 12
+#: "Within 10% of the floor": of the total drop.
+ARRIVAL_BAND = 0.1
+#: A collapsed run's floor is at most this share of its starting entropy.
+COLLAPSED_SHARE = 0.25
+#: Performance has plateaued when its recent trend gains less than this share of its range.
+PLATEAU_GAIN = 0.05
+
+
+@dataclass
+class RunPhases:
+    """Phases of one run's entropy curve (see the module docstring for every definition).
+
+    Attributes
+    ----------
+    run : str
+    segments : pandas.DataFrame
+        ``start_step, end_step, label, start_entropy, end_entropy, slope`` (slope in nats per
+        step; start/end entropy from the segment's fitted line).
+    early_drop_fraction, arrival_step, floor, start_entropy, total_drop
+    alarm : bool
+    alarm_message : str
+    entropy_source : str
+        ``exact``, ``topk``, ``surprisal`` or ``metric``.
+    noise : float
+        The noise scale ``sigma`` used by the penalty and the flatness test.
+    change_points : list of int
+        Steps that begin a new segment before labels were merged.
+    performance_metric : str or None
+    note : str or None
+    """
+
+    run: str | None
+    segments: pd.DataFrame
+    early_drop_fraction: float | None
+    arrival_step: int | None
+    floor: float | None
+    start_entropy: float | None
+    total_drop: float | None
+    alarm: bool
+    alarm_message: str
+    entropy_source: str | None = None
+    noise: float | None = None
+    change_points: list[int] = field(default_factory=list)
+    performance_metric: str | None = None
+    note: str | None = None
+
+    @property
+    def collapse(self) -> dict | None:
+        """The ``rapid_collapse`` segment with the largest drop, or None."""
+        rapid = self.segments[self.segments["label"] == "rapid_collapse"]
+        if rapid.empty:
+            return None
+        drop = rapid["start_entropy"] - rapid["end_entropy"]
+        row = rapid.loc[drop.idxmax()]
+        return {"start_step": int(row["start_step"]), "end_step": int(row["end_step"]),
+                "drop": float(row["start_entropy"] - row["end_entropy"])}
+
+    def to_dict(self) -> dict:
+        """One run of ``entropylens phases --json``."""
+        return {
+            "run": self.run,
+            "segments": [_plain(r) for r in self.segments.to_dict(orient="records")],
+            "early_drop_fraction": _num(self.early_drop_fraction),
+            "arrival_step": self.arrival_step,
+            "floor": _num(self.floor),
+            "start_entropy": _num(self.start_entropy),
+            "total_drop": _num(self.total_drop),
+            "collapse": self.collapse,
+            "alarm": bool(self.alarm),
+            "alarm_message": self.alarm_message,
+            "entropy_source": self.entropy_source,
+            "performance_metric": self.performance_metric,
+            "noise": _num(self.noise),
+            "change_points": list(self.change_points),
+            "method": "PELT, piecewise-linear least squares, BIC penalty 3*sigma^2*log(n)",
+            "note": self.note,
+        }
+
+
+@dataclass
+class Phases:
+    """Result of :func:`phases`: one :class:`RunPhases` per run."""
+
+    runs: list[RunPhases]
+
+    def to_dict(self) -> dict:
+        """The JSON shape of ``entropylens phases --json`` (DESIGN.md section 6)."""
+        return {"runs": [r.to_dict() for r in self.runs]}
+
+    @property
+    def segments(self) -> pd.DataFrame:
+        """All segments in one table with a leading ``run`` column."""
+        frames = [r.segments.assign(run=r.run) for r in self.runs]
+        if not frames:
+            return pd.DataFrame(columns=["run", *SEGMENT_COLUMNS])
+        return pd.concat(frames, ignore_index=True)[["run", *SEGMENT_COLUMNS]]
+
+
+def _num(value) -> float | None:
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def _plain(row: dict) -> dict:
+    out = {}
+    for key, value in row.items():
+        if isinstance(value, np.integer):
+            value = int(value)
+        elif isinstance(value, np.floating):
+            value = _num(float(value))
+        out[key] = value
+    return out
+
+
+# -- noise and change points -----------------------------------------------------------------
+def noise_scale(values: np.ndarray) -> float:
+    """Robust noise scale of a curve (see the module docstring); 0 for a constant curve."""
+    values = np.asarray(values, dtype=float)
+    n = len(values)
+    spread = float(values.max() - values.min()) if n else 0.0
+    if n < 2 or spread == 0:
+        return 0.0
+    by_difference = np.median(np.abs(np.diff(values))) / (0.6745 * math.sqrt(2))
+    window = max(5, (n // 10) | 1)
+    smooth = pd.Series(values).rolling(window, center=True, min_periods=1).median().to_numpy()
+    residual = values - smooth
+    by_residual = 1.4826 * np.median(np.abs(residual - np.median(residual)))
+    return float(max(by_difference, by_residual, 0.01 * spread))
+
+
+def change_points(steps: np.ndarray, values: np.ndarray, sigma: float) -> list[int]:
+    """End indices (exclusive, ruptures style) of the piecewise-linear segments."""
+    import ruptures
+
+    n = len(values)
+    min_size = max(3, math.ceil(n / 20))
+    if sigma == 0 or n < 2 * min_size:
+        return [n]
+    span = float(steps[-1] - steps[0]) or 1.0
+    signal = np.column_stack([values, np.ones(n), (steps - steps[0]) / span])
+    jump = max(1, math.ceil(n / MAX_POINTS))
+    algo = ruptures.Pelt(model="linear", min_size=min_size, jump=jump).fit(signal)
+    return [int(b) for b in algo.predict(pen=3.0 * sigma ** 2 * math.log(n))]
+
+
+def _line(steps: np.ndarray, values: np.ndarray) -> tuple[float, float, float]:
+    """Slope and fitted first/last value of a least-squares line."""
+    if len(values) < 2 or steps[-1] == steps[0]:
+        mean = float(values.mean())
+        return 0.0, mean, mean
+    slope, intercept = np.polyfit(steps, values, 1)
+    return float(slope), float(intercept + slope * steps[0]), float(intercept + slope * steps[-1])
+
+
+def _segments(steps, values, bounds) -> list[dict]:
+    out, start = [], 0
+    for end in bounds:
+        slope, first, last = _line(steps[start:end], values[start:end])
+        out.append({"i0": start, "i1": end, "slope": slope, "first": first, "last": last})
+        start = end
+    return out
+
+
+def _transition(steps, left: dict, right: dict) -> dict:
+    """The jump between two fitted segments, from the last point of one to the next's first."""
+    i0, i1 = left["i1"] - 1, right["i0"]
+    gap = float(steps[i1] - steps[i0]) or 1.0
+    return {"i0": i0, "i1": i1 + 1, "first": left["last"], "last": right["first"],
+            "slope": (right["first"] - left["last"]) / gap, "jump": True}
+
+
+def _label(seg: dict, extent: float, span: float, sigma: float) -> str:
+    """The label of one segment or jump by the rule of the module docstring."""
+    change = seg["last"] - seg["first"]
+    rate = seg["slope"] * span / extent if extent > 0 else 0.0
+    flat_curve = sigma == 0 or extent <= 2 * sigma
+    if flat_curve or abs(rate) < PLATEAU_RATE or abs(change) < PLATEAU_CHANGE * extent:
+        return "plateau"
+    if seg.get("jump") and (abs(change) <= 2 * sigma or abs(change) < COLLAPSE_DROP * extent):
+        return "plateau"
+    if rate > 0:
+        return "rise"
+    return "rapid_collapse" if rate <= COLLAPSE_RATE else "slow_decline"
+
+
+def _merge_same(steps, values, segments) -> list[dict]:
+    merged: list[dict] = []
+    for seg in segments:
+        if merged and merged[-1]["label"] == seg["label"]:
+            i0, i1 = merged[-1]["i0"], seg["i1"]
+            slope, first, last = _line(steps[i0:i1], values[i0:i1])
+            merged[-1].update(i1=i1, slope=slope, first=first, last=last, jump=False)
+        else:
+            merged.append(dict(seg))
+    return merged
+
+
+def label_segments(steps: np.ndarray, values: np.ndarray, bounds: Sequence[int],
+                   sigma: float) -> pd.DataFrame:
+    """Label the segments ending at ``bounds`` and merge neighbours of the same label.
+
+    The segments' lines need not meet: where the fitted value jumps between two segments by
+    more than ``2 sigma`` and 25% of the range, the jump becomes a segment of its own from the
+    last step of one to the first step of the next (a collapse faster than the minimum
+    segment length shows up this way) and is labelled by the same rule.
+    """
+    fitted = _segments(steps, values, bounds)
+    ends = [v for s in fitted for v in (s["first"], s["last"])]
+    extent = max(ends) - min(ends)
+    span = float(steps[-1] - steps[0]) or 1.0
+    segments: list[dict] = []
+    for k, seg in enumerate(fitted):
+        if k:
+            jump = _transition(steps, fitted[k - 1], seg)
+            jump["label"] = _label(jump, extent, span, sigma)
+            if jump["label"] != "plateau":
+                segments.append(jump)
+        seg["label"] = _label(seg, extent, span, sigma)
+        segments.append(seg)
+    segments = _merge_same(steps, values, segments)
+    for seg in segments:
+        if seg["label"] == "rapid_collapse" and \
+                seg["first"] - seg["last"] < COLLAPSE_DROP * extent:
+            seg["label"] = "slow_decline"
+    segments = _merge_same(steps, values, segments)
+    return pd.DataFrame(
+        [{"start_step": int(steps[s["i0"]]), "end_step": int(steps[s["i1"] - 1]),
+          "label": s["label"], "start_entropy": s["first"], "end_entropy": s["last"],
+          "slope": s["slope"]} for s in segments], columns=SEGMENT_COLUMNS)
+
+
+# -- summary numbers -------------------------------------------------------------------------
+def _performance_plateau(perf: pd.DataFrame | None) -> tuple[bool | None, str]:
+    """Whether performance has plateaued (None when it cannot be judged) and why."""
+    if perf is None or len(perf) < MIN_POINTS:
+        return None, "no reward or accuracy curve with 3 or more points"
+    name = perf["metric"].iloc[0]
+    tail = perf.tail(max(MIN_POINTS, math.ceil(len(perf) / 4)))
+    steps = tail["step"].to_numpy(dtype=float)
+    values = tail["value"].to_numpy(dtype=float)
+    slope, first, last = _line(steps, values)
+    gain = last - first
+    extent = float(perf["value"].max() - perf["value"].min())
+    flat = gain < PLATEAU_GAIN * extent if extent > 0 else True
+    text = (f"{name} changed by {gain:+.3f} over its last {len(tail)} points "
+            f"(steps {int(steps[0])}-{int(steps[-1])}; range over the run {extent:.3f})")
+    return flat, text
+
+
+def _empty(run: str | None, note: str, *, start: float | None = None,
+           source: str | None = None, metric: str | None = None) -> RunPhases:
+    return RunPhases(run=run, segments=pd.DataFrame(columns=SEGMENT_COLUMNS),
+                     early_drop_fraction=None, arrival_step=None, floor=None,
+                     start_entropy=start, total_drop=None, alarm=False,
+                     alarm_message="not evaluated", entropy_source=source,
+                     performance_metric=metric, note=note)
+
+
+def analyse_curve(steps: Sequence[float], entropy: Sequence[float], *,
+                  perf: pd.DataFrame | None = None, run: str | None = None,
+                  source: str | None = None) -> RunPhases:
+    """Segment one entropy curve and compute its summary numbers and alarm.
+
+    Parameters
+    ----------
+    steps, entropy : sequences of numbers
+        The curve, one point per step (sorted by step here).
+    perf : pandas.DataFrame, optional
+        ``step, value, metric`` from :func:`~entropylens.analysis.curves.performance`, for the
+        alarm.
+    run, source : str, optional
+        Carried into the result.
+
+    Returns
+    -------
+    RunPhases
+    """
+    frame = pd.DataFrame({"step": np.asarray(steps, dtype=float),
+                          "h": np.asarray(entropy, dtype=float)})
+    frame = frame[np.isfinite(frame["h"]) & np.isfinite(frame["step"])].sort_values("step")
+    x = frame["step"].to_numpy()
+    y = frame["h"].to_numpy()
+    n = len(y)
+    metric = None if perf is None or perf.empty else str(perf["metric"].iloc[0])
+    if n < MIN_POINTS:
+        return _empty(run, f"{n} step(s): at least {MIN_POINTS} are needed for phases",
+                      start=float(y[0]) if n else None, source=source, metric=metric)
+    sigma = noise_scale(y)
+    bounds = change_points(x, y, sigma)
+    segments = label_segments(x, y, bounds, sigma)
+    start = float(y[0])
+    floor = float(y[-max(3, math.ceil(n / 10)):].mean())
+    drop = start - floor
+    early = arrival = None
+    note = None
+    if sigma > 0 and drop > 2 * sigma:
+        span = x[-1] - x[0]
+        early = (start - float(np.interp(x[0] + span * EARLY_FRACTION, x, y))) / drop
+        reached = np.flatnonzero(y <= floor + ARRIVAL_BAND * drop)
+        arrival = int(x[reached[0]]) if len(reached) else None
+    else:
+        note = "entropy does not fall by more than twice its noise: no drop to measure"
+    collapsed = arrival is not None and floor <= COLLAPSED_SHARE * start
+    plateaued, perf_text = _performance_plateau(perf)
+    if not collapsed:
+        alarm = False
+        message = (f"no alarm: entropy floor {floor:.3g} nats is "
+                   + ("not a collapse" if arrival is None else
+                      f"{floor / start:.0%} of its start {start:.3g} (alarm at <= "
+                      f"{COLLAPSED_SHARE:.0%})"))
+    elif plateaued is None:
+        alarm = False
+        message = (f"entropy collapsed to {floor:.3g} nats by step {arrival}, but the alarm "
+                   f"was not evaluated: {perf_text}")
+    else:
+        alarm = bool(plateaued)
+        state = "has plateaued" if plateaued else "is still improving"
+        message = (f"entropy sits near its floor {floor:.3g} nats ({1 - floor / start:.0%} "
+                   f"below its start) since step {arrival} while performance {state}: "
+                   f"{perf_text}")
+        if alarm:
+            message = "ALARM: " + message + ("; further training is unlikely to help without "
+                                             "an entropy intervention")
+    change = [int(x[b]) for b in bounds[:-1]]
+    return RunPhases(run=run, segments=segments, early_drop_fraction=early,
+                     arrival_step=arrival, floor=floor, start_entropy=start, total_drop=drop,
+                     alarm=alarm, alarm_message=message, entropy_source=source, noise=sigma,
+                     change_points=change, performance_metric=metric, note=note)
+
+
+def phases(store: Store | str, runs: str | Sequence[str] | None = None, *,
+           engine: str = "local", **engine_options) -> Phases:
+    """Collapse phases of each run's policy-entropy curve.
+
+    Parameters
+    ----------
+    store : Store or path
+    runs : str or sequence of str, optional
+        Default: every run.
+    engine : {"local", "ray"}
+
+    Returns
+    -------
+    Phases
+        ``.runs`` holds one :class:`RunPhases` per run; ``.to_dict()`` is the JSON of
+        ``entropylens phases --json``. The module docstring defines every number.
+    """
+    store = open_store(store)
+    names = store.resolve_runs(runs)
+    results = []
+    for run in names:
+        try:
+            curve = policy_entropy(store, run, engine=engine, **engine_options)
+        except EntropylensError as exc:
+            if len(names) == 1:
+                raise
+            # one run without an entropy curve must not hide the phases of the others
+            results.append(_empty(run, f"skipped: {exc.message}"))
+            continue
+        try:
+            perf = performance(store, run)
+        except EntropylensError:
+            perf = None
+        results.append(analyse_curve(curve["step"], curve["entropy"], perf=perf, run=run,
+                                     source=str(curve["source"].iloc[0])))
+    return Phases(runs=results)

@@ -1,0 +1,410 @@
+"""Data-quality checks: what in a run could make its entropy numbers wrong.
+
+Every check warns and never drops data: the statistics of entropylens always use every token
+stored, and these checks say which of them look suspicious. Checks (``check`` column):
+
+``tokens_after_eos``
+    Tokens at a position after the first end-of-sequence token (:data:`EOS_TOKENS`) of their
+    sequence: padding that was logged, and often trained on (a masking bug).
+``entropy_out_of_range``
+    Entropies below 0 or above ``log V`` (V from the manifest; only the lower limit when V is
+    unknown), or not finite, beyond :data:`ENTROPY_TOLERANCE` of float rounding; includes
+    those the ingest stored as null (manifest count ``sentinel_entropys``).
+``positive_logprob``
+    Logprobs above :data:`LOGPROB_TOLERANCE`.
+``topk_mass_above_one``
+    Top-k probabilities summing above ``1 + TOPK_MASS_TOLERANCE``.
+``duplicate_positions`` / ``missing_positions``
+    A position logged twice in a sequence, or gaps in ``0 .. last position``.
+``thin_steps``
+    Steps with fewer than ``max(10, 10% of the median step)`` tokens: their quantiles are noise.
+``approximate_metric``
+    Step metrics whose source key only approximates the canonical quantity (the alias table of
+    :mod:`entropylens.aliases` flags them, e.g. NeMo-RL ``train/approx_entropy``).
+``metric_collisions`` (info)
+    Raw keys that kept their raw name because another key of the source fills the same
+    canonical metric (from the manifest notes).
+``rejected_records``
+    Records skipped at ingest (``--on-error skip``), from the manifest.
+``null_logprobs`` (info)
+    Sentinel (-9999, -inf) or NaN logprobs and top-k logprobs the ingest stored as null
+    (manifest counts ``sentinel_logprobs`` and ``sentinel_top_logprobs``).
+``topk_without_vocab`` (info), ``surprisal_source`` (info)
+    How far the run's entropy source can be trusted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ..aliases import canonical_metric
+from ..engine import Aggregator, run_aggregators
+from ..estimators import best_entropy_source
+from ..store import Store
+from .distribution import NO_STEP
+
+#: Texts of end-of-sequence tokens across tokenizers (ChatML, Llama 2/3, GPT-2, Gemma, Phi,
+#: DeepSeek, gpt-oss, Mistral).
+EOS_TOKENS = ("<|im_end|>", "</s>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>",
+              "<eos>", "<end_of_turn>", "<|end|>", "<|eom_id|>", "<|return|>",
+              "<｜end▁of▁sentence｜>", "<|end▁of▁sentence|>", "[EOS]", "<|EOT|>")
+#: Entropies this far outside [0, log V] count as out of range (float32 rounding is smaller).
+ENTROPY_TOLERANCE = 1e-4
+#: Logprobs above this count as positive.
+LOGPROB_TOLERANCE = 1e-5
+#: Top-k probabilities may sum to this much above 1 (rounding of logged logprobs).
+TOPK_MASS_TOLERANCE = 1e-3
+#: A step is thin below max(MIN_STEP_TOKENS, THIN_STEP_FRACTION x median tokens per step).
+MIN_STEP_TOKENS = 10
+THIN_STEP_FRACTION = 0.1
+
+QUALITY_COLUMNS = ["run", "check", "severity", "count", "message"]
+_SCAN_COLUMNS = ("step", "sample_id", "position", "token", "entropy", "logprob",
+                 "top_logprobs")
+_SEQ_KEYS = ["step", "sample_id"]
+#: First-EOS position of a sequence without one.
+_NO_EOS = np.iinfo(np.int64).max
+#: Per-sequence frames kept before they are folded into one.
+_COMPACT_EVERY = 64
+
+
+@dataclass
+class _ScanState:
+    sequences: list          # frames: step, sample_id, rows, distinct, first, last, first_eos
+    steps: dict              # step -> tokens
+    entropy_low: int = 0
+    entropy_high: int = 0
+    entropy_nonfinite: int = 0
+    positive_logprob: int = 0
+    topk_over: int = 0
+    eos_names: dict = None   # eos text -> count
+
+
+def _fold_sequences(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    if len(frames) == 1:
+        return frames[0]
+    table = pd.concat(frames, ignore_index=True)
+    return table.groupby(_SEQ_KEYS, as_index=False, sort=False).agg(
+        rows=("rows", "sum"), distinct=("distinct", "sum"), first=("first", "min"),
+        last=("last", "max"), first_eos=("first_eos", "min"))
+
+
+class QualityScan(Aggregator):
+    """One streaming pass collecting the token-level checks of a run.
+
+    Parameters
+    ----------
+    vocab_size : int, optional
+        V, for the ``log V`` upper limit of entropies.
+
+    Notes
+    -----
+    State: one row per sequence (counts, first and last position, first EOS position) and one
+    count per step. Duplicates are counted exactly within each scanned batch; a duplicate
+    whose copies fall in different batches is still caught (at least once) by comparing the
+    sequence's rows with its position range.
+    """
+
+    columns = _SCAN_COLUMNS
+
+    def __init__(self, vocab_size: int | None = None):
+        self.vocab_size = vocab_size
+
+    def start(self) -> _ScanState:
+        return _ScanState(sequences=[], steps={}, eos_names={})
+
+    def update(self, state: _ScanState, batch: pa.RecordBatch) -> _ScanState:
+        steps = batch.column("step")
+        steps = (steps.fill_null(NO_STEP) if steps.null_count else steps) \
+            .to_numpy(zero_copy_only=False).astype(np.int64)
+        positions = batch.column("position").to_numpy(zero_copy_only=False).astype(np.int64)
+        frame = pd.DataFrame({"step": steps, "sample_id": batch.column("sample_id")
+                              .to_numpy(zero_copy_only=False), "position": positions})
+        token = batch.column("token")
+        is_eos = pc.fill_null(pc.is_in(pc.utf8_trim_whitespace(token),
+                                       value_set=pa.array(EOS_TOKENS)), False)
+        is_eos = is_eos.to_numpy(zero_copy_only=False)
+        frame["eos_position"] = np.where(is_eos, positions, _NO_EOS)
+        if is_eos.any():
+            names = pd.Series(token.filter(pa.array(is_eos)).to_pylist()).value_counts()
+            for name, count in names.items():
+                state.eos_names[name] = state.eos_names.get(name, 0) + int(count)
+        grouped = frame.groupby(_SEQ_KEYS, sort=False)
+        distinct = frame.drop_duplicates(["step", "sample_id", "position"]) \
+            .groupby(_SEQ_KEYS, sort=False).size()
+        per_sequence = grouped.agg(rows=("position", "size"), first=("position", "min"),
+                                   last=("position", "max"),
+                                   first_eos=("eos_position", "min"))
+        per_sequence["distinct"] = distinct.reindex(per_sequence.index).to_numpy()
+        state.sequences.append(per_sequence.reset_index())
+        if len(state.sequences) >= _COMPACT_EVERY:
+            state.sequences = [_fold_sequences(state.sequences)]
+        unique, counts = np.unique(steps, return_counts=True)
+        for step, count in zip(unique.tolist(), counts.tolist()):
+            state.steps[step] = state.steps.get(step, 0) + count
+        self._values(state, batch)
+        return state
+
+    def _values(self, state: _ScanState, batch: pa.RecordBatch) -> None:
+        entropy = batch.column("entropy")
+        if entropy.null_count < len(entropy):
+            h = entropy.drop_null().to_numpy(zero_copy_only=False).astype(np.float64)
+            finite = np.isfinite(h)
+            state.entropy_nonfinite += int((~finite).sum())
+            state.entropy_low += int((h[finite] < -ENTROPY_TOLERANCE).sum())
+            if self.vocab_size:
+                limit = np.log(self.vocab_size) + ENTROPY_TOLERANCE
+                state.entropy_high += int((h[finite] > limit).sum())
+        logprob = batch.column("logprob")
+        if logprob.null_count < len(logprob):
+            lp = logprob.drop_null().to_numpy(zero_copy_only=False)
+            state.positive_logprob += int((lp > LOGPROB_TOLERANCE).sum())
+        top = batch.column("top_logprobs")
+        if top.null_count < len(top):
+            lengths = pc.list_value_length(top).fill_null(0).to_numpy(zero_copy_only=False)
+            flat = pc.list_flatten(top).fill_null(-np.inf).to_numpy(zero_copy_only=False)
+            rows = np.repeat(np.arange(len(top)), lengths)
+            with np.errstate(over="ignore"):
+                mass = np.bincount(rows, weights=np.exp(flat.astype(np.float64)),
+                                   minlength=len(top))
+            state.topk_over += int((mass > 1 + TOPK_MASS_TOLERANCE).sum())
+
+    def merge(self, left: _ScanState, right: _ScanState) -> _ScanState:
+        left.sequences = [_fold_sequences(left.sequences + right.sequences)] \
+            if left.sequences or right.sequences else []
+        for step, count in right.steps.items():
+            left.steps[step] = left.steps.get(step, 0) + count
+        for name, count in right.eos_names.items():
+            left.eos_names[name] = left.eos_names.get(name, 0) + count
+        for attr in ("entropy_low", "entropy_high", "entropy_nonfinite", "positive_logprob",
+                     "topk_over"):
+            setattr(left, attr, getattr(left, attr) + getattr(right, attr))
+        return left
+
+    def finish(self, state: _ScanState) -> _ScanState:
+        """The state with its sequences folded into one frame (``sequences[0]``)."""
+        if state.sequences:
+            state.sequences = [_fold_sequences(state.sequences)]
+        return state
+
+
+class AfterEos(Aggregator):
+    """Second pass: count tokens after the first EOS of their sequence, and which they are.
+
+    Parameters
+    ----------
+    first_eos : pandas.DataFrame
+        ``step, sample_id, first_eos`` of the sequences holding an EOS token.
+    """
+
+    columns = ("step", "sample_id", "position", "token")
+
+    def __init__(self, first_eos: pd.DataFrame):
+        self.index = pd.MultiIndex.from_frame(first_eos[_SEQ_KEYS])
+        self.first = first_eos["first_eos"].to_numpy(np.int64)
+
+    def start(self):
+        return {"tokens": 0, "texts": pd.Series(dtype="int64")}
+
+    def update(self, state, batch: pa.RecordBatch):
+        steps = batch.column("step")
+        steps = (steps.fill_null(NO_STEP) if steps.null_count else steps) \
+            .to_numpy(zero_copy_only=False).astype(np.int64)
+        samples = batch.column("sample_id").to_numpy(zero_copy_only=False)
+        where = self.index.get_indexer(pd.MultiIndex.from_arrays([steps, samples]))
+        positions = batch.column("position").to_numpy(zero_copy_only=False)
+        after = (where >= 0) & (positions > self.first[np.maximum(where, 0)])
+        if after.any():
+            state["tokens"] += int(after.sum())
+            texts = pd.Series(batch.column("token").filter(pa.array(after)).to_pylist(),
+                              dtype=object).fillna("<no text>").value_counts()
+            state["texts"] = state["texts"].add(texts, fill_value=0)
+        return state
+
+    def merge(self, left, right):
+        return {"tokens": left["tokens"] + right["tokens"],
+                "texts": left["texts"].add(right["texts"], fill_value=0)}
+
+    def finish(self, state):
+        return state
+
+
+def _row(run, check, count, message, severity="warning") -> dict:
+    return {"run": run, "check": check, "severity": severity, "count": int(count),
+            "message": message}
+
+
+def _show(values, limit: int = 5) -> str:
+    values = list(values)
+    shown = ", ".join(str(v) for v in values[:limit])
+    return shown + (f" and {len(values) - limit} more" if len(values) > limit else "")
+
+
+def _token_checks(store: Store, run: str, manifest: dict, scan: _ScanState, *,
+                  engine: str, **engine_options) -> list[dict]:
+    rows = []
+    sequences = scan.sequences[0] if scan.sequences else None
+    if sequences is not None and len(sequences):
+        with_eos = sequences[sequences["first_eos"] != _NO_EOS]
+        suspects = with_eos[with_eos["last"] > with_eos["first_eos"]]
+        if len(suspects):
+            after = run_aggregators(store, run, {"a": AfterEos(suspects)}, engine=engine,
+                                    **engine_options)["a"]
+            texts = after["texts"].sort_values(ascending=False)
+            common = _show([f"{t!r} ({int(c)})" for t, c in texts.items()], 3)
+            eos = _show(sorted(scan.eos_names, key=scan.eos_names.get, reverse=True), 3)
+            rows.append(_row(run, "tokens_after_eos", after["tokens"],
+                             f"{after['tokens']} tokens in {len(suspects)} of "
+                             f"{len(sequences)} sequences come after an end-of-sequence token "
+                             f"({eos}); most common: {common}. They count in every statistic "
+                             "here; if the trainer's loss mask also kept them, the policy was "
+                             "trained on padding"))
+        duplicates = np.maximum(sequences["rows"] - sequences["distinct"],
+                                sequences["rows"] - (sequences["last"] - sequences["first"] + 1))
+        duplicates = duplicates.clip(lower=0)
+        if duplicates.sum():
+            rows.append(_row(run, "duplicate_positions", duplicates.sum(),
+                             f"{int(duplicates.sum())} tokens repeat a position already logged "
+                             f"in their sequence ({int((duplicates > 0).sum())} sequences)"))
+        distinct = sequences["rows"] - duplicates
+        expected = sequences["last"] - np.minimum(sequences["first"], 0) + 1
+        missing = (expected - distinct).clip(lower=0)
+        if missing.sum():
+            rows.append(_row(run, "missing_positions", missing.sum(),
+                             f"{int(missing.sum())} positions are missing from "
+                             f"{int((missing > 0).sum())} sequences (gaps in 0 .. last "
+                             "position): a truncated or filtered log"))
+    nulled = int((manifest.get("counts") or {}).get("sentinel_entropys", 0))
+    if scan.entropy_low or scan.entropy_high or scan.entropy_nonfinite or nulled:
+        vocab = manifest.get("vocab_size")
+        parts = []
+        if scan.entropy_low:
+            parts.append(f"{scan.entropy_low} below 0")
+        if scan.entropy_high:
+            parts.append(f"{scan.entropy_high} above log V = {np.log(vocab):.3f} (V={vocab})")
+        if scan.entropy_nonfinite:
+            parts.append(f"{scan.entropy_nonfinite} not finite")
+        if nulled:
+            parts.append(f"{nulled} negative or not finite in the source, stored as null")
+        rows.append(_row(run, "entropy_out_of_range",
+                         scan.entropy_low + scan.entropy_high + scan.entropy_nonfinite + nulled,
+                         f"entropies outside [0, log V]: {', '.join(parts)}; check the units "
+                         "(nats) and the vocabulary size"))
+    if scan.positive_logprob:
+        rows.append(_row(run, "positive_logprob", scan.positive_logprob,
+                         f"{scan.positive_logprob} logprobs are above 0: not log-probabilities "
+                         "(logits or scores?)"))
+    if scan.topk_over:
+        rows.append(_row(run, "topk_mass_above_one", scan.topk_over,
+                         f"{scan.topk_over} tokens have top-k probabilities summing above 1: "
+                         "the alternatives are not log-probabilities of one distribution"))
+    if scan.steps:
+        counts = pd.Series(scan.steps)
+        limit = max(MIN_STEP_TOKENS, THIN_STEP_FRACTION * float(counts.median()))
+        thin = counts[counts < limit].sort_index()
+        if len(thin):
+            names = ["none" if s == NO_STEP else f"{s} ({n})" for s, n in thin.items()]
+            rows.append(_row(run, "thin_steps", len(thin),
+                             f"{len(thin)} steps have fewer than {limit:.0f} tokens (10% of the "
+                             f"median step): {_show(names)}; their quantiles are noise"))
+    return rows
+
+
+def _manifest_checks(store: Store, run: str, manifest: dict) -> list[dict]:
+    rows = []
+    metrics = store.read_metrics(run)
+    notes = manifest.get("notes") or {}
+    if len(metrics):
+        # the alias table's flag, plus keys the ingest noted (user aliases included)
+        noted = set(notes.get("approximate_metrics") or ())
+        keys = metrics.groupby("raw_key", dropna=True).size()
+        for key, count in keys.items():
+            if key in noted or canonical_metric(str(key)).approximate:
+                metric = metrics.loc[metrics["raw_key"] == key, "metric"].iloc[0]
+                rows.append(_row(run, "approximate_metric", count,
+                                 f"metric {metric} comes from {key!r}, which only "
+                                 f"approximates it ({count} points)"))
+    collisions = notes.get("metric_collisions") or {}
+    if collisions:
+        rows.append(_row(run, "metric_collisions", len(collisions),
+                         f"{len(collisions)} raw keys map onto a canonical metric another key "
+                         f"already fills and keep their raw names: "
+                         f"{_show(f'{k} ({v})' for k, v in collisions.items())}",
+                         severity="info"))
+    rejected = manifest.get("rejected") or {}
+    if rejected.get("count"):
+        examples = rejected.get("examples") or []
+        first = examples[0] if examples else {}
+        where = f"; first: {first.get('file')}:{first.get('line')}: {first.get('message')}" \
+            if first else ""
+        rows.append(_row(run, "rejected_records", rejected["count"],
+                         f"{rejected['count']} bad records were skipped at ingest{where}"))
+    counts = manifest.get("counts") or {}
+    nulled = {name: int(counts.get(key, 0)) for name, key in
+              (("logprobs", "sentinel_logprobs"), ("top-k logprobs", "sentinel_top_logprobs"))}
+    if any(nulled.values()):
+        parts = [f"{n} {name}" for name, n in nulled.items() if n]
+        rows.append(_row(run, "null_logprobs", sum(nulled.values()),
+                         f"{' and '.join(parts)} were sentinels (-9999), -inf or NaN in the "
+                         "source and are stored as null", severity="info"))
+    source = best_entropy_source(manifest) if counts.get("tokens") else None
+    if source == "topk" and not manifest.get("vocab_size"):
+        rows.append(_row(run, "topk_without_vocab", counts.get("tokens", 0),
+                         "entropy comes from top-k logprobs without a vocabulary size: no "
+                         "rigorous upper bound, and the point estimate assumes V = 65,536 "
+                         "(ingest with --vocab-size V)", severity="info"))
+    if source == "surprisal":
+        basis = manifest.get("logprob_basis", "unknown")
+        rows.append(_row(run, "surprisal_source", counts.get("tokens", 0),
+                         "entropy is estimated by surprisal (-logprob): noise per token; its "
+                         "mean estimates the mean entropy only for untruncated sampling from "
+                         f"the logged distribution (logprob basis: {basis}, temperature: "
+                         f"{manifest.get('temperature')})", severity="info"))
+    return rows
+
+
+def run_quality(store: Store, run: str, manifest: dict, scan: _ScanState | None, *,
+                engine: str = "local", **engine_options) -> pd.DataFrame:
+    """The checks of one run from a finished :class:`QualityScan` (None: no tokens)."""
+    rows = []
+    if scan is not None:
+        rows += _token_checks(store, run, manifest, scan, engine=engine, **engine_options)
+    rows += _manifest_checks(store, run, manifest)
+    return pd.DataFrame(rows, columns=QUALITY_COLUMNS)
+
+
+def quality(store: Store | str, runs=None, *, engine: str = "local",
+            **engine_options) -> pd.DataFrame:
+    """Data-quality checks of runs (see the module notes for the list).
+
+    Parameters
+    ----------
+    store : Store or path
+    runs : str or sequence of str, optional
+        Default: every run.
+    engine : {"local", "ray"}
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``run, check, severity, count, message``: one row per problem found (severity
+        ``warning`` or ``info``); no row when a run is clean. Nothing is dropped from the data.
+    """
+    store = store if isinstance(store, Store) else Store.open(store)
+    frames = []
+    for run in store.resolve_runs(runs):
+        manifest = store.manifest(run)
+        scan = None
+        if (manifest.get("counts") or {}).get("tokens"):
+            scan = run_aggregators(store, run, {"q": QualityScan(manifest.get("vocab_size"))},
+                                   engine=engine, **engine_options)["q"]
+        frames.append(run_quality(store, run, manifest, scan, engine=engine,
+                                  **engine_options))
+    frames = [f for f in frames if len(f)]
+    return pd.concat(frames, ignore_index=True) if frames else \
+        pd.DataFrame(columns=QUALITY_COLUMNS)

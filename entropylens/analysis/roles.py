@@ -1,0 +1,692 @@
+"""Planning versus execution tokens and the two-phase learning dynamic (arXiv 2509.03646).
+
+HICRA calls a generated token a *planning* token when it is part of a strategic gram ("wait",
+"let me", "the key insight is", ...) and an *execution* token otherwise
+(:mod:`~entropylens.analysis.lexicon` finds the grams on decoded tokens), and observes two
+overlapping phases in RL training: execution tokens consolidate first (their perplexity and
+entropy drop, then flatten), then the diversity of planning grams rises.
+
+Per step and class (``planning``, ``execution``) :func:`roles` reports the token count, the
+mean token entropy (nats, from the run's best entropy source, named in ``Roles.runs``), the
+perplexity ``exp(mean(-logprob))`` and the relative perplexity (divided by the class's first
+step with a perplexity). Per step it reports the **semantic entropy**: the Shannon entropy, in
+nats, of the frequency distribution of the strategic grams matched in the step's completions
+(every match counts once; overlapping phrases resolve to the longest), and the **conditional
+entropy** ``H(next gram | gram)`` of the gram that follows a gram within a completion.
+
+Phase rule (:func:`detect_phases`)
+----------------------------------
+Both phases are read off per-step series with a window of ``w`` logged steps
+(default ``max(5, ceil(n / 10))`` for ``n`` steps):
+
+**consolidation** uses the execution perplexity (the execution mean entropy when the run has
+no logprobs). Smooth it with a centred running median of ``w`` points; its drop is
+``D = smoothed[0] - min(smoothed)``. No consolidation is detected when ``D`` is less than
+``min_drop`` (10%) of ``smoothed[0]``. Otherwise consolidation runs from the first step to the
+first step ``t`` that (a) comes after the smoothed curve has covered half of ``D`` and (b)
+starts a window of ``w`` steps whose Theil-Sen slope (per step, on the raw series) has an
+absolute value of at most ``flat_tolerance * D / span`` (default 0.25: a quarter of the
+run's average rate of descent; ``span`` is the number of steps the run covers). When no such
+window exists the curve never flattens and consolidation lasts to the last step.
+
+**exploration** uses the semantic entropy (steps with at least one gram). For every window of
+``w`` consecutive such steps, a Mann-Kendall test (Kendall's tau of the values against the
+step) for an increasing trend gives a one-sided p-value. Exploration starts at the first
+window whose p-value is below ``alpha`` (0.05) and whose Theil-Sen slope is positive, *and*
+from whose first step to the last step of the run the trend is still increasing at ``alpha``
+(a sustained rise, not a blip); it ends at the last step of the unbroken chain of such
+windows that follows. The sliding tests are not corrected for multiplicity; the
+rest-of-run test is what guards against a lucky window.
+
+Every phase comes with its evidence (window, slopes, tolerance, tau and p-values), and an
+undetected phase says why.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+from scipy import stats
+
+from ..engine import Aggregator, run_aggregators
+from ..errors import EntropylensError
+from ..estimators import best_entropy_source, columns_for, token_entropy
+from ..store import Store
+from .lexicon import (CONVENTIONS, Lexicon, PlanningMatcher, detect_convention, load_lexicon)
+from .summary import _records
+
+CLASSES = ("planning", "execution")
+STEP_COLUMNS = ["run", "step", "cls", "tokens", "mean_entropy", "perplexity",
+                "relative_perplexity"]
+SEMANTIC_COLUMNS = ["run", "step", "sequences", "sequences_with_grams", "semantic_entropy",
+                    "distinct_grams", "gram_count", "conditional_entropy", "transitions"]
+GRAM_COLUMNS = ["run", "gram", "count", "steps"]
+PHASE_COLUMNS = ["run", "name", "detected", "start_step", "end_step", "signal", "window",
+                 "reason"]
+RUN_COLUMNS = ["run", "entropy_source", "perplexity", "convention", "lexicon_size",
+               "lexicon_source", "tokens", "planning_tokens", "semantic_from"]
+#: Step key of tokens without a step (pure inference logs).
+NO_STEP = np.iinfo(np.int64).min
+#: Tokens read to detect the tokenizer convention.
+DETECT_TOKENS = 200_000
+#: Columns of the per-(step, class) accumulator.
+_COUNT, _ENT_SUM, _ENT_N, _NLL_SUM, _NLL_N = range(5)
+
+
+# --------------------------------------------------------------------------------------
+# The aggregator
+# --------------------------------------------------------------------------------------
+
+@dataclass
+class _RolesState:
+    classes: dict = field(default_factory=dict)      # step -> float64 array (2, 5)
+    grams: dict = field(default_factory=dict)        # step -> int64 array (G,)
+    transitions: dict = field(default_factory=dict)  # step -> Counter{a * G + b: count}
+    sequences: dict = field(default_factory=dict)    # step -> [sequences, with a gram]
+    pending: dict = field(default_factory=dict)      # (step, sample_id) -> [tables]
+    first_key: Any = None
+    last_key: Any = None
+
+
+def _step_array(column) -> np.ndarray:
+    if column.null_count:
+        column = pc.fill_null(column, NO_STEP)
+    return column.to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+class RolesAggregator(Aggregator):
+    """Per-step planning/execution statistics and strategic-gram counts.
+
+    Token batches arrive sorted by step, sample_id and position, but a completion may
+    straddle batches. A completion whose tokens all lie inside one batch is matched at once;
+    the first and last completion of each batch wait in the state until the next batch shows
+    whether they continue (the very first one of a state waits until :meth:`finish`, since
+    under a parallel engine another partition may hold its start), and :meth:`merge` joins
+    the waiting fragments of two states by key, so a parallel engine must hand each state a
+    contiguous run of the scan (as Ray Data blocks of the sorted part files are); the merge
+    order does not matter. When an ingest cut a completion between two part files anywhere
+    but at the end of the first (unsorted sources), its two pieces are matched separately
+    and a phrase across the cut is missed; token counts stay exact. Only training tokens count: a token with a step whose
+    split is ``val`` or ``inference`` is skipped.
+
+    Parameters
+    ----------
+    lexicon : Lexicon
+    convention : {"bytelevel", "sentencepiece", "text"}
+    source : {"exact", "topk", "surprisal"} or None
+        Entropy source; None when the run has no entropy at all.
+    has_logprob : bool
+        Whether to compute perplexities.
+    vocab_size : int, optional
+        For the top-k estimate.
+    """
+
+    def __init__(self, lexicon: Lexicon, convention: str, source: str | None, *,
+                 has_logprob: bool = True, vocab_size: int | None = None):
+        self.lexicon = lexicon
+        self.convention = convention
+        self.source = source
+        self.has_logprob = has_logprob
+        self.vocab_size = vocab_size
+        self.matcher = PlanningMatcher(lexicon, convention)
+        cols = {"step", "split", "sample_id", "position", "token"}
+        if source is not None:
+            cols.update(columns_for(source))
+        if has_logprob:
+            cols.add("logprob")
+        self.columns = tuple(sorted(cols))
+
+    def start(self) -> _RolesState:
+        return _RolesState()
+
+    # -- streaming -----------------------------------------------------------------------
+    def update(self, state: _RolesState, batch: pa.RecordBatch) -> _RolesState:
+        table = pa.Table.from_batches([batch]).select(list(self.columns))
+        split = table.column("split")
+        if split.null_count < len(split):
+            keep = pc.or_kleene(pc.or_kleene(pc.is_null(split), pc.equal(split, "train")),
+                                pc.is_null(table.column("step")))
+            table = table.filter(pc.fill_null(keep, True))
+        n = table.num_rows
+        if not n:
+            return state
+        steps = _step_array(table.column("step"))
+        sample = table.column("sample_id")
+        change = (steps[1:] != steps[:-1]) | pc.not_equal(
+            sample.slice(1), sample.slice(0, n - 1)).to_numpy(zero_copy_only=False)
+        starts = np.concatenate([[0], np.flatnonzero(change) + 1])
+        ends = np.append(starts[1:], n)
+        sample_ids = pc.take(sample, pa.array(starts)).to_pylist()
+        fresh = state.first_key is None
+        keys = [(int(steps[a]), sid) for a, sid in zip(starts, sample_ids)]
+        previous_tail = state.last_key
+        complete = np.zeros(n, bool)
+        for i, (key, a, b) in enumerate(zip(keys, starts, ends)):
+            last = i == len(keys) - 1
+            hold = key in state.pending or last or (i == 0 and fresh)
+            if hold:
+                state.pending.setdefault(key, []).append(table.slice(a, b - a))
+            else:
+                complete[a:b] = True
+        if fresh:
+            state.first_key = keys[0]
+        state.last_key = keys[-1]
+        # Waiting completions are finished once the stream has moved past them: every key of
+        # this batch but the last, and the previous batch's last key. The very first key of
+        # the state keeps waiting (another partition may hold its start).
+        finished = set(keys[:-1])
+        if previous_tail is not None:
+            finished.add(previous_tail)
+        finished.discard(keys[-1])
+        finished.discard(state.first_key)
+        for key in [k for k in state.pending if k in finished]:
+            self._process(state, self._join(state.pending.pop(key)))
+        if complete.any():
+            self._process(state, table.filter(pa.array(complete)))
+        return state
+
+    def merge(self, left: _RolesState, right: _RolesState) -> _RolesState:
+        for step, values in right.classes.items():
+            if step in left.classes:
+                left.classes[step] += values
+            else:
+                left.classes[step] = values
+        for step, values in right.grams.items():
+            left.grams[step] = left.grams[step] + values if step in left.grams else values
+        for step, counter in right.transitions.items():
+            left.transitions.setdefault(step, Counter()).update(counter)
+        for step, (seqs, with_grams) in right.sequences.items():
+            mine = left.sequences.setdefault(step, [0, 0])
+            mine[0] += seqs
+            mine[1] += with_grams
+        for key, pieces in right.pending.items():
+            left.pending.setdefault(key, []).extend(pieces)
+        if left.first_key is None:
+            left.first_key = right.first_key
+        left.last_key = right.last_key if right.last_key is not None else left.last_key
+        return left
+
+    @staticmethod
+    def _join(pieces: list[pa.Table]) -> pa.Table:
+        table = pa.concat_tables(pieces) if len(pieces) > 1 else pieces[0]
+        if len(pieces) > 1:
+            order = pc.sort_indices(table, sort_keys=[("position", "ascending")])
+            table = table.take(order)
+        return table
+
+    # -- one set of complete sequences --------------------------------------------------
+    def _process(self, state: _RolesState, table: pa.Table) -> None:
+        n = table.num_rows
+        if not n:
+            return
+        steps = _step_array(table.column("step"))
+        sample = table.column("sample_id")
+        change = (steps[1:] != steps[:-1]) | pc.not_equal(
+            sample.slice(1), sample.slice(0, n - 1)).to_numpy(zero_copy_only=False)
+        starts = np.concatenate([[0], np.flatnonzero(change) + 1])
+        result = self.matcher.match(table.column("token"), starts)
+        planning = result.planning
+
+        unique_steps, step_index = np.unique(steps, return_inverse=True)
+        n_steps = len(unique_steps)
+        key = step_index * 2 + np.where(planning, 0, 1)
+        acc = np.zeros((n_steps * 2, 5))
+        acc[:, _COUNT] = np.bincount(key, minlength=n_steps * 2)
+        if self.source is not None:
+            entropy = token_entropy(table, self.source, vocab_size=self.vocab_size)
+            ok = np.isfinite(entropy)
+            acc[:, _ENT_SUM] = np.bincount(key[ok], weights=entropy[ok], minlength=n_steps * 2)
+            acc[:, _ENT_N] = np.bincount(key[ok], minlength=n_steps * 2)
+        if self.has_logprob:
+            nll = -table.column("logprob").to_numpy(zero_copy_only=False).astype(np.float64)
+            ok = np.isfinite(nll)
+            acc[:, _NLL_SUM] = np.bincount(key[ok], weights=nll[ok], minlength=n_steps * 2)
+            acc[:, _NLL_N] = np.bincount(key[ok], minlength=n_steps * 2)
+        acc = acc.reshape(n_steps, 2, 5)
+
+        n_grams = len(self.lexicon)
+        seq_step = step_index[starts]
+        match_step = seq_step[result.sequence] if len(result.sequence) else result.sequence
+        gram_counts = np.bincount(match_step * n_grams + result.gram,
+                                  minlength=n_steps * n_grams).reshape(n_steps, n_grams)
+        seqs = np.bincount(seq_step, minlength=n_steps)
+        with_grams = np.bincount(seq_step[np.unique(result.sequence)], minlength=n_steps) \
+            if len(result.sequence) else np.zeros(n_steps, np.int64)
+        same = result.sequence[1:] == result.sequence[:-1]
+        pair_codes = (result.gram[:-1] * n_grams + result.gram[1:])[same]
+        pair_steps = match_step[:-1][same]
+        if len(pair_codes):
+            pairs, counts = np.unique(np.stack([pair_steps, pair_codes]), axis=1,
+                                      return_counts=True)
+        else:
+            pairs, counts = np.zeros((2, 0), np.int64), np.zeros(0, np.int64)
+        for i, step in enumerate(unique_steps.tolist()):
+            if step in state.classes:
+                state.classes[step] += acc[i]
+                state.grams[step] += gram_counts[i]
+            else:
+                state.classes[step] = acc[i].copy()
+                state.grams[step] = gram_counts[i].copy()
+            counter = state.sequences.setdefault(step, [0, 0])
+            counter[0] += int(seqs[i])
+            counter[1] += int(with_grams[i])
+        for (s_idx, code), count in zip(pairs.T.tolist(), counts.tolist()):
+            state.transitions.setdefault(int(unique_steps[s_idx]), Counter())[code] += count
+
+    def finish(self, state: _RolesState) -> dict:
+        """Process the fragments still waiting, then return the raw per-step tallies."""
+        for key in list(state.pending):
+            self._process(state, self._join(state.pending.pop(key)))
+        return {"classes": state.classes, "grams": state.grams,
+                "transitions": state.transitions, "sequences": state.sequences}
+
+
+# --------------------------------------------------------------------------------------
+# From tallies to tables
+# --------------------------------------------------------------------------------------
+
+def shannon_entropy(counts) -> float:
+    """Shannon entropy in nats of a frequency vector (NaN when it is all zero)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    total = counts.sum()
+    if total <= 0:
+        return float("nan")
+    p = counts[counts > 0] / total
+    return float(-(p * np.log(p)).sum())
+
+
+def conditional_entropy(pair_counts: dict[tuple, int] | Counter) -> float:
+    """``H(B | A)`` in nats from counts of pairs ``(a, b)`` (NaN without pairs)."""
+    if not pair_counts:
+        return float("nan")
+    pairs = np.array(list(pair_counts.values()), dtype=np.float64)
+    firsts: Counter = Counter()
+    for (a, _), count in pair_counts.items():
+        firsts[a] += count
+    return shannon_entropy(pairs) - shannon_entropy(list(firsts.values()))
+
+
+def _step_value(step: int):
+    return None if step == NO_STEP else int(step)
+
+
+def _tables(run: str, tallies: dict, lexicon: Lexicon) -> tuple[pd.DataFrame, pd.DataFrame,
+                                                                 pd.DataFrame]:
+    n_grams = len(lexicon)
+    step_rows, sem_rows = [], []
+    for step in sorted(tallies["classes"]):
+        acc = tallies["classes"][step]
+        for c, name in enumerate(CLASSES):
+            count, ent_sum, ent_n, nll_sum, nll_n = acc[c]
+            step_rows.append({
+                "run": run, "step": _step_value(step), "cls": name, "tokens": int(count),
+                "mean_entropy": ent_sum / ent_n if ent_n else float("nan"),
+                "perplexity": math.exp(nll_sum / nll_n) if nll_n else float("nan")})
+    for step in sorted(tallies["sequences"]):
+        grams = tallies["grams"].get(step, np.zeros(n_grams, np.int64))
+        pairs = {divmod(code, n_grams): c
+                 for code, c in tallies["transitions"].get(step, {}).items()}
+        seqs, with_grams = tallies["sequences"][step]
+        sem_rows.append({"run": run, "step": _step_value(step), "sequences": seqs,
+                         "sequences_with_grams": with_grams,
+                         "semantic_entropy": shannon_entropy(grams),
+                         "distinct_grams": int(np.count_nonzero(grams)),
+                         "gram_count": int(grams.sum()),
+                         "conditional_entropy": conditional_entropy(pairs),
+                         "transitions": int(sum(pairs.values()))})
+    steps = pd.DataFrame(step_rows, columns=STEP_COLUMNS[:-1])
+    steps["relative_perplexity"] = np.nan
+    for name in CLASSES:
+        rows = steps["cls"] == name
+        valid = steps.loc[rows, "perplexity"].dropna()
+        if len(valid):
+            steps.loc[rows, "relative_perplexity"] = steps.loc[rows, "perplexity"] / valid.iloc[0]
+    steps["step"] = steps["step"].astype("Int64")
+    semantic = pd.DataFrame(sem_rows, columns=SEMANTIC_COLUMNS)
+    semantic["step"] = semantic["step"].astype("Int64")
+    total = np.zeros(n_grams, np.int64)
+    in_steps = np.zeros(n_grams, np.int64)
+    for counts in tallies["grams"].values():
+        total += counts
+        in_steps += counts > 0
+    used = np.flatnonzero(total)
+    grams = pd.DataFrame({"run": run, "gram": [lexicon.phrases[i] for i in used],
+                          "count": total[used], "steps": in_steps[used]}, columns=GRAM_COLUMNS)
+    grams = grams.sort_values(["count", "gram"], ascending=[False, True],
+                              kind="mergesort").reset_index(drop=True)
+    return steps[STEP_COLUMNS], semantic, grams
+
+
+def _semantic_from_sequences(store: Store, run: str, lexicon: Lexicon) -> dict:
+    """Gram tallies from the sequences table's completions (runs without tokens)."""
+    table = store.read_sequences(run, columns=["step", "split", "sample_id", "completion"])
+    split = table.column("split")
+    keep = pc.fill_null(pc.or_kleene(pc.is_null(split), pc.equal(split, "train")), True)
+    table = table.filter(pc.and_(keep, pc.is_valid(table.column("completion"))))
+    tallies = {"classes": {}, "grams": {}, "transitions": {}, "sequences": {}}
+    if not table.num_rows:
+        return tallies
+    steps = _step_array(table.column("step"))
+    matcher = PlanningMatcher(lexicon, "text")
+    # Each completion is one "token" of its own sequence.
+    result = matcher.match(table.column("completion"), np.arange(table.num_rows))
+    unique_steps, step_index = np.unique(steps, return_inverse=True)
+    g = len(lexicon)
+    match_step = step_index[result.sequence]
+    counts = np.bincount(match_step * g + result.gram, minlength=len(unique_steps) * g) \
+        .reshape(len(unique_steps), g)
+    seqs = np.bincount(step_index, minlength=len(unique_steps))
+    with_grams = np.bincount(step_index[np.unique(result.sequence)],
+                             minlength=len(unique_steps))
+    same = result.sequence[1:] == result.sequence[:-1]
+    for s, code in zip(match_step[:-1][same].tolist(),
+                       (result.gram[:-1] * g + result.gram[1:])[same].tolist()):
+        tallies["transitions"].setdefault(int(unique_steps[s]), Counter())[code] += 1
+    for i, step in enumerate(unique_steps.tolist()):
+        tallies["grams"][step] = counts[i]
+        tallies["sequences"][step] = [int(seqs[i]), int(with_grams[i])]
+    return tallies
+
+
+# --------------------------------------------------------------------------------------
+# Phases
+# --------------------------------------------------------------------------------------
+
+def default_window(n_steps: int) -> int:
+    """Window of the phase rule: ``max(5, ceil(n / 10))`` logged steps."""
+    return max(5, math.ceil(n_steps / 10))
+
+
+def _increasing_test(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
+    """Mann-Kendall test for an increasing trend: (tau, one-sided p, Theil-Sen slope)."""
+    if len(y) < 3 or np.ptp(y) == 0:
+        return 0.0, 1.0, 0.0
+    tau, p_two = stats.kendalltau(x, y)
+    if not np.isfinite(tau):
+        return 0.0, 1.0, 0.0
+    p_one = p_two / 2 if tau > 0 else 1 - p_two / 2
+    slope = float(stats.theilslopes(y, x)[0])
+    return float(tau), float(p_one), slope
+
+
+def _consolidation(steps: np.ndarray, values: np.ndarray, signal: str, window: int,
+                   flat_tolerance: float, min_drop: float) -> dict:
+    phase = {"name": "consolidation", "detected": False, "start_step": None, "end_step": None,
+             "signal": signal, "window": window, "reason": None, "evidence": {}}
+    ok = np.isfinite(values)
+    x, y = steps[ok].astype(np.float64), values[ok]
+    if len(y) < 2 * window:
+        phase["reason"] = (f"{len(y)} logged steps have an {signal}; the rule needs two "
+                           f"windows ({2 * window})")
+        return phase
+    smooth = pd.Series(y).rolling(window, center=True, min_periods=1).median().to_numpy()
+    drop = float(smooth[0] - smooth.min())
+    evidence = {"initial": float(smooth[0]), "minimum": float(smooth.min()), "drop": drop,
+                "relative_drop": drop / smooth[0] if smooth[0] else float("nan")}
+    phase["evidence"] = evidence
+    if not smooth[0] > 0 or drop < min_drop * smooth[0]:
+        phase["reason"] = (f"the smoothed {signal} drops by {evidence['relative_drop']:.1%}, "
+                           f"less than the {min_drop:.0%} the rule requires")
+        return phase
+    span = float(x[-1] - x[0]) or 1.0
+    tolerance = flat_tolerance * drop / span
+    half = int(np.argmax(smooth <= smooth[0] - 0.5 * drop))
+    evidence.update({"tolerance": tolerance, "half_drop_step": int(x[half])})
+    phase.update(detected=True, start_step=int(x[0]))
+    for i in range(half, len(y) - window + 1):
+        slope = float(stats.theilslopes(y[i:i + window], x[i:i + window])[0])
+        if abs(slope) <= tolerance:
+            phase["end_step"] = int(x[i])
+            evidence.update({"flat_window": [int(x[i]), int(x[i + window - 1])],
+                             "flat_slope": slope})
+            phase["reason"] = (f"{signal} fell by {drop:.4g} and is flat from step "
+                               f"{int(x[i])} (|Theil-Sen slope| {abs(slope):.3g} <= "
+                               f"{tolerance:.3g} per step over {window} steps)")
+            return phase
+    phase["end_step"] = int(x[-1])
+    evidence["flat_window"] = None
+    phase["reason"] = (f"{signal} fell by {drop:.4g} and had not flattened by the last step "
+                       f"(no window of {window} steps with |slope| <= {tolerance:.3g})")
+    return phase
+
+
+def _exploration(steps: np.ndarray, values: np.ndarray, window: int, alpha: float) -> dict:
+    phase = {"name": "exploration", "detected": False, "start_step": None, "end_step": None,
+             "signal": "semantic_entropy", "window": window, "reason": None, "evidence": {}}
+    ok = np.isfinite(values)
+    x, y = steps[ok].astype(np.float64), values[ok]
+    if len(y) < window + 1:
+        phase["reason"] = (f"{len(y)} steps have strategic grams; the rule needs more than "
+                           f"one window ({window})")
+        return phase
+    windows = []
+    for i in range(len(y) - window + 1):
+        tau, p, slope = _increasing_test(x[i:i + window], y[i:i + window])
+        windows.append({"start_step": int(x[i]), "end_step": int(x[i + window - 1]),
+                        "tau": tau, "p_value": p, "slope": slope,
+                        "significant": bool(p < alpha and slope > 0)})
+    phase["evidence"]["windows"] = windows
+    for i, win in enumerate(windows):
+        if not win["significant"]:
+            continue
+        tau_rest, p_rest, slope_rest = _increasing_test(x[i:], y[i:])
+        if p_rest < alpha and slope_rest > 0:
+            j = i
+            while j + 1 < len(windows) and windows[j + 1]["significant"]:
+                j += 1
+            phase.update(detected=True, start_step=win["start_step"],
+                         end_step=windows[j]["end_step"])
+            phase["evidence"].update({"window_tau": win["tau"], "window_p": win["p_value"],
+                                      "window_slope": win["slope"], "rest_tau": tau_rest,
+                                      "rest_p": p_rest, "rest_slope": slope_rest})
+            phase["reason"] = (f"semantic entropy rises from step {win['start_step']} "
+                               f"(window tau {win['tau']:.2f}, p {win['p_value']:.3g}; to the "
+                               f"end tau {tau_rest:.2f}, p {p_rest:.3g})")
+            return phase
+    best = min(windows, key=lambda w: w["p_value"])
+    phase["reason"] = (f"no sustained rise of semantic entropy: best window "
+                       f"{best['start_step']}-{best['end_step']} has tau {best['tau']:.2f}, "
+                       f"p {best['p_value']:.3g} (alpha {alpha:g}), and no significant window "
+                       "is followed by a rising trend to the end")
+    return phase
+
+
+def detect_phases(steps: pd.DataFrame, semantic: pd.DataFrame, *, window: int | None = None,
+                  flat_tolerance: float = 0.25, min_drop: float = 0.1,
+                  alpha: float = 0.05) -> list[dict]:
+    """Apply the documented phase rule (module docstring) to one run's tables.
+
+    Parameters
+    ----------
+    steps : pandas.DataFrame
+        The run's rows of :attr:`Roles.steps`.
+    semantic : pandas.DataFrame
+        The run's rows of :attr:`Roles.semantic`.
+    window : int, optional
+        Steps per window; default :func:`default_window` of the number of steps.
+    flat_tolerance : float
+        Flat means ``|slope| <= flat_tolerance * drop / span``.
+    min_drop : float
+        Smallest relative drop that counts as consolidation.
+    alpha : float
+        Significance level of the trend tests.
+
+    Returns
+    -------
+    list of dict
+        ``consolidation`` then ``exploration``: ``name, detected, start_step, end_step,
+        signal, window, reason, evidence``.
+    """
+    execution = steps[(steps["cls"] == "execution") & steps["step"].notna()] \
+        .sort_values("step")
+    signal = "perplexity" if execution["perplexity"].notna().any() else "mean_entropy"
+    sem = semantic[semantic["step"].notna()].sort_values("step")
+    n_steps = max(len(execution), len(sem))
+    w = int(window) if window else default_window(n_steps)
+    if w < 3:
+        raise EntropylensError(f"the phase window must be at least 3 steps, got {w}")
+    return [
+        _consolidation(execution["step"].to_numpy(np.int64),
+                       execution[signal].to_numpy(np.float64), f"execution {signal}", w,
+                       flat_tolerance, min_drop),
+        _exploration(sem["step"].to_numpy(np.int64),
+                     sem["semantic_entropy"].to_numpy(np.float64), w, alpha),
+    ]
+
+
+# --------------------------------------------------------------------------------------
+# The analysis
+# --------------------------------------------------------------------------------------
+
+@dataclass
+class Roles:
+    """Result of :func:`roles`.
+
+    Attributes
+    ----------
+    runs : pandas.DataFrame
+        One row per run: ``run, entropy_source, perplexity`` (whether logprobs gave one),
+        ``convention`` (tokenizer convention used), ``lexicon_size, lexicon_source, tokens,
+        planning_tokens, semantic_from`` (``tokens`` or ``completions``).
+    steps : pandas.DataFrame
+        ``run, step, cls, tokens, mean_entropy, perplexity, relative_perplexity``, one row
+        per run, step and class (``planning`` / ``execution``); entropies in nats.
+    semantic : pandas.DataFrame
+        ``run, step, sequences, sequences_with_grams, semantic_entropy, distinct_grams,
+        gram_count, conditional_entropy, transitions`` (entropies in nats).
+    grams : pandas.DataFrame
+        ``run, gram, count, steps``: the strategic grams found, most frequent first.
+    phases : dict
+        Run name to the list of phase dicts of :func:`detect_phases`.
+    """
+
+    runs: pd.DataFrame
+    steps: pd.DataFrame
+    semantic: pd.DataFrame
+    grams: pd.DataFrame
+    phases: dict = field(default_factory=dict)
+
+    @property
+    def phase_table(self) -> pd.DataFrame:
+        """The phases as one table: ``run, name, detected, start_step, end_step, ...``."""
+        rows = [{"run": run, **{k: v for k, v in phase.items() if k != "evidence"}}
+                for run, phases in self.phases.items() for phase in phases]
+        return pd.DataFrame(rows, columns=PHASE_COLUMNS)
+
+    def wide(self, run: str) -> pd.DataFrame:
+        """One row per step of ``run`` with both classes side by side and the semantic row."""
+        steps = self.steps[self.steps["run"] == run]
+        frame = None
+        for name in CLASSES:
+            part = steps[steps["cls"] == name].drop(columns=["run", "cls"]).set_index("step")
+            part.columns = [f"{name}_{c}" for c in part.columns]
+            frame = part if frame is None else frame.join(part, how="outer")
+        sem = self.semantic[self.semantic["run"] == run].drop(columns="run").set_index("step")
+        frame = sem if frame is None or frame.empty else frame.join(sem, how="outer")
+        frame = frame.reset_index()
+        # A run read from completions alone has no class rows: keep the columns, empty.
+        for name in CLASSES:
+            for column in STEP_COLUMNS[3:]:
+                if f"{name}_{column}" not in frame:
+                    frame[f"{name}_{column}"] = np.nan
+        if "planning_tokens" in frame and "execution_tokens" in frame:
+            total = frame["planning_tokens"] + frame["execution_tokens"]
+            frame["planning_share"] = frame["planning_tokens"] / total.where(total > 0)
+        return frame
+
+    def to_dict(self) -> dict:
+        """The JSON shape of ``entropylens roles --json`` (DESIGN.md section 6)."""
+        out = []
+        for row in _records(self.runs):
+            run = row["run"]
+            wide = self.wide(run).rename(columns={"planning_mean_entropy": "planning_entropy",
+                                                  "execution_mean_entropy": "execution_entropy"})
+            grams = self.grams[self.grams["run"] == run].drop(columns="run").head(30)
+            out.append({**row, "steps": _records(wide), "phases": self.phases.get(run, []),
+                        "top_grams": _records(grams)})
+        return {"runs": out}
+
+
+def roles(store: Store | str, runs: str | Sequence[str] | None = None, *,
+          lexicon=None, lexicon_mode: str = "replace", convention: str = "auto",
+          window: int | None = None, engine: str = "local", **engine_options) -> Roles:
+    """Planning versus execution tokens per step, semantic entropy and the two phases.
+
+    Parameters
+    ----------
+    store : Store or path
+    runs : str or sequence of str, optional
+        Default: every run.
+    lexicon : path, sequence of str, Lexicon or None
+        Strategic grams (see :func:`~entropylens.analysis.lexicon.load_lexicon`); None is the
+        249 grams of HICRA.
+    lexicon_mode : {"replace", "extend"}
+        Use ``lexicon`` alone or add it to the default lexicon.
+    convention : {"auto", "bytelevel", "sentencepiece", "text"}
+        Tokenizer convention of the ``token`` column; ``auto`` detects it per run.
+    window : int, optional
+        Window of the phase rule (default ``max(5, ceil(steps / 10))``).
+    engine : {"local", "ray"}
+
+    Returns
+    -------
+    Roles
+
+    Notes
+    -----
+    A run without tokens but with completions in its sequences table gets the semantic
+    entropy from the completions (``semantic_from = "completions"``) and no class rows.
+    """
+    store = store if isinstance(store, Store) else Store.open(store)
+    lex = load_lexicon(lexicon, mode=lexicon_mode)
+    if convention != "auto" and convention not in CONVENTIONS:
+        raise EntropylensError(f"unknown tokenizer convention {convention!r} (one of auto, "
+                               f"{', '.join(CONVENTIONS)})")
+    run_rows, step_frames, sem_frames, gram_frames, phases = [], [], [], [], {}
+    for run in store.resolve_runs(runs):
+        manifest = store.manifest(run)
+        counts = manifest.get("counts", {})
+        n_tokens = counts.get("tokens", 0)
+        source = best_entropy_source(manifest) if n_tokens else None
+        has_logprob = bool(counts.get("tokens_with_logprob", 0))
+        conv = convention
+        if n_tokens:
+            sample = next(iter(store.scan_tokens(run, columns=["token"],
+                                                 batch_size=DETECT_TOKENS)), None)
+            tokens = sample.column("token") if sample is not None else pa.array([], pa.string())
+            if tokens.null_count == len(tokens):
+                raise EntropylensError(f"run {run!r} has no token text (only token ids); "
+                                       "roles needs decoded tokens", path=store.run_dir(run))
+            if conv == "auto":
+                conv = detect_convention(tokens.to_pylist())
+            agg = RolesAggregator(lex, conv, source, has_logprob=has_logprob,
+                                  vocab_size=manifest.get("vocab_size"))
+            tallies = run_aggregators(store, run, {"roles": agg}, engine=engine,
+                                      **engine_options)["roles"]
+            semantic_from = "tokens"
+        else:
+            conv = "text"
+            tallies = _semantic_from_sequences(store, run, lex)
+            semantic_from = "completions" if tallies["sequences"] else None
+        steps, semantic, grams = _tables(run, tallies, lex)
+        step_frames.append(steps)
+        sem_frames.append(semantic)
+        gram_frames.append(grams)
+        phases[run] = detect_phases(steps, semantic, window=window)
+        planning = int(steps.loc[steps["cls"] == "planning", "tokens"].sum())
+        run_rows.append({"run": run, "entropy_source": source,
+                         "perplexity": has_logprob and bool(n_tokens), "convention": conv,
+                         "lexicon_size": len(lex), "lexicon_source": lex.source,
+                         "tokens": int(steps["tokens"].sum()), "planning_tokens": planning,
+                         "semantic_from": semantic_from})
+    return Roles(runs=pd.DataFrame(run_rows, columns=RUN_COLUMNS),
+                 steps=pd.concat(step_frames, ignore_index=True),
+                 semantic=pd.concat(sem_frames, ignore_index=True),
+                 grams=pd.concat(gram_frames, ignore_index=True), phases=phases)

@@ -1,0 +1,265 @@
+"""Hugging Face Trainer and TRL logs, and ms-swift's ``logging.jsonl``.
+
+``hf_trainer`` reads ``trainer_state.json`` (its ``log_history``) and bare JSON lists of
+``log_history`` records (what many training scripts save as ``step_logs.json``). Each record
+holds its ``step``; evaluation records (``eval_loss``, ``eval_reward``) go to the val split
+as ``val_*`` metrics, and the final ``train_runtime`` summary record is kept at its step.
+
+``hf_console`` reads console output: the Trainer prints each ``log_history`` record as a
+Python dict (``{'loss': 0.01, 'entropy': 0.4, ..., 'epoch': 0.03}``, not JSON) through its
+progress bar. Those dicts carry no step. When the file also holds the progress bar's output,
+the step of the k-th dict is the bar's position at the k-th time it was cleared to print a
+dict (``tqdm.write``), which is exact even though stdout and stderr interleave out of order;
+otherwise dicts are numbered 1, 2, 3... and the manifest says so
+(``notes.step_source = "record_index"``). ms-swift's console dicts carry
+``'global_step/max_steps': 'N/M'``, which gives the step directly. Dict lines cut short are
+skipped and counted (``notes.malformed_lines``).
+
+``ms_swift`` reads ms-swift's ``logging.jsonl``: TRL-compatible keys plus
+``global_step/max_steps`` (``"2/4389"``), ``percentage``, ``elapsed_time`` and friends.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Iterator
+
+from ..aliases import canonical_metric
+from ..errors import FormatError
+from ._io import iter_lines
+from ._tracking import metric_table, python_literal, text_lines, to_float
+from .registry import Chunk, Format, Sample, register
+
+#: Keys that make a dict a Trainer log record.
+_TRAINER_KEYS = {"loss", "learning_rate", "grad_norm", "epoch", "eval_loss", "train_runtime",
+                 "train_loss", "reward", "entropy", "global_step/max_steps"}
+_SWIFT_STEP = "global_step/max_steps"
+_SUMMARY_KEY = "train_runtime"
+_DICT_LINE = re.compile(r"\{'[^']+': ")
+#: tqdm clearing its bar to print a message: ``N/T [elapsed...]`` then a blank-out.
+_TQDM_CLEAR = re.compile(r"(\d+)/(\d+) \[[^\]\r\n]*\]\r[ \t]+\r")
+_EXAMPLES = 5
+
+
+def _is_record(record) -> bool:
+    if not isinstance(record, dict) or not record:
+        return False
+    if _TRAINER_KEYS & set(record):
+        return True
+    return any(canonical_metric(str(k)).priority < (1 << 30) for k in record)
+
+
+def _step_of(record: dict) -> int | None:
+    step = to_float(record.get("step"))
+    if step is not None:
+        return int(step)
+    swift = record.get(_SWIFT_STEP)
+    if isinstance(swift, str) and "/" in swift:
+        step = to_float(swift.split("/", 1)[0])
+        return int(step) if step is not None else None
+    return None
+
+
+def _points(records: list[tuple[int, dict]]) -> tuple[list, list, list]:
+    steps, keys, values = [], [], []
+    for step, record in records:
+        for key, value in record.items():
+            if key in ("step", _SWIFT_STEP):
+                continue
+            number = to_float(value)
+            if number is not None:
+                steps.append(step)
+                keys.append(str(key))
+                values.append(number)
+    return steps, keys, values
+
+
+# -- trainer_state.json and bare log_history lists ------------------------------------------
+def _json_head(sample: Sample):
+    try:
+        return json.loads(sample.text)
+    except ValueError:
+        return None
+
+
+def sniff_state(sample: Sample) -> float:
+    if sample.suffix not in (".json", "") or sample.is_dir:
+        return 0.0
+    head = sample.text.lstrip()
+    data = _json_head(sample)
+    if head.startswith("{"):
+        if isinstance(data, dict):
+            return 0.95 if isinstance(data.get("log_history"), list) else 0.0
+        return 0.9 if re.search(r'"log_history"\s*:\s*\[', head) else 0.0
+    if head.startswith("["):
+        if isinstance(data, list):
+            first = data[0] if data else None
+        else:  # longer than the head: judge by the first record
+            found = re.match(r"\[\s*(\{[^{}]*\})", head)
+            try:
+                first = json.loads(found.group(1)) if found else None
+            except ValueError:
+                first = None
+        # W&B history rows carry '_step'; log_history records never do
+        if isinstance(first, dict) and "step" in first and "_step" not in first \
+                and _is_record(first):
+            return 0.85
+    return 0.0
+
+
+def read_state(path: Path, ctx) -> Iterator[Chunk]:
+    try:
+        with ctx.open() as fh:
+            data = json.load(fh)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise FormatError(f"not valid JSON: {exc}", path=path) from None
+    history = data.get("log_history") if isinstance(data, dict) else data
+    if not isinstance(history, list):
+        raise FormatError("expected a trainer_state.json with 'log_history' or a JSON list "
+                          "of log records", path=path)
+    records = []
+    for number, record in enumerate(history, start=1):
+        if not isinstance(record, dict):
+            ctx.reject(number, "log record is not an object")
+            continue
+        step = _step_of(record)
+        if step is None:
+            ctx.reject(number, "log record has no 'step'", field="step")
+            continue
+        records.append((step, record))
+    if isinstance(data, dict):
+        for key in ("global_step", "max_steps", "logging_steps", "eval_steps"):
+            if isinstance(data.get(key), int):
+                ctx.note(**{f"trainer_{key}": data[key]})
+    ctx.note(framework="hf-trainer", step_source="logged")
+    steps, keys, values = _points(records)
+    yield Chunk("metrics", metric_table(steps, keys, values, path=path, ctx=ctx))
+
+
+# -- console dicts --------------------------------------------------------------------------
+def _dict_candidates(line: str, *, leading: bool = False) -> Iterator[str]:
+    """Python-dict texts on one physical line (segments split by tqdm's carriage returns);
+    with ``leading``, only dicts that start their segment, as the Trainer prints them."""
+    for segment in line.split("\r"):
+        segment = segment.strip()
+        start = segment.find("{'")
+        if start == 0 or (start > 0 and not leading):
+            end = segment.rfind("}")
+            yield segment[start:end + 1] if end > start else segment[start:]
+
+
+def sniff_console(sample: Sample) -> float:
+    for line in text_lines(sample, _DICT_LINE)[:50]:
+        for text in _dict_candidates(line, leading=True):
+            try:
+                record = python_literal(text)
+            except ValueError:
+                continue
+            if _is_record(record):
+                return 0.85
+    return 0.0
+
+
+def read_console(path: Path, ctx) -> Iterator[Chunk]:
+    records: list[tuple[int | None, dict]] = []
+    clears: list[int] = []
+    malformed, examples = 0, []
+    with ctx.open() as fh:
+        for number, raw in iter_lines(fh):
+            line = raw.decode("utf-8", errors="replace")
+            if "\r" in line:
+                clears.extend(int(m.group(1)) for m in _TQDM_CLEAR.finditer(line))
+            if "{'" not in line:
+                continue
+            for text in _dict_candidates(line):
+                try:
+                    record = python_literal(text)
+                except ValueError:
+                    if _DICT_LINE.match(text):
+                        malformed += 1
+                        if len(examples) < _EXAMPLES:
+                            examples.append({"line": number, "text": text[:120]})
+                    continue
+                if _is_record(record):
+                    records.append((_step_of(record), record))
+    if not records:
+        raise FormatError("no Trainer log dicts ({'loss': ..., 'epoch': ...}) found",
+                          path=path)
+    stepless = [i for i, (step, record) in enumerate(records)
+                if step is None and _SUMMARY_KEY not in record]
+    if not stepless:
+        source = "logged"
+    elif len(clears) == len(stepless):
+        source = "progress_bar"
+        for i, step in zip(stepless, clears):
+            records[i] = (step, records[i][1])
+    else:
+        source = "record_index"
+        for n, i in enumerate(stepless, start=1):
+            records[i] = (n, records[i][1])
+    # the summary record closes training: the step of the record before it
+    last = 0
+    for i, (step, record) in enumerate(records):
+        if step is None:
+            records[i] = (last, record)
+        else:
+            last = step
+    if malformed:
+        ctx.note(malformed_lines=malformed, malformed_examples=examples)
+    ctx.note(framework="hf-trainer", step_source=source)
+    steps, keys, values = _points(records)
+    yield Chunk("metrics", metric_table(steps, keys, values, path=path, ctx=ctx))
+
+
+# -- ms-swift logging.jsonl -----------------------------------------------------------------
+def sniff_swift(sample: Sample) -> float:
+    record = sample.first_json()
+    return 0.95 if isinstance(record, dict) and _SWIFT_STEP in record else 0.0
+
+
+def read_swift(path: Path, ctx) -> Iterator[Chunk]:
+    records = []
+    with ctx.open() as fh:
+        for number, line in iter_lines(fh):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                ctx.reject(number, "not a JSON record (a line cut short?)")
+                continue
+            step = _step_of(record) if isinstance(record, dict) else None
+            if step is None:
+                ctx.reject(number, "no 'global_step/max_steps' (N/M) in the record",
+                           field=_SWIFT_STEP)
+                continue
+            records.append((step, record))
+    ctx.note(framework="ms-swift", step_source="logged")
+    steps, keys, values = _points(records)
+    yield Chunk("metrics", metric_table(steps, keys, values, path=path, ctx=ctx))
+
+
+register(Format(
+    name="hf_trainer",
+    description="Hugging Face Trainer / TRL trainer_state.json or a JSON list of "
+                "log_history records: step metrics",
+    sniff=sniff_state,
+    read=read_state,
+    produces=("metrics",),
+))
+
+register(Format(
+    name="hf_console",
+    description="Hugging Face Trainer / TRL console log (printed log dicts): step metrics",
+    sniff=sniff_console,
+    read=read_console,
+    produces=("metrics",),
+))
+
+register(Format(
+    name="ms_swift",
+    description="ms-swift logging.jsonl (global_step/max_steps records): step metrics",
+    sniff=sniff_swift,
+    read=read_swift,
+    produces=("metrics",),
+))

@@ -1,0 +1,18 @@
+"""Figures: one function per figure, each takes analysis results and returns the Axes.
+
+Every function takes the data (a DataFrame or result object) first, keyword-only options,
+and ``ax=None`` (a new figure when omitted). None computes anything an analysis returns.
+
+>>> import entropylens as el, entropylens.plots as elp
+>>> ax = elp.entropy_curve(el.policy_entropy("store", "vanilla"))  # doctest: +SKIP
+"""
+
+from .compare import run_overlay
+from .covariance import covariance_groups
+from .entropy import entropy_curve, quantile_fan
+from .forking import forking_tokens_bar
+from .roles import planning_execution
+from .saturation import law_band, saturation_fit
+
+__all__ = ["covariance_groups", "entropy_curve", "forking_tokens_bar", "law_band",
+           "planning_execution", "quantile_fan", "run_overlay", "saturation_fit"]

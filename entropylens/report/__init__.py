@@ -1,0 +1,21 @@
+"""The diagnostic report: ``index.html`` (one self-contained page), ``report.md``,
+``report.json`` (every number of the page) and ``figures/*.png``.
+
+>>> from entropylens.report import build_report
+>>> build_report("store", "report").path  # doctest: +SKIP
+PosixPath('report/index.html')
+
+Importing this package is cheap: matplotlib, seaborn and jinja2 load on first use. Note that
+``entropylens.report`` as an attribute is the API function :func:`entropylens.report`; import
+from this package with ``from entropylens.report import build_report``.
+"""
+
+__all__ = ["Report", "build_report"]
+
+
+def __getattr__(name):
+    if name in __all__:
+        from . import build
+
+        return getattr(build, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,211 @@
+"""Run every analysis the report shows, keeping going when one is not available.
+
+Each analysis is called once per run, so a run that lacks what one analysis needs (a
+metric-only run has no tokens to find forking tokens in) costs that run that section only.
+A section that cannot be computed carries the reason instead of a result, and the report says
+"not available: <reason>".
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import pandas as pd
+
+from ..errors import EntropylensError
+from ..estimators import best_entropy_source
+from ..store import Store
+
+#: Where each analysis lives: the public API first, then its analysis module.
+ANALYSES = {
+    "summary": "summary",
+    "policy_entropy": "curves",
+    "performance": "curves",
+    "phases": "phases",
+    "fit_saturation": "saturation",
+    "distribution": "distribution",
+    "forking_tokens": "forking",
+    "forking_mask": "forking",
+    "quality": "quality",
+    "covariance": "covariance",
+    "compare": "compare",
+    "roles": "roles",
+}
+
+
+@dataclass
+class Part:
+    """One analysis result, or the reason it is missing.
+
+    Attributes
+    ----------
+    value : object
+        The result (None when missing).
+    reason : str or None
+        Why the result is missing, in plain words; None when it is there.
+    """
+
+    value: Any = None
+    reason: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.reason is None
+
+
+@dataclass
+class RunResults:
+    """Everything the report shows about one run."""
+
+    run: str
+    tokens: int
+    sequences: int
+    entropy_source: str | None
+    vocab_size: int | None
+    parts: dict[str, Part] = field(default_factory=dict)
+
+    def part(self, name: str) -> Part:
+        return self.parts.get(name, Part(reason="not computed"))
+
+
+@dataclass
+class Results:
+    """Everything the report shows about a store."""
+
+    store: Store
+    runs: list[RunResults]
+    summary: Any
+    parts: dict[str, Part] = field(default_factory=dict)
+
+    def part(self, name: str) -> Part:
+        return self.parts.get(name, Part(reason="not computed"))
+
+
+def analysis(name: str) -> Callable | None:
+    """The analysis function ``name`` from the public API or its module; None when absent."""
+    from .. import api
+
+    function = getattr(api, name, None)
+    if callable(function):
+        return function
+    try:
+        module = importlib.import_module(f"entropylens.analysis.{ANALYSES[name]}")
+    except ImportError:
+        return None
+    function = getattr(module, name, None)
+    return function if callable(function) else None
+
+
+def attempt(name: str, *args, **kwargs) -> Part:
+    """Call analysis ``name``; a missing analysis or bad data becomes a :class:`Part` reason.
+
+    Errors other than :class:`EntropylensError` are kept as reasons too (prefixed
+    ``failed:``) so one broken section never costs the whole report.
+    """
+    function = analysis(name)
+    if function is None:
+        return Part(reason=f"this installation has no {name.replace('_', ' ')} analysis "
+                           f"(entropylens.analysis.{ANALYSES[name]})")
+    kwargs = _accepted(function, kwargs)
+    try:
+        return Part(value=function(*args, **kwargs))
+    except EntropylensError as exc:
+        return Part(reason=exc.message)
+    except Exception as exc:  # noqa: BLE001 - a report section must not sink the report
+        return Part(reason=f"failed: {type(exc).__name__}: {exc}")
+
+
+def _accepted(function: Callable, kwargs: dict) -> dict:
+    """Drop keyword arguments (such as ``engine``) that ``function`` does not take."""
+    try:
+        parameters = inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return kwargs
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return kwargs
+    return {k: v for k, v in kwargs.items() if k in parameters}
+
+
+def _first_run(part: Part, run: str) -> Part:
+    """The run's own entry of a multi-run result with a ``runs`` list."""
+    if not part.ok:
+        return part
+    runs = getattr(part.value, "runs", None)
+    if isinstance(runs, list):
+        for entry in runs:
+            if getattr(entry, "run", None) == run:
+                return Part(value=entry)
+        return Part(reason=f"no result for run {run!r}")
+    return part
+
+
+def _usable_fit(part: Part) -> Part:
+    """A fit without coefficients (``error`` set) counts as missing, with its reason."""
+    if part.ok and getattr(part.value, "a", None) is None:
+        return Part(reason=getattr(part.value, "error", None) or "the law could not be fitted")
+    return part
+
+
+def _non_empty(part: Part, attribute: str | None, reason: str) -> Part:
+    if not part.ok:
+        return part
+    value = getattr(part.value, attribute) if attribute else part.value
+    if isinstance(value, pd.DataFrame) and value.empty:
+        return Part(value=part.value, reason=reason)
+    return part
+
+
+def collect(store: Store, runs: list[str], *, engine: str = "local") -> Results:
+    """Run the report's analyses on ``runs`` of ``store``.
+
+    Parameters
+    ----------
+    store : Store
+    runs : list of str
+        Run names (already resolved).
+    engine : {"local", "ray"}
+
+    Returns
+    -------
+    Results
+    """
+    summary = analysis("summary")(store, runs, engine=engine)
+    by_run = summary.runs.set_index("run")
+    results = Results(store=store, runs=[], summary=summary)
+    for run in runs:
+        manifest = store.manifest(run)
+        row = by_run.loc[run]
+        source = best_entropy_source(manifest) if int(row["tokens"]) else None
+        entry = RunResults(run=run, tokens=int(row["tokens"]), sequences=int(row["sequences"]),
+                           entropy_source=row["entropy_source"] if isinstance(
+                               row["entropy_source"], str) else None,
+                           vocab_size=manifest.get("vocab_size"))
+        parts = entry.parts
+        parts["curve"] = _non_empty(attempt("policy_entropy", store, run, engine=engine),
+                                    None, "no policy entropy points")
+        parts["performance"] = attempt("performance", store, run)
+        parts["phases"] = _first_run(attempt("phases", store, run, engine=engine), run)
+        parts["fit"] = _usable_fit(attempt("fit_saturation", store, run, engine=engine))
+        if source is None:
+            reason = "the run has no tokens (only step metrics)"
+            for name in ("distribution", "forking", "roles", "covariance"):
+                parts[name] = Part(reason=reason)
+        else:
+            parts["distribution"] = _non_empty(attempt("distribution", store, run,
+                                                       engine=engine),
+                                               "steps", "no token entropies")
+            parts["forking"] = attempt("forking_tokens", store, run, engine=engine)
+            parts["roles"] = attempt("roles", store, run, engine=engine)
+            parts["covariance"] = _non_empty(attempt("covariance", store, run, engine=engine),
+                                             "groups", "no tokens with both a log-probability "
+                                             "and an advantage")
+        results.runs.append(entry)
+    results.parts["quality"] = attempt("quality", store, runs)
+    if len(runs) > 1:
+        results.parts["compare"] = attempt("compare", store, runs, engine=engine)
+    else:
+        results.parts["compare"] = Part(reason="the report holds a single run")
+    return results
