@@ -54,6 +54,21 @@ def _pairs(values: Optional[List[str]], option: str) -> dict[str, str]:
 
 RunOption = typer.Option(None, "--run", help="Run name (repeat for several; default: all).")
 EngineOption = typer.Option(Engine.local, "--engine", help="Where to compute.")
+# --engine ray: Ray Data tasks (pip install 'entropylens[ray]'), results identical to local
+RayAddressOption = typer.Option(
+    None, "--ray-address", help="Ray cluster for --engine ray (auto, ray://HOST:10001); "
+    "default: a new local Ray instance.")
+
+
+def _engine(engine: Engine, ray_address: Optional[str]) -> str:
+    """The engine name; connects to Ray first for ``--engine ray``."""
+    if ray_address and engine is not Engine.ray:
+        raise typer.BadParameter("--ray-address needs --engine ray", param_hint="--ray-address")
+    if engine is Engine.ray:
+        from .engine import init_ray
+
+        init_ray(ray_address)
+    return engine.value
 JsonOption = typer.Option(False, "--json", help="Print one JSON object on stdout.")
 
 
@@ -112,11 +127,12 @@ def summary(
     store: Path = typer.Argument(..., help="Store folder."),
     run: Optional[List[str]] = RunOption,
     engine: Engine = EngineOption,
+    ray_address: Optional[str] = RayAddressOption,
     as_json: bool = JsonOption,
 ):
     """Per-run contents and per-step entropy statistics."""
     try:
-        result = api.summary(store, run or None, engine=engine.value)
+        result = api.summary(store, run or None, engine=_engine(engine, ray_address))
     except EntropylensError as exc:
         _fail(exc)
     if as_json:
@@ -186,11 +202,12 @@ def phases(
     store: Path = typer.Argument(..., help="Store folder."),
     run: Optional[List[str]] = RunOption,
     engine: Engine = EngineOption,
+    ray_address: Optional[str] = RayAddressOption,
     as_json: bool = JsonOption,
 ):
     """Collapse phases of the entropy curve: segments, early drop, arrival step, alarm."""
     try:
-        result = api.phases(store, run or None, engine=engine.value)
+        result = api.phases(store, run or None, engine=_engine(engine, ray_address))
     except EntropylensError as exc:
         _fail(exc)
     if as_json:
@@ -225,11 +242,12 @@ def fit(
                                          help="Performance metric (default: val_accuracy, "
                                               "else reward_mean)."),
     engine: Engine = EngineOption,
+    ray_address: Optional[str] = RayAddressOption,
     as_json: bool = JsonOption,
 ):
     """Fit the saturation law R = -a*exp(H) + b and its ceiling b - a."""
     try:
-        result = api.fit_saturation(store, run or None, reward=reward, engine=engine.value)
+        result = api.fit_saturation(store, run or None, reward=reward, engine=_engine(engine, ray_address))
     except EntropylensError as exc:
         _fail(exc)
     fits = result if isinstance(result, list) else [result]
@@ -260,11 +278,12 @@ def compare(
     run: Optional[List[str]] = RunOption,
     reward: Optional[str] = typer.Option(None, "--reward", help="Performance metric."),
     engine: Engine = EngineOption,
+    ray_address: Optional[str] = RayAddressOption,
     as_json: bool = JsonOption,
 ):
     """Runs side by side: entropy drop, phases, saturation fit, final performance."""
     try:
-        result = api.compare(store, run or None, reward=reward, engine=engine.value)
+        result = api.compare(store, run or None, reward=reward, engine=_engine(engine, ray_address))
     except EntropylensError as exc:
         _fail(exc)
     if as_json:
@@ -291,11 +310,12 @@ def covariance(
     store: Path = typer.Argument(..., help="Store folder."),
     run: Optional[List[str]] = RunOption,
     engine: Engine = EngineOption,
+    ray_address: Optional[str] = RayAddressOption,
     as_json: bool = JsonOption,
 ):
     """Covariance of token logprob and advantage by group, and its link to entropy change."""
     try:
-        result = api.covariance(store, run or None, engine=engine.value)
+        result = api.covariance(store, run or None, engine=_engine(engine, ray_address))
     except EntropylensError as exc:
         _fail(exc)
     if as_json:
@@ -346,6 +366,7 @@ def forks(
     top: int = typer.Option(30, "--top", min=1, help="Tokens listed per run."),
     run: Optional[List[str]] = RunOption,
     engine: Engine = EngineOption,
+    ray_address: Optional[str] = RayAddressOption,
     as_json: bool = JsonOption,
 ):
     """Forking tokens: top-rho entropy thresholds, most frequent forking tokens, overlap."""
@@ -359,10 +380,10 @@ def forks(
     try:
         result = api.forking_tokens(store, run or None, ratio=ratio, scope=scope.value,
                                     batch_size=batch_size, min_count=min_count, top_n=top,
-                                    engine=engine.value)
+                                    engine=_engine(engine, ray_address))
         pair = api.forking_overlap(store, overlap[0], overlap[1], ratio=ratio,
                                    scope=scope.value, batch_size=batch_size,
-                                   engine=engine.value) if overlap else None
+                                   engine=_engine(engine, ray_address)) if overlap else None
     except EntropylensError as exc:
         _fail(exc)
     if as_json:
@@ -416,13 +437,14 @@ def report(
     out: Path = typer.Option(..., "--out", help="Report folder (created when missing)."),
     run: Optional[List[str]] = RunOption,
     engine: Engine = EngineOption,
+    ray_address: Optional[str] = RayAddressOption,
 ):
     """Write the diagnostic report: index.html, report.md, report.json and figures/."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed, whatever the environment says
     try:
-        result = api.report(store, out, run or None, engine=engine.value)
+        result = api.report(store, out, run or None, engine=_engine(engine, ray_address))
     except EntropylensError as exc:
         _fail(exc)
     for missing in result.model["unavailable"]:
@@ -460,13 +482,14 @@ def roles(
                                          help="Steps per window of the phase rule."),
     run: Optional[List[str]] = RunOption,
     engine: Engine = EngineOption,
+    ray_address: Optional[str] = RayAddressOption,
     as_json: bool = JsonOption,
 ):
     """Planning versus execution tokens per step, semantic entropy and the two phases."""
     try:
         result = api.roles(store, run or None, lexicon=lexicon,
                            lexicon_mode=lexicon_mode.value, convention=convention.value,
-                           window=window, engine=engine.value)
+                           window=window, engine=_engine(engine, ray_address))
     except EntropylensError as exc:
         _fail(exc)
     if as_json:

@@ -1,23 +1,46 @@
-"""Streaming execution of analyses over a run's tokens.
+"""Streaming execution of analyses over a run's tokens, on one machine or on Ray Data.
 
 An analysis over tokens is an :class:`Aggregator`: ``start`` makes an empty partial state,
-``update`` folds in one Arrow batch, ``merge`` combines two partial states, and ``finish``
-turns a state into the result. The local engine streams ``pyarrow.dataset`` batches with
-column projection and step filters through every aggregator in one scan, so memory is bounded
-by the aggregators' states, not by the data.
+``update`` folds in one Arrow batch, ``seal`` may compact a state whose steps are complete,
+``merge`` combines two partial states, and ``finish`` turns a state into the result.
+
+Both engines cut a run into the same *units* (:func:`plan_units`): groups of parquet row
+groups, in storage order, chosen from the row-group statistics of the ``step`` column so
+that every step lies in exactly one unit ("step-closed"; a row group straddling two units is
+read by both, each keeping its own steps). A unit is scanned with column
+projection and the step filter, its partial state is sealed (every step in it is complete,
+so an aggregator can reduce one step's values to its result and free them), and the unit
+states are merged in unit order. The local engine does this one unit at a time, so memory is
+bounded by one unit's data plus the sealed states; the Ray engine runs the units in
+``ray.data`` ``map_batches`` tasks and merges the returned partial states on the driver in
+the same order. The same batches reach the same ``update`` calls in both engines and the
+merges happen in the same order, so their results are identical, floating-point rounding
+included.
 """
 
 from __future__ import annotations
 
+import pickle
 from abc import ABC, abstractmethod
-from typing import Any, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from .errors import EntropylensError
+from .schema import TOKEN_SCHEMA
 from .store import Store
 
-ENGINES = ("local",)
+ENGINES = ("local", "ray")
+#: Rows a unit gathers (whole steps; one larger step makes a larger unit). Bounds the rows
+#: an aggregator may hold before :meth:`Aggregator.seal`.
+UNIT_ROWS = 2 * 1024 * 1024
+#: Step key of rows without a step in the planner (they form their own step).
+_NULL_KEY = np.iinfo(np.int64).min
 
 
 class Aggregator(ABC):
@@ -39,6 +62,14 @@ class Aggregator(ABC):
     def update(self, state: Any, batch: pa.RecordBatch) -> Any:
         """Fold one batch into ``state`` and return the new state."""
 
+    def seal(self, state: Any) -> Any:
+        """Called after the last batch of a unit: every step seen by ``state`` is complete.
+
+        No later batch holds rows of these steps, so an aggregator may replace one step's
+        raw values by their result here (bounded memory). The default keeps the state.
+        """
+        return state
+
     @abstractmethod
     def merge(self, left: Any, right: Any) -> Any:
         """Combine two partial states (from disjoint sets of batches)."""
@@ -48,9 +79,186 @@ class Aggregator(ABC):
         """Turn a final state into the result."""
 
 
+# -- planning ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Unit:
+    """A step-closed slice of a run, scanned by one task.
+
+    Attributes
+    ----------
+    index : int
+        Position in the plan (the merge order).
+    pieces : tuple of (str, tuple of int)
+        Part file path and the row groups read from it, in storage order.
+    first_step, last_step : int or None
+        The unit's rows are those with ``first_step <= step <= last_step``; both None for
+        the unit of the rows without a step. A row group straddling two units is read by
+        both, each keeping its own steps.
+    rows : int
+        Rows of those row groups (an upper bound of the unit's rows).
+    """
+
+    index: int
+    pieces: tuple[tuple[str, tuple[int, ...]], ...]
+    first_step: int | None
+    last_step: int | None
+    rows: int
+
+
+def _row_group_keys(metadata: pq.FileMetaData, column: int, group: int):
+    """(min step, max step, has nulls) of a row group; None bounds when it is all null."""
+    stats = metadata.row_group(group).column(column).statistics
+    rows = metadata.row_group(group).num_rows
+    if stats is not None and stats.has_null_count and stats.null_count == rows:
+        return None, None, True
+    nulls = stats is None or not stats.has_null_count or stats.null_count > 0
+    if stats is None or not stats.has_min_max:
+        # no statistics: the group may hold any step, so every unit reads it
+        return _NULL_KEY + 1, np.iinfo(np.int64).max, nulls
+    return int(stats.min), int(stats.max), nulls
+
+
+def plan_units(store: Store, run: str, *, steps: Iterable[int] | None = None,
+               unit_rows: int = UNIT_ROWS) -> list[Unit]:
+    """Cut a run's tokens into step-closed units from the row-group statistics.
+
+    Parameters
+    ----------
+    store : Store
+    run : str
+    steps : iterable of int, optional
+        Only row groups that may hold these steps are planned (rows without a step are
+        left out, as by the step filter).
+    unit_rows : int
+        A unit gathers whole steps until its row groups hold about this many rows.
+
+    Returns
+    -------
+    list of Unit
+        The unit of rows without a step first, then by increasing steps.
+    """
+    folder = store.run_dir(run) / "tokens"
+    parts = sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []
+    wanted = None if steps is None else np.unique(np.asarray(list(steps), dtype=np.int64))
+    groups = []   # (order, file, row group, lo, hi, has_nulls, rows)
+    for path in parts:
+        try:
+            metadata = pq.ParquetFile(path).metadata
+        except (OSError, pa.ArrowException) as exc:
+            raise EntropylensError(f"unreadable token part file: {exc}", path=path) from exc
+        column = metadata.schema.to_arrow_schema().get_field_index("step")
+        if column < 0:
+            raise EntropylensError("token part file has no step column", path=path)
+        for g in range(metadata.num_row_groups):
+            lo, hi, nulls = _row_group_keys(metadata, column, g)
+            if wanted is not None:
+                if lo is None:
+                    continue
+                first = np.searchsorted(wanted, lo, side="left")
+                if first >= len(wanted) or wanted[first] > hi:
+                    continue
+                nulls = False
+            groups.append((len(groups), str(path), g, lo, hi, nulls,
+                           metadata.row_group(g).num_rows))
+    units: list[Unit] = []
+
+    def add(members: list, first: int | None, last: int | None) -> None:
+        members = sorted(members)   # storage order
+        pieces: dict[str, list[int]] = {}
+        for m in members:
+            pieces.setdefault(m[1], []).append(m[2])
+        units.append(Unit(len(units), tuple((f, tuple(g)) for f, g in pieces.items()),
+                          first, last, sum(m[6] for m in members)))
+
+    null_groups = [g for g in groups if g[5]]
+    if null_groups:
+        add(null_groups, None, None)
+    ranged = sorted((g for g in groups if g[3] is not None), key=lambda g: (g[3], g[4]))
+    # cut points: a unit ends just before the low step of the group that overflows it
+    start, held, cuts = None, 0, []
+    for g in ranged:
+        if start is None:
+            start = g[3]
+        elif held >= unit_rows and g[3] > start:
+            cuts.append((start, g[3] - 1))
+            start, held = g[3], 0
+        held += g[6]
+    if start is not None:
+        cuts.append((start, max(g[4] for g in ranged)))
+    for first, last in cuts:
+        members = [g for g in ranged if g[3] <= last and g[4] >= first]
+        add(members, first, last)
+    return units
+
+
+# -- scanning a unit ----------------------------------------------------------------------
+
+def _unit_mask(step: pa.Array, unit: Unit, wanted: pa.Array | None):
+    """Rows of the batch that belong to the unit (None: all of them)."""
+    if unit.first_step is None:
+        mask = pc.is_null(step)
+    else:
+        low, high = pc.min_max(step).values()
+        inside = step.null_count == 0 and low.is_valid and low.as_py() >= unit.first_step \
+            and high.as_py() <= unit.last_step
+        mask = None if inside else pc.fill_null(pc.and_(
+            pc.greater_equal(step, unit.first_step), pc.less_equal(step, unit.last_step)),
+            False)
+    if wanted is not None:
+        keep = pc.fill_null(pc.is_in(step, value_set=wanted), False)
+        mask = keep if mask is None else pc.and_(mask, keep)
+    return mask
+
+
+def scan_unit(unit: Unit, columns: Sequence[str], *, steps: Iterable[int] | None = None,
+              batch_size: int = 256 * 1024) -> Iterator[pa.RecordBatch]:
+    """Stream a unit's rows (projected onto ``columns``, filtered to ``steps``)."""
+    read = list(columns) if "step" in columns else [*columns, "step"]
+    wanted = None if steps is None else pa.array(sorted({int(s) for s in steps}), pa.int64())
+    for path, row_groups in unit.pieces:
+        try:
+            handle = pq.ParquetFile(path)
+            batches = handle.iter_batches(batch_size=batch_size, row_groups=list(row_groups),
+                                          columns=read)
+            for batch in batches:
+                batch = _conform_batch(batch, read)
+                mask = _unit_mask(batch.column("step"), unit, wanted)
+                if mask is not None:
+                    batch = batch.filter(mask)
+                if len(read) != len(columns):
+                    batch = batch.select(list(columns))
+                if batch.num_rows:
+                    yield batch
+        except (OSError, pa.ArrowException) as exc:
+            raise EntropylensError(f"unreadable token part file: {exc}", path=path) from exc
+
+
+def _conform_batch(batch: pa.RecordBatch, names: Sequence[str]) -> pa.RecordBatch:
+    """Cast columns to the canonical token types (older part files may differ)."""
+    fields = [TOKEN_SCHEMA.field(n) for n in names]
+    if all(batch.schema.field(n).type == f.type for n, f in zip(names, fields)):
+        return batch
+    return pa.RecordBatch.from_arrays([batch.column(n).cast(f.type) for n, f in
+                                       zip(names, fields)], schema=pa.schema(fields))
+
+
+def run_unit(unit: Unit, aggregators: Mapping[str, Aggregator], columns: Sequence[str], *,
+             steps: Iterable[int] | None = None, batch_size: int = 256 * 1024) -> dict:
+    """Sealed partial states of every aggregator over one unit."""
+    states = {name: agg.start() for name, agg in aggregators.items()}
+    for batch in scan_unit(unit, columns, steps=steps, batch_size=batch_size):
+        for name, agg in aggregators.items():
+            states[name] = agg.update(states[name], batch)
+    return {name: agg.seal(states[name]) for name, agg in aggregators.items()}
+
+
+# -- engines ------------------------------------------------------------------------------
+
 def run_aggregators(store: Store, run: str, aggregators: Mapping[str, Aggregator], *,
                     steps: Iterable[int] | None = None, engine: str = "local",
-                    batch_size: int = 256 * 1024, **engine_options) -> dict[str, Any]:
+                    batch_size: int = 256 * 1024, unit_rows: int = UNIT_ROWS,
+                    ray_address: str | None = None) -> dict[str, Any]:
     """Run several aggregators over one run's tokens in a single scan.
 
     Parameters
@@ -60,10 +268,16 @@ def run_aggregators(store: Store, run: str, aggregators: Mapping[str, Aggregator
     aggregators : mapping of str to Aggregator
     steps : iterable of int, optional
         Only these steps.
-    engine : {"local"}
-        Where to run.
+    engine : {"local", "ray"}
+        ``local`` streams the units in this process; ``ray`` runs them as Ray Data tasks
+        (needs ``pip install 'entropylens[ray]'``) and merges on this process.
     batch_size : int
         Rows per batch of the scan.
+    unit_rows : int
+        Rows per unit (see :func:`plan_units`); the same in both engines.
+    ray_address : str, optional
+        Ray cluster to join (``auto``, ``ray://host:10001``); default: the Ray instance
+        already started in this process, else a new local one.
 
     Returns
     -------
@@ -72,11 +286,85 @@ def run_aggregators(store: Store, run: str, aggregators: Mapping[str, Aggregator
     """
     if engine not in ENGINES:
         raise EntropylensError(f"unknown engine {engine!r} (one of {', '.join(ENGINES)})")
+    steps = None if steps is None else [int(s) for s in steps]
     columns = sorted({c for agg in aggregators.values() for c in agg.columns})
+    units = plan_units(store, run, steps=steps, unit_rows=unit_rows)
+    if engine == "ray" and units:
+        partials = _ray_partials(units, aggregators, columns, steps=steps,
+                                 batch_size=batch_size, ray_address=ray_address)
+    else:
+        partials = (run_unit(u, aggregators, columns, steps=steps, batch_size=batch_size)
+                    for u in units)
     states = {name: agg.start() for name, agg in aggregators.items()}
-    for batch in store.scan_tokens(run, columns=columns, steps=steps, batch_size=batch_size):
-        if not batch.num_rows:
-            continue
+    for partial in partials:
         for name, agg in aggregators.items():
-            states[name] = agg.update(states[name], batch)
+            states[name] = agg.merge(states[name], partial[name])
     return {name: agg.finish(states[name]) for name, agg in aggregators.items()}
+
+
+def init_ray(address: str | None = None, *, num_cpus: int | None = None):
+    """Connect to Ray (or start a local instance) once per process; returns the module.
+
+    Raises
+    ------
+    EntropylensError
+        When Ray is not installed or the cluster cannot be reached.
+    """
+    try:
+        import ray
+        import ray.data  # noqa: F401  (the data extra)
+    except ImportError as exc:
+        raise EntropylensError("the ray engine needs Ray Data: pip install "
+                               "'entropylens[ray]'") from exc
+    if not ray.is_initialized():
+        options = {"address": address, "include_dashboard": False,
+                   "log_to_driver": False, "ignore_reinit_error": True}
+        if address is None and num_cpus is not None:
+            options["num_cpus"] = num_cpus
+        try:
+            ray.init(**options)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            where = address or "a new local instance"
+            raise EntropylensError(f"cannot connect to Ray at {where}: {exc}") from exc
+        ray.data.DataContext.get_current().enable_progress_bars = False
+    return ray
+
+
+class _UnitTask:
+    """The ``map_batches`` function: a batch of unit indices to pickled sealed states."""
+
+    def __init__(self, units, aggregators, columns, steps, batch_size):
+        self.units, self.aggregators = units, aggregators
+        self.columns, self.steps, self.batch_size = columns, steps, batch_size
+
+    def __call__(self, batch: dict) -> dict:
+        indices = [int(i) for i in batch["unit"]]
+        states = [pickle.dumps(run_unit(self.units[i], self.aggregators, self.columns,
+                                        steps=self.steps, batch_size=self.batch_size),
+                               protocol=pickle.HIGHEST_PROTOCOL) for i in indices]
+        out = np.empty(len(states), dtype=object)
+        out[:] = states
+        return {"unit": np.asarray(indices, dtype=np.int64), "state": out}
+
+
+def _ray_partials(units: list[Unit], aggregators, columns, *, steps, batch_size,
+                  ray_address) -> Iterator[dict]:
+    """Partial states of the units computed by Ray Data, yielded in unit order."""
+    ray = init_ray(ray_address)
+    items = [{"unit": u.index} for u in units]
+    try:
+        dataset = ray.data.from_items(items, override_num_blocks=len(items))
+    except TypeError:   # Ray < 2.10 names it parallelism
+        dataset = ray.data.from_items(items, parallelism=len(items))
+    task = _UnitTask(units, dict(aggregators), list(columns), steps, batch_size)
+    results = dataset.map_batches(task, batch_size=1, batch_format="numpy")
+    waiting: dict[int, dict] = {}
+    following = 0
+    # merge in unit order whatever order the tasks finish in; hold only the early ones
+    for row in results.iter_rows():
+        waiting[int(row["unit"])] = pickle.loads(row["state"])
+        while following in waiting:
+            yield waiting.pop(following)
+            following += 1
+    if waiting or following != len(units):
+        raise EntropylensError(f"the ray engine returned {following} of {len(units)} units")

@@ -21,6 +21,8 @@ import math
 import os
 import re
 import shutil
+import socket
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -41,6 +43,9 @@ STORE_VERSION = 1
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=@-]{0,199}$")
 _TMP_PREFIX = ".tmp-"
 _OLD_PREFIX = ".old-"
+_WRITER_FILE = ".writer"
+#: Temporary run folders of unknown writers untouched this long are removed by later writes.
+STALE_TMP_AGE_S = 24 * 3600
 
 #: Rows buffered before a token part file is sorted and written. Bounds ingest memory.
 ROWS_PER_PART = 1_000_000
@@ -62,6 +67,28 @@ def validate_run_name(name: str) -> str:
         raise StoreError(f"invalid run name {name!r}: use letters, digits and . _ + = @ - "
                          "(no path separators, no '..', at most 200 characters)")
     return name
+
+
+def _writer_of(folder: Path) -> tuple[int | None, str | None]:
+    """(pid, host) from a temporary run folder's writer file, (None, None) without one."""
+    try:
+        pid, host = (folder / _WRITER_FILE).read_text().split()[:2]
+        return int(pid), host
+    except FileNotFoundError:
+        return None, None
+    except ValueError:
+        return None, None
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def _json_default(value: Any):
@@ -169,6 +196,35 @@ class Store:
                     os.replace(old, target)
             except OSError:
                 pass
+
+    def sweep_stale_tmp(self, *, max_age_s: float = STALE_TMP_AGE_S) -> list[str]:
+        """Remove temporary run folders left by killed writers; returns their names.
+
+        A ``.tmp-*`` folder goes when the process named in its writer file ran on this host
+        and is gone, or, when that cannot be told (another host, no writer file), when
+        nothing in it changed for ``max_age_s`` seconds. A folder of a live writer is never
+        touched. Readers never see these folders either way.
+        """
+        removed = []
+        if not self.runs_dir.is_dir():
+            return removed
+        host = socket.gethostname()
+        now = time.time()
+        for folder in self.runs_dir.glob(_TMP_PREFIX + "*"):
+            try:
+                pid, owner = _writer_of(folder)
+                if owner == host and pid is not None:
+                    stale = not _pid_alive(pid)
+                else:
+                    newest = max([folder.stat().st_mtime]
+                                 + [p.stat().st_mtime for p in folder.rglob("*")])
+                    stale = now - newest > max_age_s
+            except OSError:  # vanished meanwhile (its writer committed or aborted)
+                continue
+            if stale:
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(folder.name)
+        return removed
 
     def __repr__(self) -> str:
         return f"Store({str(self.path)!r}, runs={self.runs()!r})"
@@ -323,6 +379,22 @@ class Store:
         return frame
 
 
+def _adjacent_duplicates(table: pa.Table) -> int:
+    """Rows of a table sorted by (step, sample_id, position) equal on all three to the row
+    before (null steps compare equal)."""
+    if table.num_rows < 2:
+        return 0
+    same = None
+    for name in ("step", "sample_id", "position"):
+        column = table.column(name)
+        head, tail = column.slice(0, table.num_rows - 1), column.slice(1)
+        equal = pc.fill_null(pc.equal(head, tail), False)
+        both_null = pc.and_(pc.is_null(head), pc.is_null(tail))
+        equal = pc.or_(equal, both_null)
+        same = equal if same is None else pc.and_(same, equal)
+    return int(pc.sum(same).as_py() or 0)
+
+
 class RunWriter:
     """Writes one run into a temporary folder and moves it into place on :meth:`commit`.
 
@@ -341,8 +413,11 @@ class RunWriter:
         if self.final.exists() and not replace:
             raise RunExistsError(f"run {name!r} already exists (use --replace to overwrite it)",
                                  path=store.path)
+        store.sweep_stale_tmp()
         self.tmp = store.runs_dir / f"{_TMP_PREFIX}{name}-{uuid.uuid4().hex[:12]}"
         (self.tmp / "tokens").mkdir(parents=True)
+        # who writes here: a later writer removes the folder once this process is gone
+        (self.tmp / _WRITER_FILE).write_text(f"{os.getpid()} {socket.gethostname()}\n")
         self.manifest: dict[str, Any] = {
             "run": name,
             "entropylens_version": __version__,
@@ -362,7 +437,7 @@ class RunWriter:
         self._seq_writer: pq.ParquetWriter | None = None
         self._metrics: list[pa.Table] = []
         self._counts = {"tokens": 0, "sequences": 0, "metrics": 0, "exact_entropy": 0,
-                        "topk": 0, "logprobs": 0, "null_logprobs": 0}
+                        "topk": 0, "logprobs": 0, "null_logprobs": 0, "duplicate_tokens": 0}
         self._steps: set[int] = set()
         self._max_top_k = 0
         self._done = False
@@ -430,6 +505,7 @@ class RunWriter:
                                                   ("sample_id", "ascending"),
                                                   ("position", "ascending")])
         table = table.take(order)
+        self._counts["duplicate_tokens"] += _adjacent_duplicates(table)
         out = self.tmp / "tokens" / f"part-{self._parts:05d}.parquet"
         pq.write_table(table, out, row_group_size=ROWS_PER_GROUP, compression="zstd")
         self._parts += 1
@@ -476,6 +552,7 @@ class RunWriter:
                                compression="zstd")
             self._finish_manifest()
             write_json_atomic(self.tmp / "manifest.json", self.manifest)
+            (self.tmp / _WRITER_FILE).unlink(missing_ok=True)
             self._move_into_place()
         except BaseException:
             self.abort()
@@ -498,6 +575,9 @@ class RunWriter:
             "tokens_with_topk": counts["topk"],
             "tokens_with_logprob": counts["logprobs"],
             "null_logprobs": counts["null_logprobs"],
+            # rows repeating an earlier row's (step, sample_id, position), e.g. a record
+            # logged twice; kept as logged, counted within each part file
+            "duplicate_tokens": counts["duplicate_tokens"],
             **{k: v for k, v in self.manifest["counts"].items() if k not in counts},
         }
         sources = []

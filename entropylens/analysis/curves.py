@@ -66,6 +66,9 @@ class TrainTokens(Aggregator):
                 return state
         return self.inner.update(state, batch)
 
+    def seal(self, state: Any) -> Any:
+        return self.inner.seal(state)
+
     def merge(self, left: Any, right: Any) -> Any:
         return self.inner.merge(left, right)
 

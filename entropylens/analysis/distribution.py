@@ -11,7 +11,7 @@ percentile 0.672.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -21,6 +21,7 @@ from ..engine import Aggregator, run_aggregators
 from ..errors import EntropylensError
 from ..estimators import best_entropy_source, columns_for, token_entropy
 from ..store import Store
+from .sketch import DEFAULT_ALPHA, QuantileSketch
 
 #: A token below this entropy (nats) counts as near-deterministic (arXiv 2506.01939).
 LOW_ENTROPY = 0.01
@@ -30,8 +31,9 @@ NO_STEP = np.iinfo(np.int64).min
 
 @dataclass
 class _StepState:
-    values: dict          # step -> list of float64 arrays (one step's entropies)
-    sequences: list       # partial frames of (step, sample_id, sum, count)
+    values: dict          # open step -> list of float64 arrays (one step's entropies)
+    sequences: list       # partial frames of (step, sample_id, sum, count) of open steps
+    rows: dict = field(default_factory=dict)   # sealed step -> finished row (and its sum)
 
 
 class StepStats(Aggregator):
@@ -52,7 +54,9 @@ class StepStats(Aggregator):
     -----
     Tokens without an entropy from ``source`` (NaN) are left out of every statistic.
     Exact per-step quantiles need one step's values in memory: the state holds float64
-    entropies per step until :meth:`finish`.
+    entropies of the open steps only; :meth:`seal` (called by the engine once a step-closed
+    unit is scanned) reduces each complete step to its row and frees its values, so memory
+    is bounded by one unit, not by the run.
     """
 
     def __init__(self, source: str, *, quantiles=(0.5, 0.8), vocab_size: int | None = None,
@@ -97,23 +101,17 @@ class StepStats(Aggregator):
                                .agg(["sum", "count"]).reset_index())
         return state
 
-    def merge(self, left: _StepState, right: _StepState) -> _StepState:
-        for step, arrays in right.values.items():
-            left.values.setdefault(step, []).extend(arrays)
-        left.sequences.extend(right.sequences)
-        return left
-
-    def finish(self, state: _StepState) -> pd.DataFrame:
-        """One row per step: tokens, entropy_token_mean, entropy_seq_mean, quantiles, frac."""
-        qnames = [quantile_name(q) for q in self.quantiles]
-        columns = ["step", "tokens", "entropy_token_mean", "entropy_seq_mean", *qnames,
-                   "frac_below_0_01"]
+    def seal(self, state: _StepState) -> _StepState:
+        """Reduce every open step (complete: no later batch holds it) to its row."""
         if not state.values:
-            return pd.DataFrame(columns=columns)
+            return state
         seq = pd.concat(state.sequences).groupby(["step", "sample_id"])[["sum", "count"]].sum()
         seq_mean = (seq["sum"] / seq["count"]).groupby(level="step").mean()
-        rows = []
+        qnames = [quantile_name(q) for q in self.quantiles]
         for step in sorted(state.values):
+            if step in state.rows:
+                raise EntropylensError(f"step {step} sealed twice: the engine must hand "
+                                       "every step to one unit")
             values = np.concatenate(state.values[step])
             row = {"step": step, "tokens": len(values),
                    "entropy_token_mean": float(values.mean()),
@@ -121,7 +119,33 @@ class StepStats(Aggregator):
             for name, q in zip(qnames, np.quantile(values, self.quantiles)):
                 row[name] = float(q)
             row["frac_below_0_01"] = float(np.mean(values < LOW_ENTROPY))
-            rows.append(row)
+            state.rows[step] = (row, float(values.sum()), int((values < LOW_ENTROPY).sum()))
+            self._sealed_step(state, step, values)
+        state.values, state.sequences = {}, []
+        return state
+
+    def _sealed_step(self, state: _StepState, step: int, values: np.ndarray) -> None:
+        """Hook for subclasses: one complete step's values, just before they are freed."""
+
+    def merge(self, left: _StepState, right: _StepState) -> _StepState:
+        for step, arrays in right.values.items():
+            left.values.setdefault(step, []).extend(arrays)
+        left.sequences.extend(right.sequences)
+        for step, row in right.rows.items():
+            if step in left.rows:
+                raise EntropylensError(f"step {step} sealed in two partial states")
+            left.rows[step] = row
+        return left
+
+    def finish(self, state: _StepState) -> pd.DataFrame:
+        """One row per step: tokens, entropy_token_mean, entropy_seq_mean, quantiles, frac."""
+        qnames = [quantile_name(q) for q in self.quantiles]
+        columns = ["step", "tokens", "entropy_token_mean", "entropy_seq_mean", *qnames,
+                   "frac_below_0_01"]
+        state = self.seal(state)
+        if not state.rows:
+            return pd.DataFrame(columns=columns)
+        rows = [state.rows[step][0] for step in sorted(state.rows)]
         frame = pd.DataFrame(rows, columns=columns)
         frame["step"] = frame["step"].astype("Int64").mask(frame["step"] == NO_STEP)
         return frame
@@ -145,12 +169,15 @@ DISTRIBUTION_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.8, 0.9, 0.95, 0.99)
 DEFAULT_BINS = np.concatenate([[0.0], np.logspace(-4, 1.5, 56), [np.inf]])
 
 
-def exact_quantiles(arrays: list[np.ndarray], quantiles) -> np.ndarray:
-    """Exact quantiles (numpy's default linear rule) of the concatenation of ``arrays``.
+#: Runs up to this many tokens get exact global quantiles (their values, 8 bytes a token, are
+#: held until the end); larger runs get :class:`~entropylens.analysis.sketch.QuantileSketch`
+#: estimates within relative error :data:`~entropylens.analysis.sketch.DEFAULT_ALPHA`.
+EXACT_GLOBAL_MAX_TOKENS = 2_000_000
+GLOBAL_MODES = ("auto", "exact", "sketch")
 
-    The one place where a run-wide quantile is computed: a mergeable sketch with a stated
-    error bound can replace it for runs too large to hold in memory.
-    """
+
+def exact_quantiles(arrays: list[np.ndarray], quantiles) -> np.ndarray:
+    """Exact quantiles (numpy's default linear rule) of the concatenation of ``arrays``."""
     values = np.concatenate(arrays) if arrays else np.empty(0)
     if not len(values):
         return np.full(len(quantiles), np.nan)
@@ -168,7 +195,9 @@ def _check_bins(bins) -> np.ndarray:
 
 @dataclass
 class _DistributionState(_StepState):
-    histogram: dict       # step -> int64 counts per bin
+    histogram: dict = field(default_factory=dict)      # step -> int64 counts per bin
+    exact: list | None = None                          # sealed steps' values (exact mode)
+    sketch: QuantileSketch | None = None               # run-wide sketch (sketch mode)
 
 
 class DistributionStats(StepStats):
@@ -184,15 +213,29 @@ class DistributionStats(StepStats):
         Default :data:`DISTRIBUTION_QUANTILES`.
     vocab_size, top_k : int, optional
         For the top-k estimate.
+    global_quantiles : {"exact", "sketch"}
+        Run-wide quantiles from every value (memory grows with the run) or from a
+        :class:`~entropylens.analysis.sketch.QuantileSketch` (fixed memory, relative error
+        at most ``alpha``; see that module for the exact bound).
+    alpha : float
+        Relative accuracy of the sketch.
     """
 
     def __init__(self, source: str, *, bins=None, quantiles=DISTRIBUTION_QUANTILES,
-                 vocab_size: int | None = None, top_k: int | None = None):
+                 vocab_size: int | None = None, top_k: int | None = None,
+                 global_quantiles: str = "exact", alpha: float = DEFAULT_ALPHA):
         super().__init__(source, quantiles=quantiles, vocab_size=vocab_size, top_k=top_k)
         self.bins = _check_bins(bins)
+        if global_quantiles not in ("exact", "sketch"):
+            raise EntropylensError(f"global quantiles must be 'exact' or 'sketch', got "
+                                   f"{global_quantiles!r}")
+        self.global_quantiles, self.alpha = global_quantiles, alpha
 
     def start(self) -> _DistributionState:
-        return _DistributionState(values={}, sequences=[], histogram={})
+        exact = self.global_quantiles == "exact"
+        return _DistributionState(values={}, sequences=[], histogram={},
+                                  exact=[] if exact else None,
+                                  sketch=None if exact else QuantileSketch(self.alpha))
 
     def update(self, state: _DistributionState, batch: pa.RecordBatch) -> _DistributionState:
         values = self.entropy(batch)
@@ -210,15 +253,25 @@ class DistributionStats(StepStats):
                     state.histogram[step] = counts
         return state
 
+    def _sealed_step(self, state: _DistributionState, step: int, values: np.ndarray) -> None:
+        if state.exact is not None:
+            state.exact.append((step, values))
+        else:
+            state.sketch.add(values)
+
     def merge(self, left: _DistributionState, right: _DistributionState):
         for step, counts in right.histogram.items():
             left.histogram[step] = left.histogram[step] + counts if step in left.histogram \
                 else counts
+        if left.exact is not None:
+            left.exact.extend(right.exact)
+        else:
+            left.sketch.merge(right.sketch)
         return super().merge(left, right)
 
     def finish(self, state: _DistributionState) -> dict:
         """``{"steps", "histogram", "global"}`` DataFrames (step columns as in StepStats)."""
-        steps = super().finish(state)
+        steps = super().finish(state)   # seals the open steps
         left, right = self.bins[:-1], self.bins[1:]
         frames = [pd.DataFrame({"step": step, "bin_left": left, "bin_right": right,
                                 "count": counts.astype(np.int64)})
@@ -228,14 +281,19 @@ class DistributionStats(StepStats):
              "bin_right": pd.Series(dtype=float), "count": pd.Series(dtype="int64")})
         histogram["step"] = histogram["step"].astype("Int64").mask(
             histogram["step"] == NO_STEP)
-        arrays = [a for step in sorted(state.values) for a in state.values[step]]
-        overall = pd.DataFrame({"q": list(self.quantiles),
-                                "value": exact_quantiles(arrays, self.quantiles)})
-        tokens = int(sum(len(a) for a in arrays))
-        below = int(sum(int((a < LOW_ENTROPY).sum()) for a in arrays))
+        if state.exact is not None:
+            arrays = [values for _, values in sorted(state.exact, key=lambda sv: sv[0])]
+            overall = exact_quantiles(arrays, self.quantiles)
+        else:
+            overall = state.sketch.quantile(self.quantiles)
+        overall = pd.DataFrame({"q": list(self.quantiles), "value": overall})
+        sealed = [state.rows[step] for step in sorted(state.rows)]
+        tokens = int(sum(row["tokens"] for row, _, _ in sealed))
+        below = int(sum(n for _, _, n in sealed))
+        total = float(np.sum([total for _, total, _ in sealed])) if sealed else 0.0
         return {"steps": steps, "histogram": histogram, "global": overall,
                 "tokens": tokens, "frac_below_0_01": below / tokens if tokens else np.nan,
-                "mean": float(sum(a.sum() for a in arrays) / tokens) if tokens else np.nan}
+                "mean": total / tokens if tokens else np.nan}
 
 
 STEP_COLUMNS = ["run", "step", "tokens", "mean", "seq_mean",
@@ -304,7 +362,7 @@ def token_runs(store: Store, runs) -> list[tuple[str, str, dict]]:
 
 
 def distribution(store: Store | str, runs=None, bins=None, *, engine: str = "local",
-                 **engine_options) -> Distribution:
+                 global_quantiles: str = "auto", **engine_options) -> Distribution:
     """Token-entropy distributions per step and per run.
 
     Parameters
@@ -316,6 +374,11 @@ def distribution(store: Store | str, runs=None, bins=None, *, engine: str = "loc
     bins : sequence of float, optional
         Histogram edges in nats (default :data:`DEFAULT_BINS`, log-spaced).
     engine : {"local", "ray"}
+    global_quantiles : {"auto", "exact", "sketch"}
+        How ``global_quantiles`` are computed. ``auto`` (default): exact for runs of at most
+        :data:`EXACT_GLOBAL_MAX_TOKENS` tokens, else from a mergeable sketch whose estimate
+        lies within relative error 0.5 % (plus 1e-9 nats) of the exact quantile
+        (:mod:`entropylens.analysis.sketch`). Per-step quantiles are always exact.
 
     Returns
     -------
@@ -324,11 +387,18 @@ def distribution(store: Store | str, runs=None, bins=None, *, engine: str = "loc
     """
     store = store if isinstance(store, Store) else Store.open(store)
     edges = _check_bins(bins)
+    if global_quantiles not in GLOBAL_MODES:
+        raise EntropylensError(f"global_quantiles must be one of {', '.join(GLOBAL_MODES)}, "
+                               f"got {global_quantiles!r}")
     steps, histograms, quantiles, run_rows = [], [], [], []
     for run, source, manifest in token_runs(store, runs):
+        mode = global_quantiles if global_quantiles != "auto" else (
+            "exact" if manifest.get("counts", {}).get("tokens", 0) <= EXACT_GLOBAL_MAX_TOKENS
+            else "sketch")
         result = run_aggregators(store, run, {"dist": DistributionStats(
             source, bins=edges, vocab_size=manifest.get("vocab_size"),
-            top_k=manifest.get("top_k"))}, engine=engine, **engine_options)["dist"]
+            top_k=manifest.get("top_k"), global_quantiles=mode)}, engine=engine,
+            **engine_options)["dist"]
         frame = result["steps"].rename(columns={"entropy_token_mean": "mean",
                                                 "entropy_seq_mean": "seq_mean"})
         frame.insert(0, "run", run)

@@ -15,9 +15,10 @@ Scopes (DESIGN.md section 5):
   step; the last batch of a step may be smaller.
 
 Memory: ``step``, ``sequence`` and ``batch`` thresholds are exact and computed one step at a
-time (a filtered scan per step), so memory is bounded by the largest step. ``global`` holds the
-run's entropies (float64) in memory; :func:`global_threshold` is the function a mergeable
-sketch would replace. Counting forking tokens by text is a second, streaming pass
+time (a filtered scan per step), so memory is bounded by the largest step. ``global`` is
+exact for runs of at most ``EXACT_GLOBAL_MAX_TOKENS`` tokens (their entropies held in memory);
+larger runs take the threshold from a :class:`~entropylens.analysis.sketch.QuantileSketch`
+(fixed memory, within relative error 0.5 % plus 1e-9 nats of the exact quantile). Counting forking tokens by text is a second, streaming pass
 (:class:`ForkingCounts`) with state bounded by the number of distinct tokens.
 
 Tokens without an entropy from the run's source (NaN) are neither counted nor forking.
@@ -39,7 +40,8 @@ from ..engine import Aggregator, run_aggregators
 from ..errors import EntropylensError
 from ..estimators import columns_for, token_entropy
 from ..store import Store
-from .distribution import NO_STEP, token_runs
+from .distribution import EXACT_GLOBAL_MAX_TOKENS, NO_STEP, token_runs
+from .sketch import QuantileSketch
 
 SCOPES = ("step", "global", "sequence", "batch")
 CATEGORIES = ("whitespace", "punctuation", "digits", "other")
@@ -291,18 +293,22 @@ class ForkingThresholds(Aggregator):
 
     def __init__(self, source: str, *, scope: str, ratio: float,
                  batch_size: int | None = None, vocab_size: int | None = None,
-                 top_k: int | None = None):
+                 top_k: int | None = None, sketch: bool = False):
         self.source, self.scope, self.ratio, self.batch_size = source, scope, ratio, batch_size
         self.vocab_size, self.top_k = vocab_size, top_k
+        # a run-wide threshold from a fixed-size sketch (relative error DEFAULT_ALPHA)
+        self.sketch = sketch and scope == "global"
         self.columns = _KEY_COLUMNS + columns_for(source)
 
-    def start(self) -> list:
-        return []
+    def start(self) -> list | QuantileSketch:
+        return QuantileSketch() if self.sketch else []
 
     def update(self, state: list, batch: pa.RecordBatch) -> list:
         entropy = token_entropy(batch, self.source, vocab_size=self.vocab_size,
                                 top_k=self.top_k)
-        if self.scope == "global":
+        if self.sketch:
+            state.add(entropy)
+        elif self.scope == "global":
             # a run-wide threshold needs the entropies only, not the token keys
             empty = np.empty(len(entropy), dtype=np.int8)
             state.append((empty, empty, empty, entropy))
@@ -311,9 +317,18 @@ class ForkingThresholds(Aggregator):
         return state
 
     def merge(self, left: list, right: list) -> list:
+        if self.sketch:
+            return left.merge(right)
         return left + right
 
     def finish(self, state: list) -> ScopeThresholds:
+        if self.sketch:
+            if not state.count:
+                return ScopeThresholds(self.scope, self.ratio, self.batch_size,
+                                       _empty_frame(self.scope))
+            frame = pd.DataFrame({"step": [NO_STEP], "threshold": [
+                float(state.quantile([1 - self.ratio])[0])], "tokens": [state.count]})
+            return ScopeThresholds(self.scope, self.ratio, self.batch_size, frame)
         if not state:
             return ScopeThresholds(self.scope, self.ratio, self.batch_size,
                                    _empty_frame(self.scope))
@@ -520,8 +535,9 @@ def run_thresholds(store: Store, run: str, source: str, manifest: dict, *, scope
                    **engine_options) -> ScopeThresholds:
     """Thresholds of one run: one scan per step (exact), or one run-wide scan for global."""
     options = {"vocab_size": manifest.get("vocab_size"), "top_k": manifest.get("top_k")}
+    large = manifest.get("counts", {}).get("tokens", 0) > EXACT_GLOBAL_MAX_TOKENS
     aggregator = ForkingThresholds(source, scope=scope, ratio=ratio, batch_size=batch_size,
-                                   **options)
+                                   sketch=large, **options)
     if scope == "global":
         result = run_aggregators(store, run, {"t": aggregator}, engine=engine,
                                  **engine_options)["t"]

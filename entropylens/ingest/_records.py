@@ -152,6 +152,44 @@ def as_float(value) -> float | None:
     return None
 
 
+def _check_lengths(n: int, **arrays) -> None:
+    """Raise ValueError when a per-token array of a sequence has not ``n`` values: appending
+    it would shift every later row of the chunk against the other columns."""
+    for name, values in arrays.items():
+        if values is not None and len(values) != n:
+            raise ValueError(f"field '{name}' has {len(values)} values for {n} tokens")
+
+
+_NUMBER_TYPES = (int, float, np.integer, np.floating)
+#: Integer columns and their Arrow range (positions are int32).
+_INTEGER_FIELDS = {"token_id": (-2 ** 63, 2 ** 63), "top_ids": (-2 ** 63, 2 ** 63),
+                   "positions": (0, 2 ** 31)}
+
+
+def _check_numbers(**arrays) -> None:
+    """Raise ValueError naming the field when a numeric array holds a non-number (a string,
+    a list, a dict): found here, the reader can name the record; found when the chunk is
+    converted to Arrow, nobody could."""
+    for name, values in arrays.items():
+        if values is None:
+            continue
+        integral = name in _INTEGER_FIELDS
+        low, high = _INTEGER_FIELDS.get(name, (None, None))
+        for value in values:
+            if value is None:
+                continue
+            if integral:
+                if isinstance(value, float) and value.is_integer():
+                    value = int(value)
+                if not isinstance(value, (int, np.integer)) or not low <= value < high:
+                    raise ValueError(f"field '{name}' holds {type(value).__name__} "
+                                     f"{str(value)[:40]!r} where an integer id belongs")
+            elif not isinstance(value, _NUMBER_TYPES) or (
+                    isinstance(value, int) and abs(value) > 1e300):
+                raise ValueError(f"field '{name}' holds {type(value).__name__} "
+                                 f"{str(value)[:40]!r} where a number belongs")
+
+
 class TokenColumns:
     """Column-wise builder of canonical token rows, filled one sequence at a time.
 
@@ -202,6 +240,14 @@ class TokenColumns:
         """
         if n <= 0:
             return
+        _check_lengths(n, positions=positions, token=token, token_id=token_id,
+                       logprob=logprob, entropy=entropy, top_lengths=top_lengths,
+                       advantage=None if advantage is None or isinstance(advantage, (int, float))
+                       else advantage)
+        _check_numbers(token_id=token_id, logprob=logprob, entropy=entropy, positions=positions,
+                       top_ids=top_ids, top_logprobs=top_logprobs,
+                       advantage=[advantage] if isinstance(advantage, (int, float))
+                       or advantage is None else advantage)
         none = [None] * n
         self.step.extend([step] * n)
         self.split_values.extend([split or self.split] * n)

@@ -32,7 +32,7 @@ ON_ERROR = ("stop", "skip")
 LOGPROB_BASES = ("tempered", "raw", "unknown")
 #: File stems too generic to name a run: the parent folder names it instead.
 _GENERIC_STEMS = {"tokens", "sequences", "metrics", "history", "logging", "log", "train",
-                  "events", "trainer_state", "step_logs", "output", "outputs", "data",
+                  "events", "events.out", "trainer_state", "step_logs", "output", "outputs", "data",
                   "completions", "responses", "results"}
 #: Files inside a folder that are never data.
 _SKIP_NAMES = re.compile(r"^(readme.*|license.*|\..*|.*\.(md|py|sh|yaml|yml|toml|png|jpg|pdf))$",
@@ -146,7 +146,12 @@ def _stderr_console():
 
 
 def _default_run_name(path: Path) -> str:
-    stem = path.name if path.is_dir() else path.name.split(".")[0]
+    stem = path.name
+    if not path.is_dir():
+        # drop data and compression suffixes only: "run-0.640.log" keeps its "0.640"
+        while re.search(r"\.(gz|bz2|xz|zst|jsonl|ndjson|json|csv|tsv|parquet|log|txt|"
+                        r"tfevents.*)$", stem, re.IGNORECASE):
+            stem = stem.rsplit(".", 1)[0]
     if stem.lower() in _GENERIC_STEMS or re.fullmatch(r"(part|rank|step)[-_]?\d*", stem.lower()):
         stem = path.resolve().parent.name or stem
     name = re.sub(r"[^A-Za-z0-9._+=@-]+", "-", stem).strip("-.") or "run"
@@ -344,7 +349,7 @@ def ingest(sources: str | Path | Sequence[str | Path], out: str | Path | Store, 
             ctx = IngestContext(path, options, fmt.name, bar)
             contexts.append(ctx)
             used: set[str] = set()
-            for chunk in fmt.read(path, ctx):
+            for chunk in _read_chunks(fmt, path, ctx):
                 chunk = registry.Chunk(*chunk) if not isinstance(chunk, registry.Chunk) else chunk
                 data = chunk.data
                 if isinstance(data, pa.RecordBatch):
@@ -374,8 +379,11 @@ def ingest(sources: str | Path | Sequence[str | Path], out: str | Path | Store, 
         for writer in writers.values():
             _finish_provenance(writer, options, temperature, vocab_size, logprob_basis)
             if not any(writer.counts[k] for k in ("tokens", "sequences", "metrics")):
-                files = ", ".join(s["path"] for s in writer.manifest["sources"])
-                raise FormatError(f"no tokens, sequences or metrics found in {files}")
+                files = [s["path"] for s in writer.manifest["sources"]]
+                raise FormatError("no tokens, sequences or metrics found"
+                                  + (f" (also read: {', '.join(files[1:])})"
+                                     if len(files) > 1 else ""),
+                                  path=files[0] if files else resolved[0][0])
         for writer in writers.values():
             if writer.final.exists() and not replace:
                 raise StoreError(f"run {writer.name!r} already exists (use --replace)",
@@ -391,6 +399,28 @@ def ingest(sources: str | Path | Sequence[str | Path], out: str | Path | Store, 
         if bar is not None:
             bar.close()
     return sorted(writers)
+
+
+#: Errors a reader's parsing libraries raise on damaged files (corrupt Parquet pages, broken
+#: compression streams, values of the wrong type deep inside a record). They become a
+#: FormatError naming the file, so bad data never ends in a traceback.
+_DATA_ERRORS = (pa.ArrowException, OSError, ValueError, TypeError, KeyError, IndexError,
+                AttributeError, EOFError, OverflowError, RecursionError, UnicodeError)
+
+
+def _read_chunks(fmt: registry.Format, path: Path, ctx: IngestContext) -> Iterator:
+    """``fmt.read(path, ctx)``, with library errors on damaged input turned into a
+    :class:`FormatError` naming the file (readers name the line where they can)."""
+    try:
+        yield from fmt.read(path, ctx)
+    except EntropylensError:
+        raise
+    except FileNotFoundError as exc:
+        raise FormatError(f"cannot read: {exc.strerror or exc}", path=path) from None
+    except _DATA_ERRORS as exc:
+        detail = str(exc).splitlines()[0][:200] if str(exc) else ""
+        raise FormatError(f"cannot read as {fmt.name}: {type(exc).__name__}"
+                          + (f": {detail}" if detail else ""), path=path) from None
 
 
 def _stamp(writer: RunWriter, path: Path, fmt: registry.Format, ctx: IngestContext) -> None:

@@ -114,7 +114,8 @@ def read_state(path: Path, ctx) -> Iterator[Chunk]:
         with ctx.open() as fh:
             data = json.load(fh)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise FormatError(f"not valid JSON: {exc}", path=path) from None
+        raise FormatError(f"not valid JSON: {exc}", path=path,
+                          line=getattr(exc, "lineno", None)) from None
     history = data.get("log_history") if isinstance(data, dict) else data
     if not isinstance(history, list):
         raise FormatError("expected a trainer_state.json with 'log_history' or a JSON list "

@@ -12,6 +12,8 @@ and ``sample_id``, ``response``/``output`` give ``completion``, ``score`` gives 
 from __future__ import annotations
 
 import json
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Mapping
 
@@ -149,21 +151,70 @@ def _rename(table: pa.Table, chosen: Mapping[str, str], schema: pa.Schema, path:
     return pa.table(columns)
 
 
-def _batches(path: Path, suffix: str) -> Iterator[pa.RecordBatch]:
+class _BadCsvRows:
+    """pyarrow's handler of CSV rows with the wrong number of fields: drop the row under
+    ``--on-error skip`` (counted, with its line), else keep the error that names the line
+    (pyarrow ignores exceptions raised inside a handler, so it is raised afterwards)."""
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+        self.error: Exception | None = None
+
+    @contextmanager
+    def quiet(self):
+        """Keep pyarrow from printing a traceback when a bad row is not even UTF-8 (it
+        fails to build the row for the handler and reports that as 'unraisable')."""
+        previous = sys.unraisablehook
+
+        def hook(unraisable):
+            if unraisable.object is self:
+                self.error = self.error or FormatError(
+                    "a row with the wrong number of fields holds invalid UTF-8")
+                return
+            previous(unraisable)
+
+        sys.unraisablehook = hook
+        try:
+            yield
+        finally:
+            sys.unraisablehook = previous
+
+    def __call__(self, row) -> str:
+        message = (f"expected {row.expected_columns} fields, got {row.actual_columns}: "
+                   f"{row.text[:80]!r}")
+        try:
+            if self.ctx is None:
+                raise FormatError(message, path=None, line=row.number)
+            self.ctx.reject(row.number, message)
+            return "skip"
+        except FormatError as exc:
+            self.error = self.error or exc
+            return "error"
+
+
+def _batches(path: Path, suffix: str, ctx=None) -> Iterator[pa.RecordBatch]:
+    bad_rows = None
     try:
         if suffix == ".parquet":
             parquet = pq.ParquetFile(path)
             yield from parquet.iter_batches(batch_size=BATCH_ROWS)
         elif suffix in (".csv", ".tsv"):
+            bad_rows = _BadCsvRows(ctx)
             parse = pacsv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ",",
-                                       newlines_in_values=True)
-            reader = pacsv.open_csv(path, parse_options=parse,
-                                    read_options=pacsv.ReadOptions(block_size=16 << 20))
-            yield from reader
+                                       newlines_in_values=True, invalid_row_handler=bad_rows)
+            # one thread: pyarrow gives the bad row's line number only then
+            with bad_rows.quiet():  # open_csv already parses the first block
+                reader = pacsv.open_csv(path, parse_options=parse,
+                                        read_options=pacsv.ReadOptions(block_size=16 << 20,
+                                                                       use_threads=False))
+                yield from reader
         else:
             reader = pajson.open_json(path, read_options=pajson.ReadOptions(block_size=16 << 20))
             yield from reader
     except (pa.ArrowInvalid, OSError) as exc:
+        if bad_rows is not None and bad_rows.error is not None:
+            raise FormatError(bad_rows.error.message, path=path,
+                              line=bad_rows.error.line) from None
         raise FormatError(f"cannot read as {suffix.lstrip('.') or 'table'}: "
                           f"{str(exc).splitlines()[0]}", path=path) from None
 
@@ -180,7 +231,7 @@ def read(path: Path, ctx) -> Iterator[Chunk]:
         suffix = ".parquet"
     offset = 0
     kind = chosen = None
-    for batch in _batches(path, suffix):
+    for batch in _batches(path, suffix, ctx):
         table = pa.Table.from_batches([batch])
         if kind is None:
             chosen = _apply_names(table.column_names, ctx.options.mapping)

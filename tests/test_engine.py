@@ -1,0 +1,179 @@
+"""The streaming engine: step-closed units, sealing, and results against plain numpy."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import entropylens.store as store_module
+from entropylens.analysis.distribution import DISTRIBUTION_QUANTILES, StepStats, distribution
+from entropylens.engine import plan_units, run_aggregators, run_unit, scan_unit
+from entropylens.errors import EntropylensError
+from entropylens.store import Store
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "make_store.py"
+
+
+def load_make_store():
+    spec = importlib.util.spec_from_file_location("make_store", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def synthetic_store(tmp_path_factory):
+    """300k synthetic tokens, 12 steps, written with small parts and row groups so that
+    steps straddle row groups and part files."""
+    path = tmp_path_factory.mktemp("synthetic")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(store_module, "ROWS_PER_PART", 70_000)
+        patch.setattr(store_module, "ROWS_PER_GROUP", 16_000)
+        info = load_make_store().make_store(path, 300_000, steps=12, seed=5)
+    assert info["tokens"] == 300_000
+    return Store.open(path)
+
+
+@pytest.fixture(scope="module")
+def shuffled_store(tmp_path_factory):
+    """Tokens written in shuffled step order, so every part file holds many steps and step
+    ranges of part files overlap; plus tokens without a step."""
+    rng = np.random.default_rng(11)
+    path = tmp_path_factory.mktemp("shuffled")
+    n = 60_000
+    step = rng.integers(0, 9, n)
+    table = pa.table({"step": pa.array(step, pa.int64()).to_pandas().astype("Int64")
+                      .mask(rng.random(n) < 0.03),
+                      "sample_id": pa.array([f"s{i % 97}" for i in range(n)]),
+                      "position": pa.array(np.arange(n, dtype=np.int32)),
+                      "entropy": pa.array(rng.exponential(0.5, n).astype(np.float32))})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(store_module, "ROWS_PER_PART", 9_000)
+        patch.setattr(store_module, "ROWS_PER_GROUP", 2_000)
+        store = Store.create(path)
+        with store.write_run("r") as writer:
+            for lo in range(0, n, 5_000):
+                writer.write_tokens(table.slice(lo, 5_000))
+    return Store.open(path), table.to_pandas()
+
+
+def unit_steps(unit) -> list:
+    rows = pa.Table.from_batches(list(scan_unit(unit, ["step"])), schema=pa.schema(
+        [("step", pa.int64())])).column("step").to_pylist()
+    return [s if s is not None else "null" for s in rows]
+
+
+@pytest.mark.parametrize("fixture", ["synthetic_store", "shuffled_store"])
+@pytest.mark.parametrize("unit_rows", [1, 50_000, 10**9])
+def test_units_are_step_closed_and_cover_every_row(request, fixture, unit_rows):
+    store = request.getfixturevalue(fixture)
+    store = store[0] if isinstance(store, tuple) else store
+    run = store.runs()[0]
+    units = plan_units(store, run, unit_rows=unit_rows)
+    seen: set = set()
+    rows = 0
+    for unit in units:
+        steps = unit_steps(unit)
+        rows += len(steps)
+        assert not set(steps) & seen, "a step lies in two units"
+        seen |= set(steps)
+    assert rows == store.manifest(run)["counts"]["tokens"]
+    assert [u.index for u in units] == list(range(len(units)))
+    if unit_rows == 10**9:   # one unit, plus one for rows without a step
+        assert len(units) == 1 + (fixture == "shuffled_store")
+
+
+def test_units_split_a_sorted_store(synthetic_store):
+    units = plan_units(synthetic_store, "synthetic", unit_rows=1)
+    assert len(units) == 12   # steps straddle row groups, yet each step is its own unit
+
+
+def numpy_step_stats(frame: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for step, group in frame.groupby("step"):
+        h = group["entropy"].to_numpy(dtype=np.float64)
+        seq = group.groupby("sample_id")["entropy"].mean().mean()
+        rows.append([step, len(h), h.mean(), seq, *np.quantile(h, DISTRIBUTION_QUANTILES),
+                     np.mean(h < 0.01)])
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("unit_rows,batch_size", [(1, 1_000), (40_000, 7_777),
+                                                  (10**9, 256 * 1024)])
+def test_per_step_statistics_match_numpy(synthetic_store, unit_rows, batch_size):
+    frame = synthetic_store.read_tokens("synthetic", columns=["step", "sample_id",
+                                                              "entropy"]).to_pandas()
+    frame["entropy"] = frame["entropy"].astype(np.float64)
+    result = distribution(synthetic_store, unit_rows=unit_rows, batch_size=batch_size)
+    ours = result.steps.drop(columns=["run", "entropy_source"])
+    expected = numpy_step_stats(frame)
+    np.testing.assert_allclose(ours.to_numpy(dtype=float), expected.to_numpy(dtype=float),
+                               rtol=1e-12, atol=1e-12)
+    # synthetic shape: about half the tokens below 0.01 nats
+    assert 0.45 < result.runs["frac_below_0_01"][0] < 0.55
+    assert result.runs["tokens"][0] == 300_000
+    np.testing.assert_allclose(result.runs["mean"][0], frame["entropy"].mean(), rtol=1e-12)
+
+
+def test_overlapping_parts_and_null_steps(shuffled_store):
+    store, frame = shuffled_store
+    frame = frame.assign(entropy=frame["entropy"].astype(np.float64))
+    result = distribution(store, unit_rows=1)
+    steps = result.steps
+    assert steps["step"].isna().sum() == 1   # tokens without a step form one row
+    with_step = frame.dropna(subset=["step"])
+    expected = numpy_step_stats(with_step)
+    np.testing.assert_allclose(steps.dropna(subset=["step"]).drop(
+        columns=["run", "entropy_source"]).to_numpy(dtype=float),
+        expected.to_numpy(dtype=float), rtol=1e-12)
+    null_row = steps[steps["step"].isna()].iloc[0]
+    nulls = frame.loc[frame["step"].isna(), "entropy"].to_numpy()
+    assert null_row["tokens"] == len(nulls)
+    np.testing.assert_allclose(null_row["p50"], np.quantile(nulls, 0.5), rtol=1e-12)
+
+
+def test_step_filter_reads_only_those_steps(synthetic_store):
+    chosen = [2, 7]
+    units = plan_units(synthetic_store, "synthetic", steps=chosen, unit_rows=1)
+    everything = plan_units(synthetic_store, "synthetic", unit_rows=1)
+    assert sum(u.rows for u in units) < sum(u.rows for u in everything) / 3
+    stats = run_aggregators(synthetic_store, "synthetic", {"s": StepStats("exact")},
+                            steps=chosen)["s"]
+    assert stats["step"].tolist() == chosen
+    frame = synthetic_store.read_tokens("synthetic", columns=["step", "entropy"],
+                                        steps=chosen).to_pandas()
+    assert stats["tokens"].tolist() == frame.groupby("step").size().tolist()
+
+
+def test_seal_frees_step_values(synthetic_store):
+    aggregator = StepStats("exact")
+    units = plan_units(synthetic_store, "synthetic", unit_rows=1)
+    state = run_unit(units[0], {"s": aggregator}, list(aggregator.columns))["s"]
+    assert state.values == {} and state.sequences == [] and state.rows
+    # a step sealed twice means an engine broke the step-closed contract
+    with pytest.raises(EntropylensError):
+        aggregator.merge(state, run_unit(units[0], {"s": aggregator},
+                                         list(aggregator.columns))["s"])
+
+
+def test_unknown_engine(synthetic_store):
+    with pytest.raises(EntropylensError, match="unknown engine"):
+        run_aggregators(synthetic_store, "synthetic", {"s": StepStats("exact")},
+                        engine="spark")
+
+
+def test_corrupt_part_file_names_the_file(tmp_path, synthetic_store):
+    import shutil
+    copy = tmp_path / "copy"
+    shutil.copytree(synthetic_store.path, copy)
+    part = sorted((copy / "runs" / "synthetic" / "tokens").glob("part-*.parquet"))[0]
+    part.write_bytes(b"not parquet")
+    with pytest.raises(EntropylensError) as info:
+        distribution(Store.open(copy))
+    assert part.name in str(info.value) or str(part) in str(getattr(info.value, "path", ""))
