@@ -140,6 +140,26 @@ def policy_entropy(store: Store | str, run: str, *, engine: str = "local",
     """
     store = open_store(store)
     manifest = store.manifest(run)
+    # phases, fit, covariance and compare all need this curve: scan the tokens once per run
+    stamp = (store.run_dir(run) / "manifest.json").stat().st_mtime_ns
+    key = (str(store.path.resolve()), run, manifest.get("created"), stamp, engine,
+           tuple(sorted((k, repr(v)) for k, v in engine_options.items())))
+    if key in _CURVE_CACHE:
+        return _CURVE_CACHE[key].copy()
+    frame = _policy_entropy(store, run, manifest, engine, engine_options)
+    _CURVE_CACHE[key] = frame.copy()
+    while len(_CURVE_CACHE) > _CURVE_CACHE_SIZE:
+        _CURVE_CACHE.pop(next(iter(_CURVE_CACHE)))
+    return frame
+
+
+#: Recent policy-entropy curves, keyed by store, run, the run's creation time and engine.
+_CURVE_CACHE: dict = {}
+_CURVE_CACHE_SIZE = 32
+
+
+def _policy_entropy(store: Store, run: str, manifest: dict, engine: str,
+                    engine_options: dict) -> pd.DataFrame:
     source = best_entropy_source(manifest) if manifest.get("counts", {}).get("tokens") else None
     if source is not None:
         stats = run_aggregators(store, run, {"steps": TrainTokens(StepStats(

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ..engine import Aggregator, run_aggregators
 from ..errors import EntropylensError
@@ -32,7 +33,7 @@ NO_STEP = np.iinfo(np.int64).min
 @dataclass
 class _StepState:
     values: dict          # open step -> list of float64 arrays (one step's entropies)
-    sequences: list       # partial frames of (step, sample_id, sum, count) of open steps
+    sequences: list       # Arrow tables (step, sample_id, h_sum, h_count) of open steps
     rows: dict = field(default_factory=dict)   # sealed step -> finished row (and its sum)
 
 
@@ -95,18 +96,26 @@ class StepStats(Aggregator):
         bounds = np.flatnonzero(np.diff(sorted_steps)) + 1
         for chunk in np.split(order, bounds):
             state.values.setdefault(int(step_array[chunk[0]]), []).append(values[chunk])
-        frame = pd.DataFrame({"step": step_array, "sample_id": samples.to_numpy(
-            zero_copy_only=False), "h": values})
-        state.sequences.append(frame.groupby(["step", "sample_id"], sort=False)["h"]
-                               .agg(["sum", "count"]).reset_index())
+        # Arrow's hash aggregation on the string keys avoids building pandas strings;
+        # single-threaded so that float sums are the same on every engine
+        table = pa.table({"step": pa.array(step_array, pa.int64()), "sample_id": samples,
+                          "h": pa.array(values, pa.float64())})
+        state.sequences.append(table.group_by(["step", "sample_id"], use_threads=False)
+                               .aggregate([("h", "sum"), ("h", "count")]))
         return state
 
     def seal(self, state: _StepState) -> _StepState:
         """Reduce every open step (complete: no later batch holds it) to its row."""
         if not state.values:
             return state
-        seq = pd.concat(state.sequences).groupby(["step", "sample_id"])[["sum", "count"]].sum()
-        seq_mean = (seq["sum"] / seq["count"]).groupby(level="step").mean()
+        seq = pa.concat_tables(state.sequences).group_by(
+            ["step", "sample_id"], use_threads=False).aggregate(
+            [("h_sum", "sum"), ("h_count", "sum")])
+        means = pa.table({"step": seq.column("step"), "mean": pc.divide(
+            seq.column("h_sum_sum"), pc.cast(seq.column("h_count_sum"), pa.float64()))})
+        per_step = means.group_by("step", use_threads=False).aggregate([("mean", "mean")])
+        seq_mean = dict(zip(per_step.column("step").to_pylist(),
+                            per_step.column("mean_mean").to_pylist()))
         qnames = [quantile_name(q) for q in self.quantiles]
         for step in sorted(state.values):
             if step in state.rows:
@@ -115,7 +124,7 @@ class StepStats(Aggregator):
             values = np.concatenate(state.values[step])
             row = {"step": step, "tokens": len(values),
                    "entropy_token_mean": float(values.mean()),
-                   "entropy_seq_mean": float(seq_mean.loc[step])}
+                   "entropy_seq_mean": float(seq_mean[step])}
             for name, q in zip(qnames, np.quantile(values, self.quantiles)):
                 row[name] = float(q)
             row["frac_below_0_01"] = float(np.mean(values < LOW_ENTROPY))

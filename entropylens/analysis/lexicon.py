@@ -179,6 +179,18 @@ class Lexicon:
 
     def phrase_index(self, matched: str) -> int:
         """Index in :attr:`phrases` of the phrase that matched the text ``matched``."""
+        # the same few spellings match again and again: remember them
+        cached = self._matched.get(matched)
+        if cached is not None:
+            return cached
+        self._matched[matched] = index = self._phrase_index(matched)
+        return index
+
+    @cached_property
+    def _matched(self) -> dict[str, int]:
+        return {}
+
+    def _phrase_index(self, matched: str) -> int:
         key = normalize_phrase(matched).casefold()
         index = self._index.get(key)
         if index is None:  # a case equivalence that casefold does not share with re

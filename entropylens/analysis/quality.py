@@ -123,25 +123,27 @@ class QualityScan(Aggregator):
         steps = (steps.fill_null(NO_STEP) if steps.null_count else steps) \
             .to_numpy(zero_copy_only=False).astype(np.int64)
         positions = batch.column("position").to_numpy(zero_copy_only=False).astype(np.int64)
-        frame = pd.DataFrame({"step": steps, "sample_id": batch.column("sample_id")
-                              .to_numpy(zero_copy_only=False), "position": positions})
         token = batch.column("token")
         is_eos = pc.fill_null(pc.is_in(pc.utf8_trim_whitespace(token),
                                        value_set=pa.array(EOS_TOKENS)), False)
         is_eos = is_eos.to_numpy(zero_copy_only=False)
-        frame["eos_position"] = np.where(is_eos, positions, _NO_EOS)
         if is_eos.any():
             names = pd.Series(token.filter(pa.array(is_eos)).to_pylist()).value_counts()
             for name, count in names.items():
                 state.eos_names[name] = state.eos_names.get(name, 0) + int(count)
-        grouped = frame.groupby(_SEQ_KEYS, sort=False)
-        distinct = frame.drop_duplicates(["step", "sample_id", "position"]) \
-            .groupby(_SEQ_KEYS, sort=False).size()
-        per_sequence = grouped.agg(rows=("position", "size"), first=("position", "min"),
-                                   last=("position", "max"),
-                                   first_eos=("eos_position", "min"))
-        per_sequence["distinct"] = distinct.reindex(per_sequence.index).to_numpy()
-        state.sequences.append(per_sequence.reset_index())
+        # Arrow's hash aggregation keeps the per-token work off pandas string columns
+        table = pa.table({"step": pa.array(steps), "sample_id": batch.column("sample_id"),
+                          "position": pa.array(positions),
+                          "eos_position": pa.array(np.where(is_eos, positions, _NO_EOS))})
+        grouped = table.group_by(_SEQ_KEYS, use_threads=False).aggregate([
+            ("position", "count"), ("position", "count_distinct"), ("position", "min"),
+            ("position", "max"), ("eos_position", "min")])
+        per_sequence = grouped.rename_columns({
+            "position_count": "rows", "position_count_distinct": "distinct",
+            "position_min": "first", "position_max": "last",
+            "eos_position_min": "first_eos"}).to_pandas()
+        state.sequences.append(per_sequence[["step", "sample_id", "rows", "first", "last",
+                                             "first_eos", "distinct"]])
         if len(state.sequences) >= _COMPACT_EVERY:
             state.sequences = [_fold_sequences(state.sequences)]
         unique, counts = np.unique(steps, return_counts=True)

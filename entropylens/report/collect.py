@@ -203,7 +203,8 @@ def collect(store: Store, runs: list[str], *, engine: str = "local") -> Results:
                                              "groups", "no tokens with both a log-probability "
                                              "and an advantage")
         results.runs.append(entry)
-    results.parts["quality"] = attempt("quality", store, runs)
+    # summary already ran every data-quality check on its own scan
+    results.parts["quality"] = Part(value=summary.quality)
     if len(runs) > 1:
         results.parts["compare"] = attempt("compare", store, runs, engine=engine)
     else:
