@@ -287,8 +287,8 @@ def compute_thresholds(steps: np.ndarray, samples: np.ndarray, positions: np.nda
 class ForkingThresholds(Aggregator):
     """Pass 1: collect the scanned tokens' keys and entropies, finish with their thresholds.
 
-    Run it over one step at a time for the ``step``, ``sequence`` and ``batch`` scopes (memory
-    of one step) or over a whole run for ``global``.
+    For the ``step``, ``sequence`` and ``batch`` scopes :meth:`seal` reduces each step-closed
+    unit to its thresholds (memory of one unit); ``global`` runs over the whole run.
     """
 
     def __init__(self, source: str, *, scope: str, ratio: float,
@@ -321,7 +321,28 @@ class ForkingThresholds(Aggregator):
             return left.merge(right)
         return left + right
 
+    def seal(self, state: list) -> list:
+        """Reduce the complete steps of a unit to their thresholds and free their values.
+
+        Thresholds of the step-wise scopes depend on one step's tokens only (batches restart
+        at each step), so one scan of the run holds one unit's entropies at a time.
+        """
+        if self.sketch or self.scope == "global":
+            return state
+        done = [part for part in state if isinstance(part, ScopeThresholds)]
+        pending = [part for part in state if not isinstance(part, ScopeThresholds)]
+        if pending:
+            steps, samples, positions, entropy = (np.concatenate(parts)
+                                                  for parts in zip(*pending))
+            done.append(compute_thresholds(steps, samples, positions, entropy,
+                                           scope=self.scope, ratio=self.ratio,
+                                           batch_size=self.batch_size))
+        return done
+
     def finish(self, state: list) -> ScopeThresholds:
+        if self.scope != "global":
+            return ScopeThresholds.concat(self.seal(state), self.scope, self.ratio,
+                                          self.batch_size)
         if self.sketch:
             if not state.count:
                 return ScopeThresholds(self.scope, self.ratio, self.batch_size,
@@ -533,36 +554,20 @@ def _token_step_filters(store: Store, run: str) -> list[tuple[int, ds.Expression
 def run_thresholds(store: Store, run: str, source: str, manifest: dict, *, scope: str,
                    ratio: float, batch_size: int | None = None, engine: str = "local",
                    **engine_options) -> ScopeThresholds:
-    """Thresholds of one run: one scan per step (exact), or one run-wide scan for global."""
+    """Thresholds of one run, in one scan.
+
+    The engine hands over step-closed units (tokens without a step form their own unit), so
+    the step-wise scopes are exact while holding one unit's entropies at a time; ``global``
+    holds the run's entropies, or a sketch for large runs.
+    """
     options = {"vocab_size": manifest.get("vocab_size"), "top_k": manifest.get("top_k")}
     large = manifest.get("counts", {}).get("tokens", 0) > EXACT_GLOBAL_MAX_TOKENS
     aggregator = ForkingThresholds(source, scope=scope, ratio=ratio, batch_size=batch_size,
                                    sketch=large, **options)
-    if scope == "global":
-        result = run_aggregators(store, run, {"t": aggregator}, engine=engine,
-                                 **engine_options)["t"]
-        result.source, result.options = source, options
-        return result
-    parts = []
-    for step, null_filter in _token_step_filters(store, run):
-        if null_filter is None:
-            parts.append(run_aggregators(store, run, {"t": aggregator}, steps=[step],
-                                         engine=engine, **engine_options)["t"])
-        else:
-            parts.append(_null_step_thresholds(store, run, aggregator, null_filter))
-    result = ScopeThresholds.concat(parts, scope, ratio, batch_size)
+    result = run_aggregators(store, run, {"t": aggregator}, engine=engine,
+                             **engine_options)["t"]
     result.source, result.options = source, options
     return result
-
-
-def _null_step_thresholds(store: Store, run: str, aggregator: ForkingThresholds,
-                          null_filter: ds.Expression) -> ScopeThresholds:
-    # the engine selects steps by value; tokens without a step are few (inference logs)
-    state = aggregator.start()
-    for batch in store.scan_tokens(run, columns=list(aggregator.columns), filter=null_filter):
-        if batch.num_rows:
-            state = aggregator.update(state, batch)
-    return aggregator.finish(state)
 
 
 def _public_thresholds(run: str, thresholds: ScopeThresholds) -> pd.DataFrame:
