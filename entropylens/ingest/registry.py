@@ -9,12 +9,15 @@ and never write: the ingest driver conforms, cleans and stores what they yield.
 
 from __future__ import annotations
 
+import csv
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from ..errors import FormatError
 
@@ -88,6 +91,36 @@ class Sample:
             return json.loads(self.text)
         except ValueError:
             return None
+
+
+    def columns(self) -> list[str] | None:
+        """Column names of a tabular file: Parquet schema, CSV/TSV header, or the keys of
+        the first JSON record (of a JSONL file or a JSON list); None when not tabular."""
+        suffix = self.suffix
+        if self.head[:4] == b"PAR1" or suffix == ".parquet":
+            try:
+                return pq.read_schema(self.path).names
+            except Exception:
+                return None
+        if suffix in (".csv", ".tsv"):
+            lines = self.lines(1)
+            if not lines:
+                return None
+            return next(csv.reader([lines[0]], delimiter="\t" if suffix == ".tsv" else ","))
+        if suffix in (".jsonl", ".ndjson", ".json"):
+            record = self.first_json()
+            if isinstance(record, list) and record and isinstance(record[0], dict):
+                return list(record[0])
+            if isinstance(record, dict):
+                return list(record)
+            # a JSON list too long for the head: look at its first record only
+            found = re.match(rb"\s*\[\s*(\{[^{}]*\})", self.head)
+            if found:
+                try:
+                    return list(json.loads(found.group(1)))
+                except ValueError:
+                    return None
+        return None
 
 
 @dataclass(frozen=True)

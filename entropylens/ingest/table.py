@@ -43,26 +43,13 @@ _SYNONYMS = {
 
 
 def _columns_of(sample: Sample) -> list[str] | None:
-    """Column names of a table file, reading no more than its header or footer."""
-    suffix = sample.suffix
-    if sample.head[:4] == b"PAR1" or suffix == ".parquet":
-        try:
-            return pq.read_schema(sample.path).names
-        except Exception:
-            return None
-    if suffix in (".csv", ".tsv"):
-        lines = sample.lines(1)
-        if not lines:
-            return None
-        delimiter = "\t" if suffix == ".tsv" else ","
-        import csv
-        return next(csv.reader([lines[0]], delimiter=delimiter))
-    if suffix in (".jsonl", ".ndjson", ".json"):
+    """Column names of a table file; a JSON record with nested objects is no flat table."""
+    if sample.suffix in (".jsonl", ".ndjson", ".json"):
         record = sample.first_json()
-        if isinstance(record, dict) and record and all(
-                not isinstance(v, dict) for v in record.values()):
-            return list(record)
-    return None
+        if not (isinstance(record, dict) and record
+                and not any(isinstance(v, dict) for v in record.values())):
+            return None
+    return sample.columns()
 
 
 def _apply_names(names: list[str], mapping: Mapping[str, str]) -> dict[str, str]:

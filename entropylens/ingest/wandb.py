@@ -17,7 +17,6 @@ skipped); a file holding several runs yields one run each.
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import re
@@ -45,37 +44,10 @@ _PANEL_STEP = {"step", "train/global_step", "trainer/global_step", "global_step"
 
 
 # -- history --------------------------------------------------------------------------------
-def _header(sample: Sample) -> list[str] | None:
-    """Column names of a tabular sample, from the header, schema or first record."""
-    suffix = sample.suffix
-    if sample.head[:4] == b"PAR1" or suffix == ".parquet":
-        try:
-            return pq.read_schema(sample.path).names
-        except Exception:
-            return None
-    if suffix in (".csv", ".tsv"):
-        lines = sample.lines(1)
-        if not lines:
-            return None
-        return next(csv.reader([lines[0]], delimiter="\t" if suffix == ".tsv" else ","))
-    if suffix in (".jsonl", ".ndjson", ".json"):
-        record = sample.first_json()
-        if isinstance(record, list) and record and isinstance(record[0], dict):
-            return list(record[0])
-        if isinstance(record, dict):
-            return list(record)
-        # a JSON list too long for the head: look at its first record only
-        found = re.match(rb"\s*\[\s*(\{[^{}]*\})", sample.head)
-        if found:
-            try:
-                return list(json.loads(found.group(1)))
-            except ValueError:
-                return None
-    return None
 
 
 def sniff_history(sample: Sample) -> float:
-    names = _header(sample)
+    names = sample.columns()
     if not names or "_step" not in names:
         return 0.0
     # a bare _step column could be anyone's; with W&B's clock columns it is W&B's
@@ -168,7 +140,7 @@ def _panel_columns(names: list[str]) -> list[tuple[str, str, str]] | None:
 def sniff_panel(sample: Sample) -> float:
     if sample.suffix not in (".csv", ".tsv"):
         return 0.0
-    names = _header(sample)
+    names = sample.columns()
     if not names or _panel_columns(names) is None:
         return 0.0
     return 0.9 if names[0].strip().lower() in _PANEL_STEP or names[0] == "Step" else 0.6
