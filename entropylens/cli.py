@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 from typing import List, Optional, Tuple
@@ -36,6 +37,15 @@ def _fail(exc: Exception) -> None:
     message = str(exc).replace("\n", " ")
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code=1)
+
+
+@contextmanager
+def _user_errors():
+    """Turn bad-data errors into a one-line message and exit code 1."""
+    try:
+        yield
+    except EntropylensError as exc:
+        _fail(exc)
 
 
 def _emit_json(obj) -> None:
@@ -95,7 +105,7 @@ def ingest(
                                 "(--alias wins over it)."),
 ):
     """Read log files into a canonical store."""
-    try:
+    with _user_errors():
         from .aliases import load_alias_file
         aliases = load_alias_file(aliases_file) if aliases_file is not None else {}
         aliases.update(_pairs(alias, "--alias"))
@@ -103,8 +113,6 @@ def ingest(
                           temperature=temperature, vocab_size=vocab_size,
                           on_error=on_error.value, replace=replace,
                           aliases=aliases)
-    except EntropylensError as exc:
-        _fail(exc)
     store = api.open(out)
     for name in runs:
         manifest = store.manifest(name)
@@ -131,10 +139,8 @@ def summary(
     as_json: bool = JsonOption,
 ):
     """Per-run contents and per-step entropy statistics."""
-    try:
+    with _user_errors():
         result = api.summary(store, run or None, engine=_engine(engine, ray_address))
-    except EntropylensError as exc:
-        _fail(exc)
     if as_json:
         _emit_json(result.to_dict())
         return
@@ -183,10 +189,8 @@ def demo(
                                  help="Folder of sample runs (one subfolder per run)."),
 ):
     """Ingest the sample logs and show what entropylens finds."""
-    try:
+    with _user_errors():
         result = api.demo(samples=samples, store=store, out=out)
-    except EntropylensError as exc:
-        _fail(exc)
     _print_summary(result.summary)
     if result.report_path is not None:
         typer.echo(f"report: {result.report_path}")
@@ -206,10 +210,8 @@ def phases(
     as_json: bool = JsonOption,
 ):
     """Collapse phases of the entropy curve: segments, early drop, arrival step, alarm."""
-    try:
+    with _user_errors():
         result = api.phases(store, run or None, engine=_engine(engine, ray_address))
-    except EntropylensError as exc:
-        _fail(exc)
     if as_json:
         _emit_json(result.to_dict())
         return
@@ -246,10 +248,8 @@ def fit(
     as_json: bool = JsonOption,
 ):
     """Fit the saturation law R = -a*exp(H) + b and its ceiling b - a."""
-    try:
+    with _user_errors():
         result = api.fit_saturation(store, run or None, reward=reward, engine=_engine(engine, ray_address))
-    except EntropylensError as exc:
-        _fail(exc)
     fits = result if isinstance(result, list) else [result]
     if as_json:
         _emit_json(result.to_dict() if not isinstance(result, list)
@@ -282,10 +282,8 @@ def compare(
     as_json: bool = JsonOption,
 ):
     """Runs side by side: entropy drop, phases, saturation fit, final performance."""
-    try:
+    with _user_errors():
         result = api.compare(store, run or None, reward=reward, engine=_engine(engine, ray_address))
-    except EntropylensError as exc:
-        _fail(exc)
     if as_json:
         _emit_json(result.to_dict())
         return
@@ -314,10 +312,8 @@ def covariance(
     as_json: bool = JsonOption,
 ):
     """Covariance of token logprob and advantage by group, and its link to entropy change."""
-    try:
+    with _user_errors():
         result = api.covariance(store, run or None, engine=_engine(engine, ray_address))
-    except EntropylensError as exc:
-        _fail(exc)
     if as_json:
         _emit_json(result.to_dict())
         return
@@ -377,15 +373,13 @@ def forks(
                                  param_hint="--batch-size")
     if not 0 < ratio < 1:
         raise typer.BadParameter("must lie strictly between 0 and 1", param_hint="--ratio")
-    try:
+    with _user_errors():
         result = api.forking_tokens(store, run or None, ratio=ratio, scope=scope.value,
                                     batch_size=batch_size, min_count=min_count, top_n=top,
                                     engine=_engine(engine, ray_address))
         pair = api.forking_overlap(store, overlap[0], overlap[1], ratio=ratio,
                                    scope=scope.value, batch_size=batch_size,
                                    engine=_engine(engine, ray_address)) if overlap else None
-    except EntropylensError as exc:
-        _fail(exc)
     if as_json:
         out = result.to_dict()
         if pair is not None:
@@ -443,10 +437,8 @@ def report(
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed, whatever the environment says
-    try:
+    with _user_errors():
         result = api.report(store, out, run or None, engine=_engine(engine, ray_address))
-    except EntropylensError as exc:
-        _fail(exc)
     for missing in result.model["unavailable"]:
         where = f"{missing['run']}: " if missing["run"] else ""
         typer.echo(f"{where}{missing['section']} not available: {missing['reason']}", err=True)
@@ -486,12 +478,10 @@ def roles(
     as_json: bool = JsonOption,
 ):
     """Planning versus execution tokens per step, semantic entropy and the two phases."""
-    try:
+    with _user_errors():
         result = api.roles(store, run or None, lexicon=lexicon,
                            lexicon_mode=lexicon_mode.value, convention=convention.value,
                            window=window, engine=_engine(engine, ray_address))
-    except EntropylensError as exc:
-        _fail(exc)
     if as_json:
         _emit_json(result.to_dict())
         return
@@ -539,13 +529,11 @@ def mine_lexicon(
     as_json: bool = JsonOption,
 ):
     """Rank n-grams of successful completions as candidate strategic grams (offline)."""
-    try:
+    with _user_errors():
         result = api.mine_lexicon(store, run or None, reward_threshold=reward_threshold,
                                   min_n=min_n, max_n=max_n, min_df=min_df, top_n=top)
         if out is not None:
             result.write(out)
-    except EntropylensError as exc:
-        _fail(exc)
     if as_json:
         _emit_json(result.to_dict())
         return
@@ -616,7 +604,7 @@ def rescore(
     """Score completions with a model: exact per-token entropy, logprob and top-k, as a run."""
     if not temperature > 0:
         raise typer.BadParameter("must be positive", param_hint="--temperature")
-    try:
+    with _user_errors():
         result = api.rescore(src, model, out, run=run, source_run=source_run, format=format,
                              temperature=temperature,
                              device=device.value if device else None, batch_size=batch_size,
@@ -624,8 +612,6 @@ def rescore(
                              tokens="source" if source_tokens else "text",
                              steps=step or None, limit=limit, on_error=on_error.value,
                              replace=replace)
-    except EntropylensError as exc:
-        _fail(exc)
     if as_json:
         _emit_json(result.to_dict())
         return

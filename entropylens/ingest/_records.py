@@ -86,14 +86,7 @@ def iter_json_records(fh, ctx) -> Iterator[tuple[int, Any]]:
     Unparsable lines go to ``ctx.reject``.
     """
     first = True
-    for number, line in enumerate(fh, start=1):
-        line = line.strip()
-        if not line:
-            continue
-        if line.startswith(b"data:"):
-            line = line[5:].strip()
-            if line == b"[DONE]":
-                continue
+    for number, line in _payload_lines(fh):
         try:
             record = loads(line)
         except ValueError as exc:
@@ -109,6 +102,20 @@ def iter_json_records(fh, ctx) -> Iterator[tuple[int, Any]]:
                 yield number, item
         else:
             yield number, record
+
+
+def _payload_lines(fh) -> Iterator[tuple[int, bytes]]:
+    """``(line number, payload)`` of every non-blank line; Server-Sent-Events ``data:``
+    prefixes are removed and ``data: [DONE]`` is skipped."""
+    for number, line in enumerate(fh, start=1):
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith(b"data:"):
+            line = line[5:].strip()
+            if line == b"[DONE]":
+                continue
+        yield number, line
 
 
 def _document_records(data: bytes, ctx, line: int) -> Iterator[tuple[int, Any]]:
@@ -381,14 +388,7 @@ def iter_raw_records(fh, ctx) -> Iterator[tuple[int, bytes]]:
     import msgspec
 
     first = True
-    for number, line in enumerate(fh, start=1):
-        line = line.strip()
-        if not line:
-            continue
-        if line.startswith(b"data:"):
-            line = line[5:].strip()
-            if line == b"[DONE]":
-                continue
+    for number, line in _payload_lines(fh):
         if first:
             first = False
             if not _is_complete_json(line):
