@@ -20,6 +20,7 @@ included.
 
 from __future__ import annotations
 
+import os
 import pickle
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -40,6 +41,10 @@ ENGINES = ("local", "ray")
 UNIT_ROWS = 2 * 1024 * 1024
 #: Step key of rows without a step in the planner (they form their own step).
 _NULL_KEY = np.iinfo(np.int64).min
+#: Environment variable that sets the local engine's worker processes (1: none).
+WORKERS_ENV = "ENTROPYLENS_WORKERS"
+#: Default ceiling of worker processes (each holds one unit).
+MAX_WORKERS = 4
 
 
 class Aggregator(ABC):
@@ -257,7 +262,8 @@ def run_unit(unit: Unit, aggregators: Mapping[str, Aggregator], columns: Sequenc
 def run_aggregators(store: Store, run: str, aggregators: Mapping[str, Aggregator], *,
                     steps: Iterable[int] | None = None, engine: str = "local",
                     batch_size: int = 256 * 1024, unit_rows: int = UNIT_ROWS,
-                    ray_address: str | None = None) -> dict[str, Any]:
+                    ray_address: str | None = None,
+                    workers: int | None = None) -> dict[str, Any]:
     """Run several aggregators over one run's tokens in a single scan.
 
     Parameters
@@ -277,6 +283,9 @@ def run_aggregators(store: Store, run: str, aggregators: Mapping[str, Aggregator
     ray_address : str, optional
         Ray cluster to join (``auto``, ``ray://host:10001``); default: the Ray instance
         already started in this process, else a new local one.
+    workers : int, optional
+        Local engine: processes that scan units side by side (see :func:`local_workers`);
+        1 scans in this process.
 
     Returns
     -------
@@ -291,6 +300,9 @@ def run_aggregators(store: Store, run: str, aggregators: Mapping[str, Aggregator
     if engine == "ray" and units:
         partials = _ray_partials(units, aggregators, columns, steps=steps,
                                  batch_size=batch_size, ray_address=ray_address)
+    elif local_workers(workers) > 1 and len(units) > 1:
+        partials = _pool_partials(units, aggregators, columns, steps=steps,
+                                  batch_size=batch_size, workers=local_workers(workers))
     else:
         partials = (run_unit(u, aggregators, columns, steps=steps, batch_size=batch_size)
                     for u in units)
@@ -299,6 +311,45 @@ def run_aggregators(store: Store, run: str, aggregators: Mapping[str, Aggregator
         for name, agg in aggregators.items():
             states[name] = agg.merge(states[name], partial[name])
     return {name: agg.finish(states[name]) for name, agg in aggregators.items()}
+
+
+def local_workers(workers: int | None = None) -> int:
+    """Worker processes of the local engine.
+
+    ``workers`` when given, else the environment variable ``ENTROPYLENS_WORKERS``, else the
+    usable CPUs up to :data:`MAX_WORKERS`. Each worker holds one unit at a time, so memory
+    grows with the workers, not with the data.
+    """
+    if workers is None:
+        value = os.environ.get(WORKERS_ENV, "").strip()
+        if value:
+            try:
+                workers = int(value)
+            except ValueError as exc:
+                raise EntropylensError(f"{WORKERS_ENV} must be a whole number, not "
+                                       f"{value!r}") from exc
+        else:
+            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+                else (os.cpu_count() or 1)
+            workers = min(cpus, MAX_WORKERS)
+    if workers < 1:
+        raise EntropylensError(f"workers must be at least 1, not {workers}")
+    return workers
+
+
+def _unit_state(unit: Unit, aggregators, columns, steps, batch_size) -> dict:
+    """Worker side: one unit's sealed states."""
+    return run_unit(unit, aggregators, columns, steps=steps, batch_size=batch_size)
+
+
+def _pool_partials(units: list[Unit], aggregators, columns, *, steps, batch_size,
+                   workers: int) -> Iterator[dict]:
+    """Partial states of the units from worker processes, yielded in unit order."""
+    from .workers import pool
+
+    aggregators, columns = dict(aggregators), list(columns)
+    yield from pool(workers).map(_unit_state, ((unit, aggregators, columns, steps, batch_size)
+                                               for unit in units))
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None):

@@ -33,6 +33,11 @@ class EntropylensError(Exception):
         self.field = field
         super().__init__(self.__str__())
 
+    def __reduce__(self):
+        # keep the fields across processes (the local engine's workers, Ray tasks)
+        return (type(self), (self.message,), {"path": self.path, "line": self.line,
+                                              "field": self.field, "args": self.args})
+
     def __str__(self) -> str:
         where = ""
         if self.path is not None:

@@ -22,6 +22,7 @@ from ..engine import Aggregator, run_aggregators
 from ..errors import EntropylensError
 from ..estimators import best_entropy_source, columns_for, token_entropy
 from ..store import Store
+from .sequences import run_keys, run_lengths, sequence_starts
 from .sketch import DEFAULT_ALPHA, QuantileSketch
 
 #: A token below this entropy (nats) counts as near-deterministic (arXiv 2506.01939).
@@ -91,17 +92,20 @@ class StepStats(Aggregator):
             samples = batch.column("sample_id")
         if not len(values):
             return state
-        order = np.argsort(step_array, kind="stable")
+        if len(step_array) > 1 and (np.diff(step_array) < 0).any():
+            order = np.argsort(step_array, kind="stable")
+        else:   # stored order: the steps are already sorted
+            order = np.arange(len(step_array))
         sorted_steps = step_array[order]
         bounds = np.flatnonzero(np.diff(sorted_steps)) + 1
         for chunk in np.split(order, bounds):
             state.values.setdefault(int(step_array[chunk[0]]), []).append(values[chunk])
-        # Arrow's hash aggregation on the string keys avoids building pandas strings;
-        # single-threaded so that float sums are the same on every engine
-        table = pa.table({"step": pa.array(step_array, pa.int64()), "sample_id": samples,
-                          "h": pa.array(values, pa.float64())})
-        state.sequences.append(table.group_by(["step", "sample_id"], use_threads=False)
-                               .aggregate([("h", "sum"), ("h", "count")]))
+        # per-completion sums over runs of rows (no hashing of the string keys); the sums
+        # run in row order, so they are the same on every engine
+        starts = sequence_starts(step_array, samples)
+        state.sequences.append(run_keys(step_array, samples, starts).append_column(
+            "h_sum", pa.array(np.add.reduceat(values, starts), pa.float64())).append_column(
+            "h_count", pa.array(run_lengths(starts, len(values)))))
         return state
 
     def seal(self, state: _StepState) -> _StepState:

@@ -14,12 +14,14 @@ Scopes (DESIGN.md section 5):
   (sample_id, position), as trainers select within a micro-batch. Batches restart at each
   step; the last batch of a step may be smaller.
 
-Memory: ``step``, ``sequence`` and ``batch`` thresholds are exact and computed one step at a
-time (a filtered scan per step), so memory is bounded by the largest step. ``global`` is
-exact for runs of at most ``EXACT_GLOBAL_MAX_TOKENS`` tokens (their entropies held in memory);
-larger runs take the threshold from a :class:`~entropylens.analysis.sketch.QuantileSketch`
-(fixed memory, within relative error 0.5 % plus 1e-9 nats of the exact quantile). Counting forking tokens by text is a second, streaming pass
-(:class:`ForkingCounts`) with state bounded by the number of distinct tokens.
+Memory: ``step``, ``sequence`` and ``batch`` thresholds are exact. The engine hands over
+step-closed units, so :class:`ForkingScan` computes a unit's thresholds when it is sealed,
+flags and counts its tokens by text there and frees them: one scan, memory bounded by one
+unit plus count tables bounded by the number of distinct texts. ``global`` is exact for runs
+of at most ``EXACT_GLOBAL_MAX_TOKENS`` tokens (their entropies held in memory); larger runs
+take the threshold from a :class:`~entropylens.analysis.sketch.QuantileSketch` (fixed
+memory, within relative error 0.5 % plus 1e-9 nats of the exact quantile). Its tokens are
+counted in a second pass (:class:`ForkingCounts`), once the run's threshold is known.
 
 Tokens without an entropy from the run's source (NaN) are neither counted nor forking.
 """
@@ -212,10 +214,15 @@ def _empty_frame(scope: str) -> pd.DataFrame:
     return pd.DataFrame(columns)
 
 
-def _key_arrays(batch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _key_arrays(batch, scope: str = "batch") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(steps, sample ids, positions) of a batch; the scopes ``step`` and ``global`` use the
+    steps only, so they get cheap placeholders for the others."""
     steps = batch.column("step")
     steps = (steps.fill_null(NO_STEP) if steps.null_count else steps) \
         .to_numpy(zero_copy_only=False).astype(np.int64)
+    if scope in ("step", "global"):
+        empty = np.zeros(len(steps), dtype=np.int8)
+        return steps, empty, empty
     samples = batch.column("sample_id").to_numpy(zero_copy_only=False).astype(object)
     positions = batch.column("position").to_numpy(zero_copy_only=False).astype(np.int64)
     return steps, samples, positions
@@ -313,7 +320,7 @@ class ForkingThresholds(Aggregator):
             empty = np.empty(len(entropy), dtype=np.int8)
             state.append((empty, empty, empty, entropy))
         else:
-            state.append((*_key_arrays(batch), entropy))
+            state.append((*_key_arrays(batch, self.scope), entropy))
         return state
 
     def merge(self, left: list, right: list) -> list:
@@ -364,6 +371,8 @@ def token_keys(batch) -> pa.Array:
     """Text a token is counted under: its ``token``, else ``<id N>``, else ``<unknown>``."""
     names = batch.schema.names
     text = batch.column("token") if "token" in names else pa.nulls(batch.num_rows, pa.string())
+    if text.null_count == 0:
+        return text.combine_chunks() if isinstance(text, pa.ChunkedArray) else text
     if "token_id" in names:
         ids = pc.cast(batch.column("token_id"), pa.string())
         text = pc.coalesce(text, pc.binary_join_element_wise("<id ", ids, ">", ""))
@@ -404,26 +413,54 @@ def token_category(text: str) -> str:
     return "other"
 
 
-def count_forking(keys: pa.Array, flags: np.ndarray, judged: np.ndarray) -> pd.DataFrame:
-    """``count`` and ``forking_count`` per token text, over the judged tokens."""
+def count_forking(keys: pa.Array, flags: np.ndarray, judged: np.ndarray) -> pa.Table:
+    """``token, count, forking_count`` per token text, over the judged tokens."""
     table = pa.table({"token": keys, "fork": pa.array(flags.astype(np.int64))}) \
         .filter(pa.array(judged))
     grouped = table.group_by("token").aggregate([("fork", "count"), ("fork", "sum")])
-    return pd.DataFrame({"count": grouped.column("fork_count").to_numpy(),
-                         "forking_count": grouped.column("fork_sum").to_numpy()},
-                        index=pd.Index(grouped.column("token").to_pylist(), name="token"))
+    return pa.table({"token": grouped.column("token"),
+                     "count": grouped.column("fork_count").cast(pa.int64()),
+                     "forking_count": grouped.column("fork_sum").cast(pa.int64())})
 
 
-def _add_counts(left: pd.DataFrame | None, right: pd.DataFrame) -> pd.DataFrame:
-    if left is None:
-        return right
-    return left.add(right, fill_value=0).astype(np.int64)
+#: Count tables held before they are summed into one (each has at most one row per text).
+_COUNT_TABLES = 16
+
+
+def add_counts(tables: list[pa.Table]) -> list[pa.Table]:
+    """Sum count tables by token text once there are many, so memory stays bounded by the
+    number of distinct texts."""
+    if len(tables) < _COUNT_TABLES:
+        return tables
+    return [_sum_counts(tables)]
+
+
+def _sum_counts(tables: list[pa.Table]) -> pa.Table:
+    grouped = pa.concat_tables(tables).group_by("token").aggregate(
+        [("count", "sum"), ("forking_count", "sum")])
+    return pa.table({"token": grouped.column("token"), "count": grouped.column("count_sum"),
+                     "forking_count": grouped.column("forking_count_sum")})
+
+
+def counts_frame(tables: list[pa.Table]) -> pd.DataFrame:
+    """``token, count, forking_count`` (int64), one row per distinct token text."""
+    if not tables:
+        return pd.DataFrame({"token": pd.Series(dtype=object),
+                             "count": pd.Series(dtype="int64"),
+                             "forking_count": pd.Series(dtype="int64")})
+    summed = _sum_counts(tables)
+    return pd.DataFrame({"token": summed.column("token").to_numpy(zero_copy_only=False)
+                         .astype(object),
+                         "count": summed.column("count").to_numpy().astype(np.int64),
+                         "forking_count": summed.column("forking_count").to_numpy()
+                         .astype(np.int64)})
 
 
 class ForkingCounts(Aggregator):
     """Pass 2: flag each token with known thresholds and count tokens and forks by text.
 
-    State: one row per distinct token text, so memory is bounded by the vocabulary.
+    State: count tables summed by text as they accumulate, so memory is bounded by the
+    vocabulary.
     """
 
     def __init__(self, source: str, thresholds: ScopeThresholds, *,
@@ -432,26 +469,84 @@ class ForkingCounts(Aggregator):
         self.vocab_size, self.top_k = vocab_size, top_k
         self.columns = _KEY_COLUMNS + _TOKEN_COLUMNS + columns_for(source)
 
-    def start(self):
-        return None
+    def start(self) -> list:
+        return []
 
-    def update(self, state, batch: pa.RecordBatch):
+    def update(self, state: list, batch: pa.RecordBatch) -> list:
         entropy = token_entropy(batch, self.source, vocab_size=self.vocab_size,
                                 top_k=self.top_k)
-        flags = self.thresholds.flags(*_key_arrays(batch), entropy)
-        return _add_counts(state, count_forking(token_keys(batch), flags,
-                                                np.isfinite(entropy)))
+        flags = self.thresholds.flags(*_key_arrays(batch, self.thresholds.scope), entropy)
+        return add_counts(state + [count_forking(token_keys(batch), flags,
+                                                 np.isfinite(entropy))])
 
-    def merge(self, left, right):
-        return right if left is None else left if right is None else _add_counts(left, right)
+    def merge(self, left: list, right: list) -> list:
+        return add_counts(left + right)
 
-    def finish(self, state) -> pd.DataFrame:
-        """``token, count, forking_count`` (int64), one row per distinct token text."""
-        if state is None:
-            return pd.DataFrame({"token": pd.Series(dtype=object),
-                                 "count": pd.Series(dtype="int64"),
-                                 "forking_count": pd.Series(dtype="int64")})
-        return state.astype(np.int64).rename_axis("token").reset_index()
+    def finish(self, state: list) -> pd.DataFrame:
+        return counts_frame(state)
+
+
+@dataclass
+class _UnitForks:
+    """State of :class:`ForkingScan`: tokens of unsealed steps, then sealed results."""
+
+    pending: list = field(default_factory=list)
+    thresholds: list = field(default_factory=list)
+    counts: list = field(default_factory=list)
+
+
+class ForkingScan(Aggregator):
+    """Thresholds and counts by text in one pass, for the step-wise scopes.
+
+    A unit holds whole steps, so when it is sealed its thresholds are final: its tokens are
+    flagged and counted there and their values freed. Memory: one unit's keys, entropies
+    and texts, plus count tables bounded by the vocabulary. (``global`` needs the run's
+    threshold before any token can be flagged: :class:`ForkingThresholds`, then
+    :class:`ForkingCounts`.)
+    """
+
+    def __init__(self, source: str, *, scope: str, ratio: float,
+                 batch_size: int | None = None, vocab_size: int | None = None,
+                 top_k: int | None = None):
+        if scope == "global":
+            raise EntropylensError("ForkingScan serves the step-wise scopes, not 'global'")
+        self.source, self.scope, self.ratio, self.batch_size = source, scope, ratio, batch_size
+        self.vocab_size, self.top_k = vocab_size, top_k
+        self.columns = _KEY_COLUMNS + _TOKEN_COLUMNS + columns_for(source)
+
+    def start(self) -> _UnitForks:
+        return _UnitForks()
+
+    def update(self, state: _UnitForks, batch: pa.RecordBatch) -> _UnitForks:
+        entropy = token_entropy(batch, self.source, vocab_size=self.vocab_size,
+                                top_k=self.top_k)
+        state.pending.append((*_key_arrays(batch, self.scope), entropy, token_keys(batch)))
+        return state
+
+    def seal(self, state: _UnitForks) -> _UnitForks:
+        if not state.pending:
+            return state
+        steps, samples, positions, entropy = (np.concatenate(parts) for parts in
+                                              zip(*(p[:4] for p in state.pending)))
+        keys = pa.concat_arrays([p[4] for p in state.pending])
+        state.pending = []
+        scoped = compute_thresholds(steps, samples, positions, entropy, scope=self.scope,
+                                    ratio=self.ratio, batch_size=self.batch_size)
+        state.thresholds.append(scoped)
+        flags = scoped.flags(steps, samples, positions, entropy)
+        state.counts = add_counts(state.counts + [count_forking(keys, flags,
+                                                               np.isfinite(entropy))])
+        return state
+
+    def merge(self, left: _UnitForks, right: _UnitForks) -> _UnitForks:
+        left, right = self.seal(left), self.seal(right)
+        return _UnitForks([], left.thresholds + right.thresholds,
+                          add_counts(left.counts + right.counts))
+
+    def finish(self, state: _UnitForks) -> tuple[ScopeThresholds, pd.DataFrame]:
+        state = self.seal(state)
+        return (ScopeThresholds.concat(state.thresholds, self.scope, self.ratio,
+                                       self.batch_size), counts_frame(state.counts))
 
 
 # -- the analysis ------------------------------------------------------------------------
@@ -570,6 +665,25 @@ def run_thresholds(store: Store, run: str, source: str, manifest: dict, *, scope
     return result
 
 
+def run_forking(store: Store, run: str, source: str, manifest: dict, *, scope: str,
+                ratio: float, batch_size: int | None = None, engine: str = "local",
+                **engine_options) -> tuple[ScopeThresholds, pd.DataFrame]:
+    """Thresholds and counts by text of one run: one scan for the step-wise scopes, two
+    (thresholds, then counts) for ``global``."""
+    options = {"vocab_size": manifest.get("vocab_size"), "top_k": manifest.get("top_k")}
+    if scope == "global":
+        scoped = run_thresholds(store, run, source, manifest, scope=scope, ratio=ratio,
+                                engine=engine, **engine_options)
+        counts = run_aggregators(store, run, {"c": ForkingCounts(source, scoped, **options)},
+                                 engine=engine, **engine_options)["c"]
+        return scoped, counts
+    scoped, counts = run_aggregators(store, run, {"f": ForkingScan(
+        source, scope=scope, ratio=ratio, batch_size=batch_size, **options)},
+        engine=engine, **engine_options)["f"]
+    scoped.source, scoped.options = source, options
+    return scoped, counts
+
+
 def _public_thresholds(run: str, thresholds: ScopeThresholds) -> pd.DataFrame:
     frame = thresholds.frame.copy()
     frame.insert(0, "run", run)
@@ -641,11 +755,8 @@ def forking_tokens(store: Store | str, runs=None, *, ratio: float = 0.2, scope: 
     ratio, batch_size = float(ratio), (int(batch_size) if batch_size is not None else None)
     thresholds, tops, rates, compositions, run_rows, scopes = [], [], [], [], [], {}
     for run, source, manifest in token_runs(store, runs):
-        scoped = run_thresholds(store, run, source, manifest, scope=scope, ratio=ratio,
-                                batch_size=batch_size, engine=engine, **engine_options)
-        counts = run_aggregators(store, run, {"c": ForkingCounts(
-            source, scoped, vocab_size=manifest.get("vocab_size"),
-            top_k=manifest.get("top_k"))}, engine=engine, **engine_options)["c"]
+        scoped, counts = run_forking(store, run, source, manifest, scope=scope, ratio=ratio,
+                                     batch_size=batch_size, engine=engine, **engine_options)
         scopes[run] = scoped
         thresholds.append(_public_thresholds(run, scoped))
         top, rate = _top(run, counts, top_n, min_count)

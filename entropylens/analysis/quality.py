@@ -47,6 +47,7 @@ from ..engine import Aggregator, run_aggregators
 from ..estimators import best_entropy_source
 from ..store import Store
 from .distribution import NO_STEP
+from .sequences import run_keys, run_lengths, sequence_starts
 
 #: Texts of end-of-sequence tokens across tokenizers (ChatML, Llama 2/3, GPT-2, Gemma, Phi,
 #: DeepSeek, gpt-oss, Mistral).
@@ -83,6 +84,13 @@ class _ScanState:
     positive_logprob: int = 0
     topk_over: int = 0
     eos_names: dict = None   # eos text -> count
+
+
+def _inside_runs(starts: np.ndarray, n: int) -> np.ndarray:
+    """For each pair of neighbouring rows, whether both lie in the same run."""
+    inside = np.ones(max(n - 1, 0), bool)
+    inside[starts[1:] - 1] = False
+    return inside
 
 
 def _fold_sequences(frames: list[pd.DataFrame]) -> pd.DataFrame:
@@ -131,19 +139,8 @@ class QualityScan(Aggregator):
             names = pd.Series(token.filter(pa.array(is_eos)).to_pylist()).value_counts()
             for name, count in names.items():
                 state.eos_names[name] = state.eos_names.get(name, 0) + int(count)
-        # Arrow's hash aggregation keeps the per-token work off pandas string columns
-        table = pa.table({"step": pa.array(steps), "sample_id": batch.column("sample_id"),
-                          "position": pa.array(positions),
-                          "eos_position": pa.array(np.where(is_eos, positions, _NO_EOS))})
-        grouped = table.group_by(_SEQ_KEYS, use_threads=False).aggregate([
-            ("position", "count"), ("position", "count_distinct"), ("position", "min"),
-            ("position", "max"), ("eos_position", "min")])
-        per_sequence = grouped.rename_columns({
-            "position_count": "rows", "position_count_distinct": "distinct",
-            "position_min": "first", "position_max": "last",
-            "eos_position_min": "first_eos"}).to_pandas()
-        state.sequences.append(per_sequence[["step", "sample_id", "rows", "first", "last",
-                                             "first_eos", "distinct"]])
+        state.sequences.append(self._per_sequence(steps, batch.column("sample_id"),
+                                                  positions, is_eos))
         if len(state.sequences) >= _COMPACT_EVERY:
             state.sequences = [_fold_sequences(state.sequences)]
         unique, counts = np.unique(steps, return_counts=True)
@@ -151,6 +148,40 @@ class QualityScan(Aggregator):
             state.steps[step] = state.steps.get(step, 0) + count
         self._values(state, batch)
         return state
+
+    @staticmethod
+    def _per_sequence(steps: np.ndarray, samples: pa.Array, positions: np.ndarray,
+                      is_eos: np.ndarray) -> pd.DataFrame:
+        """Rows, distinct positions, first and last position and first EOS per completion.
+
+        Runs of consecutive rows are reduced with numpy; a batch whose positions do not
+        increase within a run (duplicates, unsorted input) is hashed by Arrow instead, so
+        that distinct positions stay exact.
+        """
+        starts = sequence_starts(steps, samples)
+        n = len(steps)
+        eos_position = np.where(is_eos, positions, _NO_EOS)
+        within = np.diff(positions) > 0
+        if n < 2 or (within | ~_inside_runs(starts, n)).all():
+            keys = run_keys(steps, samples, starts)
+            rows = run_lengths(starts, n)
+            return pd.DataFrame({
+                "step": keys.column("step").to_numpy(),
+                "sample_id": keys.column("sample_id").to_numpy(zero_copy_only=False),
+                "rows": rows, "first": positions[starts],
+                "last": positions[starts + rows - 1],
+                "first_eos": np.minimum.reduceat(eos_position, starts), "distinct": rows})
+        table = pa.table({"step": pa.array(steps), "sample_id": samples,
+                          "position": pa.array(positions),
+                          "eos_position": pa.array(eos_position)})
+        grouped = table.group_by(_SEQ_KEYS, use_threads=False).aggregate([
+            ("position", "count"), ("position", "count_distinct"), ("position", "min"),
+            ("position", "max"), ("eos_position", "min")])
+        return grouped.rename_columns({
+            "position_count": "rows", "position_count_distinct": "distinct",
+            "position_min": "first", "position_max": "last",
+            "eos_position_min": "first_eos"}).to_pandas()[
+            ["step", "sample_id", "rows", "first", "last", "first_eos", "distinct"]]
 
     def _values(self, state: _ScanState, batch: pa.RecordBatch) -> None:
         entropy = batch.column("entropy")

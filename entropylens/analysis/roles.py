@@ -61,6 +61,7 @@ from ..estimators import best_entropy_source, columns_for, token_entropy
 from ..store import Store
 from .lexicon import (CONVENTIONS, Lexicon, PlanningMatcher, detect_convention, load_lexicon)
 from .summary import _records
+from .sequences import sequence_starts
 
 CLASSES = ("planning", "execution")
 STEP_COLUMNS = ["run", "step", "cls", "tokens", "mean_entropy", "perplexity",
@@ -159,9 +160,7 @@ class RolesAggregator(Aggregator):
             return state
         steps = _step_array(table.column("step"))
         sample = table.column("sample_id")
-        change = (steps[1:] != steps[:-1]) | pc.not_equal(
-            sample.slice(1), sample.slice(0, n - 1)).to_numpy(zero_copy_only=False)
-        starts = np.concatenate([[0], np.flatnonzero(change) + 1])
+        starts = sequence_starts(steps, sample)
         ends = np.append(starts[1:], n)
         sample_ids = pc.take(sample, pa.array(starts)).to_pylist()
         fresh = state.first_key is None
@@ -228,9 +227,7 @@ class RolesAggregator(Aggregator):
             return
         steps = _step_array(table.column("step"))
         sample = table.column("sample_id")
-        change = (steps[1:] != steps[:-1]) | pc.not_equal(
-            sample.slice(1), sample.slice(0, n - 1)).to_numpy(zero_copy_only=False)
-        starts = np.concatenate([[0], np.flatnonzero(change) + 1])
+        starts = sequence_starts(steps, sample)
         result = self.matcher.match(table.column("token"), starts)
         planning = result.planning
 

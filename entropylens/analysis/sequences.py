@@ -1,0 +1,55 @@
+"""Runs of consecutive rows of one completion, the unit most token statistics group by.
+
+Stores keep a run's tokens sorted by ``(step, sample_id, position)``, so a completion is a
+run of consecutive rows. Reducing runs with ``numpy.ufunc.reduceat`` is several times
+faster than hashing the string ``sample_id`` of every row; a completion split across runs
+(unsorted input, or a batch boundary) only yields several partial rows with the same key,
+which the callers fold by key as they would any partial state.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+
+def sequence_starts(steps: np.ndarray, sample_ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """First row of every run of consecutive rows with the same ``(step, sample_id)``.
+
+    Parameters
+    ----------
+    steps : numpy.ndarray of int64
+        Step of every row (rows without a step already given one sentinel value).
+    sample_ids : pyarrow string array
+        ``sample_id`` of every row.
+
+    Returns
+    -------
+    numpy.ndarray of int64
+        Increasing row indices, starting with 0 (empty for no rows).
+    """
+    n = len(steps)
+    if n == 0:
+        return np.zeros(0, np.int64)
+    if isinstance(sample_ids, pa.ChunkedArray):
+        sample_ids = sample_ids.combine_chunks()
+    same_sample = pc.equal(sample_ids.slice(1), sample_ids.slice(0, n - 1))
+    if sample_ids.null_count:   # two missing ids in a row are one key, as in a group-by
+        both_null = pc.and_(pc.is_null(sample_ids.slice(1)),
+                            pc.is_null(sample_ids.slice(0, n - 1)))
+        same_sample = pc.or_kleene(same_sample, both_null)
+    same_sample = pc.fill_null(same_sample, False).to_numpy(zero_copy_only=False)
+    change = (steps[1:] != steps[:-1]) | ~same_sample
+    return np.concatenate([[0], np.flatnonzero(change) + 1]).astype(np.int64)
+
+
+def run_keys(steps: np.ndarray, sample_ids: pa.Array, starts: np.ndarray) -> pa.Table:
+    """``step, sample_id`` of every run."""
+    return pa.table({"step": pa.array(steps[starts], pa.int64()),
+                     "sample_id": pc.take(sample_ids, pa.array(starts))})
+
+
+def run_lengths(starts: np.ndarray, n: int) -> np.ndarray:
+    """Rows of every run."""
+    return np.diff(np.append(starts, n)).astype(np.int64)

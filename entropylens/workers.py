@@ -1,0 +1,162 @@
+"""Worker processes for the local engine: scan units side by side on one machine.
+
+Each worker is a fresh ``python -m entropylens.workers`` process (not a fork of the caller,
+whose Arrow threads a fork would copy in an unknown state, and not a ``multiprocessing``
+spawn, which would re-run the caller's script). Parent and worker exchange length-prefixed
+pickles over the worker's stdin and stdout; the worker's own prints go to stderr. Workers
+start on first use and live as long as the calling process, so the start-up is paid once.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import pickle
+import struct
+import subprocess
+import sys
+from typing import Any, BinaryIO, Callable, Iterable, Iterator
+
+from .errors import EntropylensError
+
+_HEADER = struct.Struct("<Q")
+
+
+def _send(stream: BinaryIO, payload: Any) -> None:
+    data = pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(_HEADER.pack(len(data)))
+    stream.write(data)
+    stream.flush()
+
+
+def _receive(stream: BinaryIO) -> Any:
+    header = stream.read(_HEADER.size)
+    if len(header) < _HEADER.size:
+        raise EOFError("the other side closed the pipe")
+    size = _HEADER.unpack(header)[0]
+    data = stream.read(size)
+    if len(data) < size:
+        raise EOFError("the other side closed the pipe mid-message")
+    return pickle.loads(data)
+
+
+class _Worker:
+    def __init__(self):
+        env = dict(os.environ)
+        # the caller's import path, so aggregators defined in its own modules unpickle
+        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        self.process = subprocess.Popen([sys.executable, "-m", "entropylens.workers"],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        env=env)
+
+    def submit(self, function: Callable, args: tuple) -> None:
+        _send(self.process.stdin, (function, args))
+
+    def result(self) -> Any:
+        try:
+            ok, value = _receive(self.process.stdout)
+        except (EOFError, OSError, pickle.UnpicklingError) as exc:
+            code = self.process.poll()
+            raise EntropylensError(f"a worker process stopped (exit code {code}): "
+                                   f"{exc}") from exc
+        if not ok:
+            raise value
+        return value
+
+    def close(self) -> None:
+        try:
+            self.process.stdin.close()
+            self.process.wait(timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            self.process.kill()
+
+
+class WorkerPool:
+    """``size`` worker processes that call functions in submission order."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.workers = [_Worker() for _ in range(size)]
+
+    def map(self, function: Callable, arguments: Iterable[tuple]) -> Iterator[Any]:
+        """``function(*args)`` for each item, run by the workers, yielded in order.
+
+        Item ``k`` goes to worker ``k % size`` and each worker holds one item at a time, so
+        at most ``size`` results wait to be taken. A worker that raised passes the error on;
+        a worker that died is replaced before the next call.
+        """
+        items = iter(arguments)
+        pending: list[int] = []   # worker of each item in flight, in item order
+        try:
+            for k, args in zip(range(self.size), items):
+                self.workers[k].submit(function, args)
+                pending.append(k)
+            while pending:
+                k = pending.pop(0)
+                value = self.workers[k].result()
+                following = next(items, None)
+                if following is not None:
+                    self.workers[k].submit(function, following)
+                    pending.append(k)
+                yield value
+        except BaseException:
+            # results still in flight would be read as the answers of the next call
+            self.restart()
+            raise
+
+    def restart(self) -> None:
+        self.close()
+        self.workers = [_Worker() for _ in range(self.size)]
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.close()
+
+
+_POOLS: dict[int, WorkerPool] = {}
+
+
+def pool(size: int) -> WorkerPool:
+    """The process's pool of ``size`` workers (one pool at a time is kept)."""
+    found = _POOLS.get(size)
+    if found is None:
+        close_pools()
+        found = _POOLS[size] = WorkerPool(size)
+    return found
+
+
+@atexit.register
+def close_pools() -> None:
+    for found in _POOLS.values():
+        found.close()
+    _POOLS.clear()
+
+
+def _serve() -> None:
+    """Worker loop: read (function, args), write (True, result) or (False, error)."""
+    replies = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())   # stray prints must not corrupt replies
+    requests = sys.stdin.buffer
+    while True:
+        try:
+            function, args = _receive(requests)
+        except EOFError:
+            return
+        try:
+            reply = (True, function(*args))
+        except Exception as exc:  # noqa: BLE001 - the caller decides what an error means
+            reply = (False, exc if _picklable(exc) else EntropylensError(
+                f"{type(exc).__name__}: {exc}"))
+        _send(replies, reply)
+
+
+def _picklable(value: Any) -> bool:
+    try:
+        pickle.loads(pickle.dumps(value))
+    except Exception:  # noqa: BLE001
+        return False
+    return True
+
+
+if __name__ == "__main__":
+    _serve()
