@@ -23,8 +23,8 @@ from __future__ import annotations
 import os
 import pickle
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generator, Iterable, Iterator, Mapping, Sequence, Union
 
 import numpy as np
 import pyarrow as pa
@@ -311,6 +311,125 @@ def run_aggregators(store: Store, run: str, aggregators: Mapping[str, Aggregator
         for name, agg in aggregators.items():
             states[name] = agg.merge(states[name], partial[name])
     return {name: agg.finish(states[name]) for name, agg in aggregators.items()}
+
+
+# -- plans: analyses that ask for scans ----------------------------------------------------
+
+@dataclass(frozen=True)
+class Scan:
+    """One scan a plan asks for: aggregators over a run's tokens (some steps only).
+
+    Attributes
+    ----------
+    aggregators : mapping of str to Aggregator
+    steps : tuple of int, optional
+        Only these steps (default: all).
+    """
+
+    aggregators: Mapping[str, Aggregator]
+    steps: tuple[int, ...] | None = None
+
+
+#: An analysis of one run written as a generator: it yields a :class:`Scan` (or a bare
+#: mapping of aggregators) each time it needs the data, receives the finished results of
+#: that scan, and returns its result.
+Plan = Generator[Union[Scan, Mapping[str, Aggregator]], dict, Any]
+
+
+@dataclass
+class Failed:
+    """The outcome of a plan that raised."""
+
+    error: Exception = field()
+
+
+def run_plan(store: Store, run: str, plan: Plan, **engine_options) -> Any:
+    """Drive one plan over one run and return its result (or raise its error)."""
+    outcome = run_plans(store, run, {"plan": plan}, **engine_options)["plan"]
+    if isinstance(outcome, Failed):
+        raise outcome.error
+    return outcome
+
+
+def run_plans(store: Store, run: str, plans: Mapping[str, Plan],
+              **engine_options) -> dict[str, Any]:
+    """Drive several plans over one run, reading the data once for all that ask at once.
+
+    Each round gathers the scan every unfinished plan is waiting for and runs the scans over
+    the same steps as one (:func:`run_aggregators` with all their aggregators): an analysis
+    that needs two passes costs two rounds, however many analyses share them.
+
+    Parameters
+    ----------
+    store : Store
+    run : str
+    plans : mapping of str to Plan
+    **engine_options
+        Passed to :func:`run_aggregators` (``engine``, ``workers``, ...).
+
+    Returns
+    -------
+    dict
+        The result of every plan, or :class:`Failed` with the error it raised. When a fused
+        scan fails, its scans are run again one by one, so that the error reaches only the
+        plan whose data or aggregator caused it; the others go on.
+    """
+    outcomes: dict[str, Any] = {}
+    waiting: dict[str, Scan] = {}
+
+    def advance(name: str, reply: dict | Exception | None) -> None:
+        plan = plans[name]
+        try:
+            if reply is None:
+                request = next(plan)
+            elif isinstance(reply, Exception):
+                request = plan.throw(reply)
+            else:
+                request = plan.send(reply)
+        except StopIteration as stop:
+            outcomes[name] = stop.value
+            return
+        except Exception as exc:  # noqa: BLE001 - one plan's failure is its own outcome
+            outcomes[name] = Failed(exc)
+            return
+        waiting[name] = request if isinstance(request, Scan) else Scan(dict(request))
+
+    for name in plans:
+        advance(name, None)
+    while waiting:
+        current = dict(waiting)
+        waiting.clear()
+        by_steps: dict[tuple[int, ...] | None, list[str]] = {}
+        for name, scan in current.items():
+            steps = None if scan.steps is None else tuple(int(s) for s in scan.steps)
+            by_steps.setdefault(steps, []).append(name)
+        for steps, names in by_steps.items():
+            for name, reply in _fused_scan(store, run, {n: current[n] for n in names},
+                                           steps, engine_options).items():
+                advance(name, reply)
+    return outcomes
+
+
+def _fused_scan(store: Store, run: str, scans: Mapping[str, Scan], steps, engine_options):
+    """Results (or the error) of each plan's scan, read together."""
+    fused = {f"{name}\x00{key}": aggregator for name, scan in scans.items()
+             for key, aggregator in scan.aggregators.items()}
+    try:
+        results = run_aggregators(store, run, fused, steps=steps, **engine_options)
+    except Exception as exc:  # noqa: BLE001
+        if len(scans) == 1:
+            return {name: exc for name in scans}
+        return {name: _single_scan(store, run, scan, steps, engine_options)
+                for name, scan in scans.items()}
+    return {name: {key: results[f"{name}\x00{key}"] for key in scan.aggregators}
+            for name, scan in scans.items()}
+
+
+def _single_scan(store: Store, run: str, scan: Scan, steps, engine_options):
+    try:
+        return run_aggregators(store, run, scan.aggregators, steps=steps, **engine_options)
+    except Exception as exc:  # noqa: BLE001
+        return exc
 
 
 def local_workers(workers: int | None = None) -> int:

@@ -32,10 +32,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from scipy import stats
 
-from ..engine import Aggregator, run_aggregators
+from ..engine import Aggregator, Plan, Scan, run_plan
 from ..errors import EntropylensError
 from ..store import Store
-from .curves import TrainTokens, open_store, policy_entropy
+from .curves import TrainTokens, open_store, policy_entropy_plan
 from .summary import _records
 
 #: Covariance groups: label and share of a step's tokens, ranked by covariance.
@@ -197,15 +197,17 @@ def _correlation(run: str, steps: pd.DataFrame) -> dict:
     return {"run": run, "pearson_r": pearson, "spearman_r": spearman, "n": n}
 
 
-def _run_covariance(store: Store, run: str, *, max_tokens: int, engine: str,
-                    engine_options: dict) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+def covariance_plan(store: Store, run: str, *, max_tokens: int = MAX_TOKENS,
+                    engine: str = "local", **engine_options) -> Plan:
+    """One run's ``(groups, steps, correlation row)`` of :func:`covariance`, as a plan (see
+    :func:`entropylens.engine.run_plans`). ``engine`` and its options only key the cached
+    policy-entropy curve."""
     manifest = store.manifest(run)
     counts = manifest.get("counts", {})
     if not counts.get("tokens"):
         raise EntropylensError(f"run {run!r} has no tokens: the covariance needs per-token "
                                "logprob and advantage", path=store.run_dir(run))
-    moments = run_aggregators(store, run, {"m": TrainTokens(StepMoments())}, engine=engine,
-                              **engine_options)["m"]
+    moments = (yield {"m": TrainTokens(StepMoments())})["m"]
     if moments.empty:
         missing = []
         for column in ("logprob", "advantage"):
@@ -220,12 +222,12 @@ def _run_covariance(store: Store, run: str, *, max_tokens: int, engine: str,
     frames = []
     for steps in _batches_of_steps(moments, max_tokens):
         chosen = {s: means[s] for s in steps}
-        frames.append(run_aggregators(store, run, {"c": TrainTokens(StepCovariance(chosen))},
-                                      steps=steps, engine=engine, **engine_options)["c"])
+        frames.append((yield Scan({"c": TrainTokens(StepCovariance(chosen))},
+                                  steps=tuple(steps)))["c"])
     groups = pd.concat(frames, ignore_index=True)
     groups.insert(0, "run", run)
     overall = groups[groups["group"] == "all"][["step", "tokens", "mean_cov"]]
-    curve = policy_entropy(store, run, engine=engine, **engine_options)
+    curve = yield from policy_entropy_plan(store, run, engine=engine, **engine_options)
     curve = curve.assign(entropy_change_next=curve["entropy"].shift(-1) - curve["entropy"])
     per_step = overall.merge(curve[["step", "entropy", "entropy_change_next"]], on="step",
                              how="left")
@@ -262,8 +264,9 @@ def covariance(store: Store | str, runs: str | Sequence[str] | None = None, *,
     groups, steps, correlation, skipped = [], [], [], []
     for run in names:
         try:
-            g, s, c = _run_covariance(store, run, max_tokens=max_tokens, engine=engine,
-                                      engine_options=engine_options)
+            g, s, c = run_plan(store, run, covariance_plan(
+                store, run, max_tokens=max_tokens, engine=engine, **engine_options),
+                engine=engine, **engine_options)
         except EntropylensError as exc:
             if len(names) == 1:
                 raise
@@ -275,7 +278,13 @@ def covariance(store: Store | str, runs: str | Sequence[str] | None = None, *,
     if not groups:
         raise EntropylensError("no run has per-token logprob and advantage: "
                                + "; ".join(skipped), path=store.path)
-    return Covariance(groups=pd.concat(groups, ignore_index=True),
-                      steps=pd.concat(steps, ignore_index=True),
-                      correlation=pd.DataFrame(correlation, columns=CORRELATION_COLUMNS),
-                      skipped=skipped)
+    return covariance_from_parts(list(zip(groups, steps, correlation)), skipped=skipped)
+
+
+def covariance_from_parts(parts: list[tuple], *, skipped: Sequence[str] = ()) -> Covariance:
+    """The :class:`Covariance` of runs from the results of their :func:`covariance_plan`."""
+    return Covariance(groups=pd.concat([p[0] for p in parts], ignore_index=True),
+                      steps=pd.concat([p[1] for p in parts], ignore_index=True),
+                      correlation=pd.DataFrame([p[2] for p in parts],
+                                               columns=CORRELATION_COLUMNS),
+                      skipped=list(skipped))

@@ -21,7 +21,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..engine import Aggregator, run_aggregators
+from ..engine import Aggregator, Plan, run_plan
 from ..errors import EntropylensError
 from ..estimators import best_entropy_source
 from ..store import Store
@@ -139,14 +139,25 @@ def policy_entropy(store: Store | str, run: str, *, engine: str = "local",
         When the run has neither training tokens nor a ``policy_entropy`` metric.
     """
     store = open_store(store)
+    return run_plan(store, run, policy_entropy_plan(store, run, engine=engine,
+                                                    **engine_options),
+                    engine=engine, **engine_options)
+
+
+def policy_entropy_plan(store: Store, run: str, *, engine: str = "local",
+                        **engine_options) -> Plan:
+    """:func:`policy_entropy` as a plan (see :func:`entropylens.engine.run_plans`).
+
+    Phases, fit, covariance and compare all need this curve, so it is remembered per run
+    (and engine): later calls are served without a scan.
+    """
     manifest = store.manifest(run)
-    # phases, fit, covariance and compare all need this curve: scan the tokens once per run
     stamp = (store.run_dir(run) / "manifest.json").stat().st_mtime_ns
     key = (str(store.path.resolve()), run, manifest.get("created"), stamp, engine,
            tuple(sorted((k, repr(v)) for k, v in engine_options.items())))
     if key in _CURVE_CACHE:
         return _CURVE_CACHE[key].copy()
-    frame = _policy_entropy(store, run, manifest, engine, engine_options)
+    frame = yield from _policy_entropy(store, run, manifest)
     _CURVE_CACHE[key] = frame.copy()
     while len(_CURVE_CACHE) > _CURVE_CACHE_SIZE:
         _CURVE_CACHE.pop(next(iter(_CURVE_CACHE)))
@@ -158,13 +169,11 @@ _CURVE_CACHE: dict = {}
 _CURVE_CACHE_SIZE = 32
 
 
-def _policy_entropy(store: Store, run: str, manifest: dict, engine: str,
-                    engine_options: dict) -> pd.DataFrame:
+def _policy_entropy(store: Store, run: str, manifest: dict) -> Plan:
     source = best_entropy_source(manifest) if manifest.get("counts", {}).get("tokens") else None
     if source is not None:
-        stats = run_aggregators(store, run, {"steps": TrainTokens(StepStats(
-            source, quantiles=(), vocab_size=manifest.get("vocab_size")))},
-            engine=engine, **engine_options)["steps"]
+        stats = (yield {"steps": TrainTokens(StepStats(
+            source, quantiles=(), vocab_size=manifest.get("vocab_size")))})["steps"]
         stats = stats.dropna(subset=["step", "entropy_token_mean"])
         if len(stats):
             frame = pd.DataFrame({"step": stats["step"].astype("int64").to_numpy(),

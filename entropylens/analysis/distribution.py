@@ -18,7 +18,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..engine import Aggregator, run_aggregators
+from ..engine import Aggregator, Plan, run_plan
 from ..errors import EntropylensError
 from ..estimators import best_entropy_source, columns_for, token_entropy
 from ..store import Store
@@ -403,29 +403,40 @@ def distribution(store: Store | str, runs=None, bins=None, *, engine: str = "loc
     if global_quantiles not in GLOBAL_MODES:
         raise EntropylensError(f"global_quantiles must be one of {', '.join(GLOBAL_MODES)}, "
                                f"got {global_quantiles!r}")
-    steps, histograms, quantiles, run_rows = [], [], [], []
-    for run, source, manifest in token_runs(store, runs):
-        mode = global_quantiles if global_quantiles != "auto" else (
-            "exact" if manifest.get("counts", {}).get("tokens", 0) <= EXACT_GLOBAL_MAX_TOKENS
-            else "sketch")
-        result = run_aggregators(store, run, {"dist": DistributionStats(
-            source, bins=edges, vocab_size=manifest.get("vocab_size"),
-            top_k=manifest.get("top_k"), global_quantiles=mode)}, engine=engine,
-            **engine_options)["dist"]
-        frame = result["steps"].rename(columns={"entropy_token_mean": "mean",
-                                                "entropy_seq_mean": "seq_mean"})
-        frame.insert(0, "run", run)
-        frame["entropy_source"] = source
-        steps.append(frame[STEP_COLUMNS])
-        histogram = result["histogram"]
-        histogram.insert(0, "run", run)
-        histograms.append(histogram)
-        overall = result["global"]
-        overall.insert(0, "run", run)
-        quantiles.append(overall)
-        run_rows.append({"run": run, "entropy_source": source, "tokens": result["tokens"],
-                         "mean": result["mean"], "frac_below_0_01": result["frac_below_0_01"]})
-    return Distribution(steps=pd.concat(steps, ignore_index=True),
-                        histogram=pd.concat(histograms, ignore_index=True),
-                        global_quantiles=pd.concat(quantiles, ignore_index=True),
-                        runs=pd.DataFrame(run_rows, columns=RUN_COLUMNS), bins=edges)
+    return distribution_from_parts(
+        [run_plan(store, run, distribution_plan(store, run, source, manifest, bins=edges,
+                                                global_quantiles=global_quantiles),
+                  engine=engine, **engine_options)
+         for run, source, manifest in token_runs(store, runs)], bins=edges)
+
+
+def distribution_plan(store: Store, run: str, source: str, manifest: dict, *, bins=None,
+                      global_quantiles: str = "auto") -> Plan:
+    """One run's part of :func:`distribution`, as a plan (see
+    :func:`entropylens.engine.run_plans`); :func:`distribution_from_parts` joins parts."""
+    mode = global_quantiles if global_quantiles != "auto" else (
+        "exact" if manifest.get("counts", {}).get("tokens", 0) <= EXACT_GLOBAL_MAX_TOKENS
+        else "sketch")
+    result = (yield {"dist": DistributionStats(
+        source, bins=_check_bins(bins), vocab_size=manifest.get("vocab_size"),
+        top_k=manifest.get("top_k"), global_quantiles=mode)})["dist"]
+    frame = result["steps"].rename(columns={"entropy_token_mean": "mean",
+                                            "entropy_seq_mean": "seq_mean"})
+    frame.insert(0, "run", run)
+    frame["entropy_source"] = source
+    histogram = result["histogram"]
+    histogram.insert(0, "run", run)
+    overall = result["global"]
+    overall.insert(0, "run", run)
+    row = {"run": run, "entropy_source": source, "tokens": result["tokens"],
+           "mean": result["mean"], "frac_below_0_01": result["frac_below_0_01"]}
+    return frame[STEP_COLUMNS], histogram, overall, row
+
+
+def distribution_from_parts(parts: list[tuple], *, bins=None) -> Distribution:
+    """The :class:`Distribution` of runs from the results of their plans."""
+    return Distribution(steps=pd.concat([p[0] for p in parts], ignore_index=True),
+                        histogram=pd.concat([p[1] for p in parts], ignore_index=True),
+                        global_quantiles=pd.concat([p[2] for p in parts], ignore_index=True),
+                        runs=pd.DataFrame([p[3] for p in parts], columns=RUN_COLUMNS),
+                        bins=_check_bins(bins))

@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from ..engine import Aggregator, run_aggregators
+from ..engine import Aggregator, Plan, run_plan
 from ..errors import EntropylensError
 from ..estimators import columns_for, token_entropy
 from ..store import Store
@@ -646,10 +646,9 @@ def _token_step_filters(store: Store, run: str) -> list[tuple[int, ds.Expression
     return steps
 
 
-def run_thresholds(store: Store, run: str, source: str, manifest: dict, *, scope: str,
-                   ratio: float, batch_size: int | None = None, engine: str = "local",
-                   **engine_options) -> ScopeThresholds:
-    """Thresholds of one run, in one scan.
+def thresholds_plan(store: Store, run: str, source: str, manifest: dict, *, scope: str,
+                    ratio: float, batch_size: int | None = None) -> Plan:
+    """Thresholds of one run, in one scan (a plan, see :func:`entropylens.engine.run_plans`).
 
     The engine hands over step-closed units (tokens without a step form their own unit), so
     the step-wise scopes are exact while holding one unit's entropies at a time; ``global``
@@ -659,27 +658,32 @@ def run_thresholds(store: Store, run: str, source: str, manifest: dict, *, scope
     large = manifest.get("counts", {}).get("tokens", 0) > EXACT_GLOBAL_MAX_TOKENS
     aggregator = ForkingThresholds(source, scope=scope, ratio=ratio, batch_size=batch_size,
                                    sketch=large, **options)
-    result = run_aggregators(store, run, {"t": aggregator}, engine=engine,
-                             **engine_options)["t"]
+    result = (yield {"t": aggregator})["t"]
     result.source, result.options = source, options
     return result
 
 
-def run_forking(store: Store, run: str, source: str, manifest: dict, *, scope: str,
-                ratio: float, batch_size: int | None = None, engine: str = "local",
-                **engine_options) -> tuple[ScopeThresholds, pd.DataFrame]:
+def run_thresholds(store: Store, run: str, source: str, manifest: dict, *, scope: str,
+                   ratio: float, batch_size: int | None = None, engine: str = "local",
+                   **engine_options) -> ScopeThresholds:
+    """Thresholds of one run (:func:`thresholds_plan` run on its own)."""
+    return run_plan(store, run, thresholds_plan(store, run, source, manifest, scope=scope,
+                                                ratio=ratio, batch_size=batch_size),
+                    engine=engine, **engine_options)
+
+
+def _forking_scans(store: Store, run: str, source: str, manifest: dict, *, scope: str,
+                   ratio: float, batch_size: int | None = None) -> Plan:
     """Thresholds and counts by text of one run: one scan for the step-wise scopes, two
     (thresholds, then counts) for ``global``."""
     options = {"vocab_size": manifest.get("vocab_size"), "top_k": manifest.get("top_k")}
     if scope == "global":
-        scoped = run_thresholds(store, run, source, manifest, scope=scope, ratio=ratio,
-                                engine=engine, **engine_options)
-        counts = run_aggregators(store, run, {"c": ForkingCounts(source, scoped, **options)},
-                                 engine=engine, **engine_options)["c"]
+        scoped = yield from thresholds_plan(store, run, source, manifest, scope=scope,
+                                            ratio=ratio)
+        counts = (yield {"c": ForkingCounts(source, scoped, **options)})["c"]
         return scoped, counts
-    scoped, counts = run_aggregators(store, run, {"f": ForkingScan(
-        source, scope=scope, ratio=ratio, batch_size=batch_size, **options)},
-        engine=engine, **engine_options)["f"]
+    scoped, counts = (yield {"f": ForkingScan(source, scope=scope, ratio=ratio,
+                                              batch_size=batch_size, **options)})["f"]
     scoped.source, scoped.options = source, options
     return scoped, counts
 
@@ -753,28 +757,44 @@ def forking_tokens(store: Store | str, runs=None, *, ratio: float = 0.2, scope: 
     _check_options(ratio, scope, batch_size)
     store = store if isinstance(store, Store) else Store.open(store)
     ratio, batch_size = float(ratio), (int(batch_size) if batch_size is not None else None)
-    thresholds, tops, rates, compositions, run_rows, scopes = [], [], [], [], [], {}
-    for run, source, manifest in token_runs(store, runs):
-        scoped, counts = run_forking(store, run, source, manifest, scope=scope, ratio=ratio,
-                                     batch_size=batch_size, engine=engine, **engine_options)
-        scopes[run] = scoped
-        thresholds.append(_public_thresholds(run, scoped))
-        top, rate = _top(run, counts, top_n, min_count)
-        tops.append(top)
-        rates.append(rate)
-        compositions.append(_composition(run, counts))
-        total, forks = int(counts["count"].sum()), int(counts["forking_count"].sum())
-        run_rows.append({"run": run, "entropy_source": source, "tokens": total,
-                         "forking_tokens": forks,
-                         "forking_fraction": forks / total if total else np.nan,
-                         "units": len(scoped.frame)})
+    return forking_from_parts(
+        [run_plan(store, run, forking_plan(store, run, source, manifest, ratio=ratio,
+                                           scope=scope, batch_size=batch_size,
+                                           min_count=min_count, top_n=top_n),
+                  engine=engine, **engine_options)
+         for run, source, manifest in token_runs(store, runs)],
+        ratio=ratio, scope=scope, batch_size=batch_size, min_count=min_count)
+
+
+def forking_plan(store: Store, run: str, source: str, manifest: dict, *, ratio: float = 0.2,
+                 scope: str = "step", batch_size: int | None = None, min_count: int = 5,
+                 top_n: int = 30) -> Plan:
+    """One run's part of :func:`forking_tokens`, as a plan (see
+    :func:`entropylens.engine.run_plans`); :func:`forking_from_parts` joins parts."""
+    _check_options(ratio, scope, batch_size)
+    ratio, batch_size = float(ratio), (int(batch_size) if batch_size is not None else None)
+    scoped, counts = yield from _forking_scans(store, run, source, manifest, scope=scope,
+                                               ratio=ratio, batch_size=batch_size)
+    top, rate = _top(run, counts, top_n, min_count)
+    total, forks = int(counts["count"].sum()), int(counts["forking_count"].sum())
+    row = {"run": run, "entropy_source": source, "tokens": total, "forking_tokens": forks,
+           "forking_fraction": forks / total if total else np.nan,
+           "units": len(scoped.frame)}
+    return run, scoped, _public_thresholds(run, scoped), top, rate, \
+        _composition(run, counts), row
+
+
+def forking_from_parts(parts: list[tuple], *, ratio: float = 0.2, scope: str = "step",
+                       batch_size: int | None = None, min_count: int = 5) -> Forking:
+    """The :class:`Forking` result of runs from the results of their plans."""
+    ratio, batch_size = float(ratio), (int(batch_size) if batch_size is not None else None)
     return Forking(ratio=ratio, scope=scope, batch_size=batch_size,
-                   thresholds=pd.concat(thresholds, ignore_index=True),
-                   top_tokens=pd.concat(tops, ignore_index=True),
-                   top_by_rate=pd.concat(rates, ignore_index=True),
-                   composition=pd.concat(compositions, ignore_index=True),
-                   runs=pd.DataFrame(run_rows, columns=RUN_COLUMNS), min_count=min_count,
-                   _scopes=scopes)
+                   thresholds=pd.concat([p[2] for p in parts], ignore_index=True),
+                   top_tokens=pd.concat([p[3] for p in parts], ignore_index=True),
+                   top_by_rate=pd.concat([p[4] for p in parts], ignore_index=True),
+                   composition=pd.concat([p[5] for p in parts], ignore_index=True),
+                   runs=pd.DataFrame([p[6] for p in parts], columns=RUN_COLUMNS),
+                   min_count=min_count, _scopes={p[0]: p[1] for p in parts})
 
 
 def forking_mask(tokens_table: pa.Table | pa.RecordBatch, forking: Forking, *,

@@ -43,7 +43,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..aliases import canonical_metric
-from ..engine import Aggregator, run_aggregators
+from ..engine import Aggregator, Plan, run_plan
 from ..estimators import best_entropy_source
 from ..store import Store
 from .distribution import NO_STEP
@@ -278,16 +278,15 @@ def _show(values, limit: int = 5) -> str:
     return shown + (f" and {len(values) - limit} more" if len(values) > limit else "")
 
 
-def _token_checks(store: Store, run: str, manifest: dict, scan: _ScanState, *,
-                  engine: str, **engine_options) -> list[dict]:
+def _token_checks(store: Store, run: str, manifest: dict, scan: _ScanState) -> Plan:
+    """Rows of the token checks (a plan: tokens after EOS need a second scan)."""
     rows = []
     sequences = scan.sequences[0] if scan.sequences else None
     if sequences is not None and len(sequences):
         with_eos = sequences[sequences["first_eos"] != _NO_EOS]
         suspects = with_eos[with_eos["last"] > with_eos["first_eos"]]
         if len(suspects):
-            after = run_aggregators(store, run, {"a": AfterEos(suspects)}, engine=engine,
-                                    **engine_options)["a"]
+            after = (yield {"a": AfterEos(suspects)})["a"]
             texts = after["texts"].sort_values(ascending=False)
             common = _show([f"{t!r} ({int(c)})" for t, c in texts.items()], 3)
             eos = _show(sorted(scan.eos_names, key=scan.eos_names.get, reverse=True), 3)
@@ -401,14 +400,22 @@ def _manifest_checks(store: Store, run: str, manifest: dict) -> list[dict]:
     return rows
 
 
-def run_quality(store: Store, run: str, manifest: dict, scan: _ScanState | None, *,
-                engine: str = "local", **engine_options) -> pd.DataFrame:
-    """The checks of one run from a finished :class:`QualityScan` (None: no tokens)."""
+def quality_plan(store: Store, run: str, manifest: dict, scan: _ScanState | None) -> Plan:
+    """The checks of one run from a finished :class:`QualityScan` (None: no tokens), as a
+    plan (see :func:`entropylens.engine.run_plans`)."""
     rows = []
     if scan is not None:
-        rows += _token_checks(store, run, manifest, scan, engine=engine, **engine_options)
+        rows += yield from _token_checks(store, run, manifest, scan)
     rows += _manifest_checks(store, run, manifest)
     return pd.DataFrame(rows, columns=QUALITY_COLUMNS)
+
+
+def _quality_run(store: Store, run: str) -> Plan:
+    manifest = store.manifest(run)
+    scan = None
+    if (manifest.get("counts") or {}).get("tokens"):
+        scan = (yield {"q": QualityScan(manifest.get("vocab_size"))})["q"]
+    return (yield from quality_plan(store, run, manifest, scan))
 
 
 def quality(store: Store | str, runs=None, *, engine: str = "local",
@@ -431,13 +438,8 @@ def quality(store: Store | str, runs=None, *, engine: str = "local",
     store = store if isinstance(store, Store) else Store.open(store)
     frames = []
     for run in store.resolve_runs(runs):
-        manifest = store.manifest(run)
-        scan = None
-        if (manifest.get("counts") or {}).get("tokens"):
-            scan = run_aggregators(store, run, {"q": QualityScan(manifest.get("vocab_size"))},
-                                   engine=engine, **engine_options)["q"]
-        frames.append(run_quality(store, run, manifest, scan, engine=engine,
-                                  **engine_options))
+        frames.append(run_plan(store, run, _quality_run(store, run), engine=engine,
+                               **engine_options))
     frames = [f for f in frames if len(f)]
     return pd.concat(frames, ignore_index=True) if frames else \
         pd.DataFrame(columns=QUALITY_COLUMNS)

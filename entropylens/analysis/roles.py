@@ -55,7 +55,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from scipy import stats
 
-from ..engine import Aggregator, run_aggregators
+from ..engine import Aggregator, Plan, run_plan
 from ..errors import EntropylensError
 from ..estimators import best_entropy_source, columns_for, token_entropy
 from ..store import Store
@@ -646,44 +646,54 @@ def roles(store: Store | str, runs: str | Sequence[str] | None = None, *,
     if convention != "auto" and convention not in CONVENTIONS:
         raise EntropylensError(f"unknown tokenizer convention {convention!r} (one of auto, "
                                f"{', '.join(CONVENTIONS)})")
-    run_rows, step_frames, sem_frames, gram_frames, phases = [], [], [], [], {}
-    for run in store.resolve_runs(runs):
-        manifest = store.manifest(run)
-        counts = manifest.get("counts", {})
-        n_tokens = counts.get("tokens", 0)
-        source = best_entropy_source(manifest) if n_tokens else None
-        has_logprob = bool(counts.get("tokens_with_logprob", 0))
-        conv = convention
-        if n_tokens:
-            sample = next(iter(store.scan_tokens(run, columns=["token"],
-                                                 batch_size=DETECT_TOKENS)), None)
-            tokens = sample.column("token") if sample is not None else pa.array([], pa.string())
-            if tokens.null_count == len(tokens):
-                raise EntropylensError(f"run {run!r} has no token text (only token ids); "
-                                       "roles needs decoded tokens", path=store.run_dir(run))
-            if conv == "auto":
-                conv = detect_convention(tokens.to_pylist())
-            agg = RolesAggregator(lex, conv, source, has_logprob=has_logprob,
-                                  vocab_size=manifest.get("vocab_size"))
-            tallies = run_aggregators(store, run, {"roles": agg}, engine=engine,
-                                      **engine_options)["roles"]
-            semantic_from = "tokens"
-        else:
-            conv = "text"
-            tallies = _semantic_from_sequences(store, run, lex)
-            semantic_from = "completions" if tallies["sequences"] else None
-        steps, semantic, grams = _tables(run, tallies, lex)
-        step_frames.append(steps)
-        sem_frames.append(semantic)
-        gram_frames.append(grams)
-        phases[run] = detect_phases(steps, semantic, window=window)
-        planning = int(steps.loc[steps["cls"] == "planning", "tokens"].sum())
-        run_rows.append({"run": run, "entropy_source": source,
-                         "perplexity": has_logprob and bool(n_tokens), "convention": conv,
-                         "lexicon_size": len(lex), "lexicon_source": lex.source,
-                         "tokens": int(steps["tokens"].sum()), "planning_tokens": planning,
-                         "semantic_from": semantic_from})
-    return Roles(runs=pd.DataFrame(run_rows, columns=RUN_COLUMNS),
-                 steps=pd.concat(step_frames, ignore_index=True),
-                 semantic=pd.concat(sem_frames, ignore_index=True),
-                 grams=pd.concat(gram_frames, ignore_index=True), phases=phases)
+    return roles_from_parts([run_plan(store, run, roles_plan(store, run, lexicon=lex,
+                                                             convention=convention,
+                                                             window=window),
+                                      engine=engine, **engine_options)
+                             for run in store.resolve_runs(runs)])
+
+
+def roles_plan(store: Store, run: str, *, lexicon: Lexicon | None = None,
+               convention: str = "auto", window: int | None = None) -> Plan:
+    """One run's part of :func:`roles`, as a plan (see :func:`entropylens.engine.run_plans`);
+    :func:`roles_from_parts` joins parts."""
+    lex = lexicon if isinstance(lexicon, Lexicon) else load_lexicon(lexicon)
+    manifest = store.manifest(run)
+    counts = manifest.get("counts", {})
+    n_tokens = counts.get("tokens", 0)
+    source = best_entropy_source(manifest) if n_tokens else None
+    has_logprob = bool(counts.get("tokens_with_logprob", 0))
+    conv = convention
+    if n_tokens:
+        sample = next(iter(store.scan_tokens(run, columns=["token"],
+                                             batch_size=DETECT_TOKENS)), None)
+        tokens = sample.column("token") if sample is not None else pa.array([], pa.string())
+        if tokens.null_count == len(tokens):
+            raise EntropylensError(f"run {run!r} has no token text (only token ids); "
+                                   "roles needs decoded tokens", path=store.run_dir(run))
+        if conv == "auto":
+            conv = detect_convention(tokens.to_pylist())
+        agg = RolesAggregator(lex, conv, source, has_logprob=has_logprob,
+                              vocab_size=manifest.get("vocab_size"))
+        tallies = (yield {"roles": agg})["roles"]
+        semantic_from = "tokens"
+    else:
+        conv = "text"
+        tallies = _semantic_from_sequences(store, run, lex)
+        semantic_from = "completions" if tallies["sequences"] else None
+    steps, semantic, grams = _tables(run, tallies, lex)
+    planning = int(steps.loc[steps["cls"] == "planning", "tokens"].sum())
+    row = {"run": run, "entropy_source": source, "perplexity": has_logprob and bool(n_tokens),
+           "convention": conv, "lexicon_size": len(lex), "lexicon_source": lex.source,
+           "tokens": int(steps["tokens"].sum()), "planning_tokens": planning,
+           "semantic_from": semantic_from}
+    return row, steps, semantic, grams, detect_phases(steps, semantic, window=window)
+
+
+def roles_from_parts(parts: list[tuple]) -> Roles:
+    """The :class:`Roles` result of runs from the results of their plans."""
+    return Roles(runs=pd.DataFrame([p[0] for p in parts], columns=RUN_COLUMNS),
+                 steps=pd.concat([p[1] for p in parts], ignore_index=True),
+                 semantic=pd.concat([p[2] for p in parts], ignore_index=True),
+                 grams=pd.concat([p[3] for p in parts], ignore_index=True),
+                 phases={p[0]["run"]: p[4] for p in parts})

@@ -8,11 +8,11 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from ..engine import run_aggregators
+from ..engine import Plan, run_plan
 from ..estimators import best_entropy_source
 from ..store import Store
 from .distribution import StepStats
-from .quality import QUALITY_COLUMNS, QualityScan, run_quality
+from .quality import QUALITY_COLUMNS, QualityScan, quality_plan
 
 RUN_COLUMNS = ["run", "tokens", "sequences", "steps", "entropy_source"]
 STEP_COLUMNS = ["run", "step", "tokens", "entropy_token_mean", "entropy_seq_mean", "p50", "p80",
@@ -66,6 +66,31 @@ def _metric_steps(store: Store, run: str) -> pd.DataFrame:
     return frame.reindex(columns=STEP_COLUMNS)
 
 
+def summary_plan(store: Store, run: str) -> Plan:
+    """One run's per-step rows, run row and data-quality rows, as a plan (see
+    :func:`entropylens.engine.run_plans`)."""
+    manifest = store.manifest(run)
+    counts = manifest.get("counts", {})
+    source = best_entropy_source(manifest) if counts.get("tokens") else None
+    scan = None
+    if source is not None:
+        # the data-quality checks ride on the same scan as the statistics
+        results = yield {"steps": StepStats(source, vocab_size=manifest.get("vocab_size"),
+                                            top_k=manifest.get("top_k")),
+                         "quality": QualityScan(manifest.get("vocab_size"))}
+        stats, scan = results["steps"], results["quality"]
+        stats.insert(0, "run", run)
+        steps = stats[STEP_COLUMNS]
+    else:
+        steps = _metric_steps(store, run)
+        source = "metric" if len(steps) else None
+    checks = yield from quality_plan(store, run, manifest, scan)
+    row = {"run": run, "tokens": counts.get("tokens", 0),
+           "sequences": counts.get("sequences", 0), "steps": int(steps["step"].nunique()),
+           "entropy_source": source}
+    return steps, row, checks
+
+
 def summary(store: Store | str, runs: str | Sequence[str] | None = None, *,
             engine: str = "local", **engine_options) -> Summary:
     """Summarise runs: contents and per-step entropy statistics.
@@ -86,34 +111,18 @@ def summary(store: Store | str, runs: str | Sequence[str] | None = None, *,
     Summary
     """
     store = store if isinstance(store, Store) else Store.open(store)
-    run_rows, step_frames, quality_frames = [], [], []
-    for run in store.resolve_runs(runs):
-        manifest = store.manifest(run)
-        counts = manifest.get("counts", {})
-        source = best_entropy_source(manifest) if counts.get("tokens") else None
-        scan = None
-        if source is not None:
-            # the data-quality checks ride on the same scan as the statistics
-            results = run_aggregators(store, run, {
-                "steps": StepStats(source, vocab_size=manifest.get("vocab_size"),
-                                   top_k=manifest.get("top_k")),
-                "quality": QualityScan(manifest.get("vocab_size"))}, engine=engine,
-                **engine_options)
-            stats, scan = results["steps"], results["quality"]
-            stats.insert(0, "run", run)
-            steps = stats[STEP_COLUMNS]
-        else:
-            steps = _metric_steps(store, run)
-            source = "metric" if len(steps) else None
-        quality_frames.append(run_quality(store, run, manifest, scan, engine=engine,
-                                          **engine_options))
-        step_frames.append(steps)
-        run_rows.append({"run": run, "tokens": counts.get("tokens", 0),
-                         "sequences": counts.get("sequences", 0),
-                         "steps": int(steps["step"].nunique()), "entropy_source": source})
+    return summary_from_parts([run_plan(store, run, summary_plan(store, run), engine=engine,
+                                        **engine_options)
+                               for run in store.resolve_runs(runs)])
+
+
+def summary_from_parts(parts: list[tuple]) -> Summary:
+    """The :class:`Summary` of runs from the results of their :func:`summary_plan`."""
+    step_frames = [steps for steps, _, _ in parts]
+    run_rows = [row for _, row, _ in parts]
+    quality_frames = [checks for _, _, checks in parts if len(checks)]
     steps = pd.concat(step_frames, ignore_index=True) if step_frames else \
         pd.DataFrame(columns=STEP_COLUMNS)
-    quality_frames = [frame for frame in quality_frames if len(frame)]
     quality = pd.concat(quality_frames, ignore_index=True) if quality_frames else \
         pd.DataFrame(columns=QUALITY_COLUMNS)
     warnings = [f"{row.run}: {row.message}" for row in quality.itertuples()

@@ -1,9 +1,10 @@
 """Run every analysis the report shows, keeping going when one is not available.
 
-Each analysis is called once per run, so a run that lacks what one analysis needs (a
-metric-only run has no tokens to find forking tokens in) costs that run that section only.
-A section that cannot be computed carries the reason instead of a result, and the report says
-"not available: <reason>".
+The token analyses of a run run together as plans over shared scans
+(:func:`entropylens.engine.run_plans`); each keeps its own outcome, so a run that lacks what
+one analysis needs (a metric-only run has no tokens to find forking tokens in) costs that run
+that section only. A section that cannot be computed carries the reason instead of a result,
+and the report says "not available: <reason>".
 """
 
 from __future__ import annotations
@@ -15,6 +16,13 @@ from typing import Any, Callable
 
 import pandas as pd
 
+from ..analysis.covariance import covariance_from_parts, covariance_plan
+from ..analysis.curves import policy_entropy_plan
+from ..analysis.distribution import distribution_from_parts, distribution_plan
+from ..analysis.forking import forking_from_parts, forking_plan
+from ..analysis.roles import roles_from_parts, roles_plan
+from ..analysis.summary import summary_from_parts, summary_plan
+from ..engine import Failed, run_plans
 from ..errors import EntropylensError
 from ..estimators import best_entropy_source
 from ..store import Store
@@ -112,10 +120,8 @@ def attempt(name: str, *args, **kwargs) -> Part:
     kwargs = _accepted(function, kwargs)
     try:
         return Part(value=function(*args, **kwargs))
-    except EntropylensError as exc:
-        return Part(reason=exc.message)
     except Exception as exc:  # noqa: BLE001 - a report section must not sink the report
-        return Part(reason=f"failed: {type(exc).__name__}: {exc}")
+        return Part(reason=_reason(exc))
 
 
 def _accepted(function: Callable, kwargs: dict) -> dict:
@@ -158,8 +164,45 @@ def _non_empty(part: Part, attribute: str | None, reason: str) -> Part:
     return part
 
 
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, EntropylensError):
+        return exc.message
+    return f"failed: {type(exc).__name__}: {exc}"
+
+
+def _outcome(value: Any, assemble: Callable | None = None) -> Part:
+    """A plan's outcome as a :class:`Part` (a failure becomes its reason)."""
+    if isinstance(value, Failed):
+        return Part(reason=_reason(value.error))
+    if assemble is None:
+        return Part(value=value)
+    try:
+        return Part(value=assemble(value))
+    except Exception as exc:  # noqa: BLE001 - a report section must not sink the report
+        return Part(reason=_reason(exc))
+
+
+def _run_plans(store: Store, run: str, manifest: dict, source: str | None,
+               engine: str) -> dict[str, Any]:
+    """Every token analysis of one run as plans over shared scans (one read per round)."""
+    plans = {"summary": summary_plan(store, run),
+             "curve": policy_entropy_plan(store, run, engine=engine)}
+    if source is not None:
+        plans["distribution"] = distribution_plan(store, run, source, manifest)
+        plans["forking"] = forking_plan(store, run, source, manifest)
+        plans["roles"] = roles_plan(store, run)
+        plans["covariance"] = covariance_plan(store, run, engine=engine)
+    return run_plans(store, run, plans, engine=engine)
+
+
 def collect(store: Store, runs: list[str], *, engine: str = "local") -> Results:
     """Run the report's analyses on ``runs`` of ``store``.
+
+    The token analyses of a run (summary and data quality, policy-entropy curve,
+    distribution, forking tokens, roles, covariance) run as plans over shared scans, so the
+    run's tokens are read once for all of them, plus once more for the second passes
+    (covariance, tokens after EOS, a global forking threshold). Phases and the saturation
+    fit then reuse the remembered curve.
 
     Parameters
     ----------
@@ -172,20 +215,23 @@ def collect(store: Store, runs: list[str], *, engine: str = "local") -> Results:
     -------
     Results
     """
-    summary = analysis("summary")(store, runs, engine=engine)
-    by_run = summary.runs.set_index("run")
-    results = Results(store=store, runs=[], summary=summary)
+    summary_parts, entries = [], []
     for run in runs:
         manifest = store.manifest(run)
-        row = by_run.loc[run]
-        source = best_entropy_source(manifest) if int(row["tokens"]) else None
+        source = best_entropy_source(manifest) if manifest.get("counts", {}).get("tokens") \
+            else None
+        outcomes = _run_plans(store, run, manifest, source, engine)
+        if isinstance(outcomes["summary"], Failed):
+            raise outcomes["summary"].error   # the store itself cannot be read
+        summary_parts.append(outcomes["summary"])
+        _, row, _ = outcomes["summary"]
         entry = RunResults(run=run, tokens=int(row["tokens"]), sequences=int(row["sequences"]),
                            entropy_source=row["entropy_source"] if isinstance(
                                row["entropy_source"], str) else None,
                            vocab_size=manifest.get("vocab_size"))
         parts = entry.parts
-        parts["curve"] = _non_empty(attempt("policy_entropy", store, run, engine=engine),
-                                    None, "no policy entropy points")
+        parts["curve"] = _non_empty(_outcome(outcomes["curve"]), None,
+                                    "no policy entropy points")
         parts["performance"] = attempt("performance", store, run)
         parts["phases"] = _first_run(attempt("phases", store, run, engine=engine), run)
         parts["fit"] = _usable_fit(attempt("fit_saturation", store, run, engine=engine))
@@ -194,16 +240,19 @@ def collect(store: Store, runs: list[str], *, engine: str = "local") -> Results:
             for name in ("distribution", "forking", "roles", "covariance"):
                 parts[name] = Part(reason=reason)
         else:
-            parts["distribution"] = _non_empty(attempt("distribution", store, run,
-                                                       engine=engine),
-                                               "steps", "no token entropies")
-            parts["forking"] = attempt("forking_tokens", store, run, engine=engine)
-            parts["roles"] = attempt("roles", store, run, engine=engine)
-            parts["covariance"] = _non_empty(attempt("covariance", store, run, engine=engine),
-                                             "groups", "no tokens with both a log-probability "
-                                             "and an advantage")
-        results.runs.append(entry)
-    # summary already ran every data-quality check on its own scan
+            parts["distribution"] = _non_empty(
+                _outcome(outcomes["distribution"], lambda p: distribution_from_parts([p])),
+                "steps", "no token entropies")
+            parts["forking"] = _outcome(outcomes["forking"],
+                                        lambda p: forking_from_parts([p]))
+            parts["roles"] = _outcome(outcomes["roles"], lambda p: roles_from_parts([p]))
+            parts["covariance"] = _non_empty(
+                _outcome(outcomes["covariance"], lambda p: covariance_from_parts([p])),
+                "groups", "no tokens with both a log-probability and an advantage")
+        entries.append(entry)
+    summary = summary_from_parts(summary_parts)
+    results = Results(store=store, runs=entries, summary=summary)
+    # the summary plans ran every data-quality check on their own scans
     results.parts["quality"] = Part(value=summary.quality)
     if len(runs) > 1:
         results.parts["compare"] = attempt("compare", store, runs, engine=engine)
