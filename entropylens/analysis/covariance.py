@@ -36,6 +36,7 @@ from ..engine import Aggregator, Plan, Scan, run_plan
 from ..errors import EntropylensError
 from ..store import Store
 from .curves import TrainTokens, open_store, policy_entropy_plan
+from .sequences import step_groups
 from .summary import _records
 
 #: Covariance groups: label and share of a step's tokens, ranked by covariance.
@@ -75,7 +76,7 @@ class StepMoments(Aggregator):
         steps, logp, adv = _valid_pairs(batch)
         if not len(steps):
             return state
-        unique, inverse = np.unique(steps, return_inverse=True)
+        unique, inverse = step_groups(steps)
         counts = np.bincount(inverse)
         sum_logp = np.bincount(inverse, weights=logp)
         sum_adv = np.bincount(inverse, weights=adv)
@@ -116,7 +117,7 @@ class StepCovariance(Aggregator):
 
     def update(self, state: dict, batch: pa.RecordBatch) -> dict:
         steps, logp, adv = _valid_pairs(batch)
-        for step in np.unique(steps).tolist():
+        for step in step_groups(steps)[0].tolist():
             if step not in self.means:
                 continue
             rows = steps == step

@@ -174,6 +174,20 @@ class Lexicon:
         return re.compile("|".join(parts), re.IGNORECASE)
 
     @cached_property
+    def splitter(self) -> re.Pattern:
+        """:attr:`pattern` in one capturing group, for ``split``: text and matches alternate."""
+        return re.compile(f"({self.pattern.pattern})", re.IGNORECASE)
+
+    @cached_property
+    def folded_splitter(self) -> re.Pattern | None:
+        """:attr:`splitter` without IGNORECASE, for text already lower-cased by
+        :func:`fold_case` (about twice as fast); None when a phrase is not ASCII, where
+        lower-casing and the regex engine's case rules may part."""
+        if not all(p.isascii() for p in self.phrases):
+            return None
+        return re.compile(f"({self.pattern.pattern})")
+
+    @cached_property
     def _index(self) -> dict[str, int]:
         return {p.casefold(): i for i, p in enumerate(self.phrases)}
 
@@ -352,6 +366,21 @@ def token_bytes(token: str | None, convention: str) -> bytes:
                            f"(one of {', '.join(CONVENTIONS)})")
 
 
+#: Characters that the regex engine's IGNORECASE equates with an ASCII letter although
+#: ``str.lower`` leaves them alone (the others, such as the Kelvin sign, lower to ASCII).
+_ASCII_EQUIVALENTS = str.maketrans({"\u0131": "i", "\u017f": "s"})
+
+
+def fold_case(text: str) -> str | None:
+    """``text`` lower-cased so that an ASCII phrase matches it case-sensitively exactly where
+    it matches ``text`` under IGNORECASE; None when lower-casing changes the length (as for
+    U+0130), which would shift every offset after it."""
+    lowered = text.lower()
+    if len(lowered) != len(text):
+        return None
+    return lowered if lowered.isascii() else lowered.translate(_ASCII_EQUIVALENTS)
+
+
 def _char_byte_offsets(text: str) -> np.ndarray | None:
     """Byte offset of every character of ``text`` (plus the end), None when text is ASCII.
 
@@ -392,6 +421,12 @@ class MatchResult:
     text: list[str] = field(default_factory=list)
 
 
+#: Token strings decoded in this process, per convention: (strings, their bytes).
+_DECODED: dict[str, tuple[pa.Array, pa.Array]] = {}
+#: Strings remembered at most (vocabularies hold up to a few hundred thousand).
+_DECODED_MAX = 1_000_000
+
+
 class PlanningMatcher:
     """Finds lexicon phrases in token sequences under one tokenizer convention.
 
@@ -411,19 +446,27 @@ class PlanningMatcher:
                                    f"(one of {', '.join(CONVENTIONS)})")
         self.lexicon = lexicon
         self.convention = convention
-        self._cache: dict[str, bytes] = {}
 
-    def _encode_dictionary(self, values: list) -> list[bytes]:
-        cache, out = self._cache, []
-        for value in values:
-            if value is None:
-                out.append(b"")
-                continue
-            raw = cache.get(value)
-            if raw is None:
-                raw = cache[value] = token_bytes(value, self.convention)
-            out.append(raw)
-        return out
+    def _encode_dictionary(self, values: pa.Array) -> pa.Array:
+        """Bytes of every (distinct) token string of ``values``, as a large_binary array.
+
+        Decoded strings are remembered per process and convention as Arrow arrays, so a
+        batch's dictionary is looked up in C and only strings never seen are decoded in
+        Python (once per process: engine workers get matchers by pickle, cache-less).
+        """
+        known, known_bytes = _DECODED.get(self.convention, (pa.array([], pa.string()),
+                                                            pa.array([], pa.large_binary())))
+        if len(known) > _DECODED_MAX:   # not a tokenizer's vocabulary: start afresh
+            known, known_bytes = known[:0], known_bytes[:0]
+        where = pc.index_in(values, value_set=known)
+        if where.null_count:
+            new = pc.unique(values.filter(pc.is_null(where)))
+            raw = [token_bytes(value, self.convention) for value in new.to_pylist()]
+            known = pa.concat_arrays([known, new.cast(pa.string())])
+            known_bytes = pa.concat_arrays([known_bytes, pa.array(raw, pa.large_binary())])
+            _DECODED[self.convention] = (known, known_bytes)
+            where = pc.index_in(values, value_set=known)
+        return known_bytes.take(where)
 
     def match(self, tokens: pa.Array | pa.ChunkedArray | Sequence[str | None],
               starts: np.ndarray, *, keep_text: bool = False) -> MatchResult:
@@ -449,21 +492,22 @@ class PlanningMatcher:
             return MatchResult(np.zeros(0, bool), empty, empty, empty, empty,
                                [""] * len(starts) if keep_text else [])
         encoded = pc.dictionary_encode(tokens.cast(pa.string()))
-        pieces = self._encode_dictionary(encoded.dictionary.to_pylist())
-        if encoded.indices.null_count:  # null tokens (id-only rows) decode to nothing
-            pieces.append(b"")
-            indices = pc.fill_null(encoded.indices, len(pieces) - 1)
-        else:
-            indices = encoded.indices
+        # pieces: the bytes of each distinct token, then b"" for null tokens (id-only rows,
+        # they decode to nothing), then the separator that ends every sequence
+        pieces = pa.concat_arrays([self._encode_dictionary(encoded.dictionary),
+                                   pa.array([b"", _SEPARATOR], pa.large_binary())])
+        empty_piece, separator = len(pieces) - 2, len(pieces) - 1
+        indices = encoded.indices
+        if indices.null_count:
+            indices = pc.fill_null(indices, empty_piece)
         indices = indices.to_numpy(zero_copy_only=False).astype(np.int64)
-        separator = len(pieces)
-        pieces.append(_SEPARATOR)
         # One separator after every sequence: sequence k's tokens shift right by k slots.
         seq_of_token = np.repeat(np.arange(len(starts)), np.diff(np.append(starts, n)))
         layout = np.insert(indices, np.append(starts[1:], n), separator)
-        lengths = np.fromiter((len(p) for p in pieces), np.int64, len(pieces))[layout]
+        lengths = pc.binary_length(pieces).to_numpy(zero_copy_only=False) \
+            .astype(np.int64)[layout]
         offsets = np.concatenate([[0], np.cumsum(lengths)])
-        blob = pa.array(pieces, pa.large_binary()).take(pa.array(layout))
+        blob = pieces.take(pa.array(layout))
         data = blob.buffers()[2]
         first = int(np.frombuffer(blob.buffers()[1], np.int64)[blob.offset])
         raw = data.to_pybytes()[first:first + int(offsets[-1])] if data is not None else b""
@@ -472,16 +516,23 @@ class PlanningMatcher:
 
         slot = np.arange(n) + seq_of_token
         tok_start, tok_end = offsets[slot], offsets[slot + 1]
-        index = self.lexicon.phrase_index
-        spans = [(m.start(), m.end(), index(m.group())) for m in
-                 self.lexicon.pattern.finditer(text)]
+        # split() hands back text and matches alternately, all in C: the spans follow from
+        # the lengths, and only distinct matched spellings go through phrase_index
+        folded = fold_case(text) if self.lexicon.folded_splitter is not None else None
+        parts = (self.lexicon.splitter.split(text) if folded is None
+                 else self.lexicon.folded_splitter.split(folded))
         planning = np.zeros(n, bool)
-        if spans:
-            span = np.array(spans, dtype=np.int64)
-            lo, hi = span[:, 0], span[:, 1]
+        if len(parts) > 1:
+            ends = np.cumsum(np.fromiter(map(len, parts), np.int64, len(parts)))
+            hi = ends[1::2]
+            matched = parts[1::2]
+            lo = hi - np.fromiter(map(len, matched), np.int64, len(matched))
             if char_offsets is not None:
                 lo, hi = char_offsets[lo], char_offsets[hi]
-            gram = span[:, 2]
+            spellings = pc.dictionary_encode(pa.array(matched, pa.string()))
+            index = self.lexicon.phrase_index
+            gram = np.array([index(m) for m in spellings.dictionary.to_pylist()],
+                            np.int64)[spellings.indices.to_numpy()]
             first_token = np.searchsorted(tok_end, lo, side="right")
             last_token = np.searchsorted(tok_start, hi, side="left") - 1
             seq_start_byte = offsets[starts + np.arange(len(starts))]

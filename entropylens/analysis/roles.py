@@ -61,7 +61,7 @@ from ..estimators import best_entropy_source, columns_for, token_entropy
 from ..store import Store
 from .lexicon import (CONVENTIONS, Lexicon, PlanningMatcher, detect_convention, load_lexicon)
 from .summary import _records
-from .sequences import sequence_starts
+from .sequences import sequence_starts, step_groups
 
 CLASSES = ("planning", "execution")
 STEP_COLUMNS = ["run", "step", "cls", "tokens", "mean_entropy", "perplexity",
@@ -231,7 +231,7 @@ class RolesAggregator(Aggregator):
         result = self.matcher.match(table.column("token"), starts)
         planning = result.planning
 
-        unique_steps, step_index = np.unique(steps, return_inverse=True)
+        unique_steps, step_index = step_groups(steps)
         n_steps = len(unique_steps)
         key = step_index * 2 + np.where(planning, 0, 1)
         acc = np.zeros((n_steps * 2, 5))

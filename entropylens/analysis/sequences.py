@@ -53,3 +53,17 @@ def run_keys(steps: np.ndarray, sample_ids: pa.Array, starts: np.ndarray) -> pa.
 def run_lengths(starts: np.ndarray, n: int) -> np.ndarray:
     """Rows of every run."""
     return np.diff(np.append(starts, n)).astype(np.int64)
+
+
+def step_groups(steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``numpy.unique(steps, return_inverse=True)``, without sorting when rows come in
+    stored order (steps non-decreasing), as they do from a scan."""
+    steps = np.asarray(steps)
+    if len(steps) > 1 and not (steps[1:] >= steps[:-1]).all():
+        unique, codes = np.unique(steps, return_inverse=True)
+        return unique, codes.reshape(-1)
+    change = np.flatnonzero(steps[1:] != steps[:-1]) + 1 if len(steps) else np.zeros(0, int)
+    unique = steps[np.concatenate([[0], change])] if len(steps) else steps[:0]
+    codes = np.zeros(len(steps), np.int64)
+    codes[change] = 1
+    return unique, np.cumsum(codes)
