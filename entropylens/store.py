@@ -297,6 +297,31 @@ class Store:
                                        schema=TOKEN_SCHEMA))
         return ds.dataset([str(p) for p in parts], schema=TOKEN_SCHEMA, format="parquet")
 
+    def head_tokens(self, run: str, rows: int, *, columns: Sequence[str]) -> pa.Table:
+        """The first ``rows`` tokens in storage order (fewer when the run is smaller).
+
+        Reads part files one row group at a time, without the read-ahead of a dataset scan,
+        so a small sample costs a small read.
+        """
+        folder = self.run_dir(run) / "tokens"
+        batches, held = [], 0
+        for path in sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []:
+            try:
+                for batch in pq.ParquetFile(path).iter_batches(batch_size=rows - held,
+                                                               columns=list(columns)):
+                    batches.append(batch)
+                    held += batch.num_rows
+                    if held >= rows:
+                        break
+            except (OSError, pa.ArrowException) as exc:
+                raise StoreError(f"unreadable token part file: {exc}", path=path) from exc
+            if held >= rows:
+                break
+        schema = pa.schema([TOKEN_SCHEMA.field(c) for c in columns])
+        if not batches:
+            return schema.empty_table()
+        return pa.Table.from_batches(batches).cast(schema)
+
     @staticmethod
     def _step_filter(steps: Iterable[int] | None, filter: ds.Expression | None):
         expr = filter

@@ -15,9 +15,8 @@ The entropy change of a step is the next step's policy entropy minus its own (bo
 :func:`~entropylens.analysis.curves.policy_entropy`); the correlation of each step's mean
 covariance with it is reported as Pearson and Spearman coefficients.
 
-Streaming: a first scan (:class:`StepMoments`, mergeable sums) gives each step's means; a
-second pass (:class:`StepCovariance`) computes ``cov_i`` for a few steps at a time, holding at
-most about ``max_tokens`` tokens' values in memory (a step larger than that alone).
+Streaming: one scan (:class:`StepCovariance`). The engine's units hold whole steps, so each
+step's means and ``cov_i`` are computed when its unit is sealed: memory of one unit.
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from scipy import stats
 
-from ..engine import Aggregator, Plan, Scan, run_plan
+from ..engine import Aggregator, Plan, run_plan
 from ..errors import EntropylensError
 from ..store import Store
 from .curves import TrainTokens, open_store, policy_entropy_plan
@@ -45,8 +44,6 @@ GROUPS = (("top 0.02%", 0.0002), ("top 0.2%", 0.002), ("top 2%", 0.02), ("top 20
 GROUP_COLUMNS = ["run", "step", "group", "fraction", "tokens", "mean_cov"]
 STEP_COLUMNS = ["run", "step", "tokens", "mean_cov", "entropy", "entropy_change_next"]
 CORRELATION_COLUMNS = ["run", "pearson_r", "spearman_r", "n"]
-#: Token values held in memory at once by the second pass (a larger step is taken alone).
-MAX_TOKENS = 4_000_000
 
 
 def _valid_pairs(batch: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -64,83 +61,51 @@ def _valid_pairs(batch: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray, np.ndar
     return step, logp, adv
 
 
-class StepMoments(Aggregator):
-    """Per-step token count and sums of logprob and advantage (first pass)."""
-
-    columns = ("step", "logprob", "advantage")
-
-    def start(self) -> dict:
-        return {}
-
-    def update(self, state: dict, batch: pa.RecordBatch) -> dict:
-        steps, logp, adv = _valid_pairs(batch)
-        if not len(steps):
-            return state
-        unique, inverse = step_groups(steps)
-        counts = np.bincount(inverse)
-        sum_logp = np.bincount(inverse, weights=logp)
-        sum_adv = np.bincount(inverse, weights=adv)
-        for k, step in enumerate(unique.tolist()):
-            old = state.get(step, (0, 0.0, 0.0))
-            state[step] = (old[0] + int(counts[k]), old[1] + sum_logp[k], old[2] + sum_adv[k])
-        return state
-
-    def merge(self, left: dict, right: dict) -> dict:
-        for step, (n, lp, a) in right.items():
-            old = left.get(step, (0, 0.0, 0.0))
-            left[step] = (old[0] + n, old[1] + lp, old[2] + a)
-        return left
-
-    def finish(self, state: dict) -> pd.DataFrame:
-        """``step, tokens, mean_logprob, mean_advantage``."""
-        rows = [{"step": s, "tokens": n, "mean_logprob": lp / n, "mean_advantage": a / n}
-                for s, (n, lp, a) in sorted(state.items())]
-        return pd.DataFrame(rows, columns=["step", "tokens", "mean_logprob", "mean_advantage"])
-
-
 class StepCovariance(Aggregator):
-    """Per-token covariance values of given steps, grouped by rank at finish (second pass).
+    """Per-step covariance groups in one pass.
 
-    Parameters
-    ----------
-    means : mapping of step to (mean logprob, mean advantage)
-        From :class:`StepMoments`; only these steps are kept.
+    The engine hands over step-closed units, so when a unit is sealed each of its steps is
+    complete: the step's means, every ``cov_i`` and the groups by rank are computed there
+    and the values freed. Memory: one unit's (logprob, advantage) pairs.
     """
 
     columns = ("step", "logprob", "advantage")
 
-    def __init__(self, means: dict):
-        self.means = means
-
     def start(self) -> dict:
-        return {}
+        return {"pending": {}, "rows": []}
 
     def update(self, state: dict, batch: pa.RecordBatch) -> dict:
         steps, logp, adv = _valid_pairs(batch)
-        for step in step_groups(steps)[0].tolist():
-            if step not in self.means:
-                continue
-            rows = steps == step
-            mean_logp, mean_adv = self.means[step]
-            values = (logp[rows] - mean_logp) * (adv[rows] - mean_adv)
-            state.setdefault(step, []).append(values)
+        unique, codes = step_groups(steps)
+        bounds = np.searchsorted(codes, np.arange(len(unique) + 1)) \
+            if not (np.diff(codes) < 0).any() else None
+        for k, step in enumerate(unique.tolist()):
+            rows = slice(bounds[k], bounds[k + 1]) if bounds is not None else codes == k
+            state["pending"].setdefault(step, []).append((logp[rows], adv[rows]))
+        return state
+
+    def seal(self, state: dict) -> dict:
+        for step in sorted(state["pending"]):
+            pairs = state["pending"][step]
+            logp = np.concatenate([p[0] for p in pairs])
+            adv = np.concatenate([p[1] for p in pairs])
+            values = np.sort((logp - logp.mean()) * (adv - adv.mean()))[::-1]
+            for label, fraction in GROUPS:
+                k = len(values) if fraction >= 1 else max(1, math.ceil(fraction * len(values)))
+                state["rows"].append({"step": step, "group": label, "fraction": fraction,
+                                      "tokens": k, "mean_cov": float(values[:k].mean())})
+        state["pending"] = {}
         return state
 
     def merge(self, left: dict, right: dict) -> dict:
-        for step, arrays in right.items():
-            left.setdefault(step, []).extend(arrays)
-        return left
+        left, right = self.seal(left), self.seal(right)
+        return {"pending": {}, "rows": left["rows"] + right["rows"]}
 
     def finish(self, state: dict) -> pd.DataFrame:
         """``step, group, fraction, tokens, mean_cov``: one row per step and group."""
-        rows = []
-        for step in sorted(state):
-            values = np.sort(np.concatenate(state[step]))[::-1]
-            for label, fraction in GROUPS:
-                k = len(values) if fraction >= 1 else max(1, math.ceil(fraction * len(values)))
-                rows.append({"step": step, "group": label, "fraction": fraction, "tokens": k,
-                             "mean_cov": float(values[:k].mean())})
-        return pd.DataFrame(rows, columns=["step", "group", "fraction", "tokens", "mean_cov"])
+        frame = pd.DataFrame(self.seal(state)["rows"],
+                             columns=["step", "group", "fraction", "tokens", "mean_cov"])
+        return frame.sort_values("step", kind="stable").reset_index(drop=True)
 
 
 @dataclass
@@ -172,20 +137,6 @@ class Covariance:
                 "correlation": _records(self.correlation), "skipped": list(self.skipped)}
 
 
-def _batches_of_steps(moments: pd.DataFrame, max_tokens: int) -> list[list[int]]:
-    """Consecutive steps grouped so each group holds at most ``max_tokens`` tokens."""
-    groups: list[list[int]] = []
-    held = 0
-    for step, tokens in zip(moments["step"].tolist(), moments["tokens"].tolist()):
-        if groups and held + tokens <= max_tokens:
-            groups[-1].append(step)
-            held += tokens
-        else:
-            groups.append([step])
-            held = tokens
-    return groups
-
-
 def _correlation(run: str, steps: pd.DataFrame) -> dict:
     both = steps.dropna(subset=["mean_cov", "entropy_change_next"])
     n = len(both)
@@ -198,8 +149,8 @@ def _correlation(run: str, steps: pd.DataFrame) -> dict:
     return {"run": run, "pearson_r": pearson, "spearman_r": spearman, "n": n}
 
 
-def covariance_plan(store: Store, run: str, *, max_tokens: int = MAX_TOKENS,
-                    engine: str = "local", **engine_options) -> Plan:
+def covariance_plan(store: Store, run: str, *, engine: str = "local",
+                    **engine_options) -> Plan:
     """One run's ``(groups, steps, correlation row)`` of :func:`covariance`, as a plan (see
     :func:`entropylens.engine.run_plans`). ``engine`` and its options only key the cached
     policy-entropy curve."""
@@ -208,8 +159,8 @@ def covariance_plan(store: Store, run: str, *, max_tokens: int = MAX_TOKENS,
     if not counts.get("tokens"):
         raise EntropylensError(f"run {run!r} has no tokens: the covariance needs per-token "
                                "logprob and advantage", path=store.run_dir(run))
-    moments = (yield {"m": TrainTokens(StepMoments())})["m"]
-    if moments.empty:
+    groups = (yield {"c": TrainTokens(StepCovariance())})["c"]
+    if groups.empty:
         missing = []
         for column in ("logprob", "advantage"):
             values = store.read_tokens(run, columns=[column]).column(column)
@@ -219,13 +170,6 @@ def covariance_plan(store: Store, run: str, *, max_tokens: int = MAX_TOKENS,
         raise EntropylensError(f"run {run!r} has no token {what}: the covariance needs both "
                                "(map the columns at ingest with --map advantage=COLUMN)",
                                path=store.run_dir(run))
-    means = {int(r.step): (r.mean_logprob, r.mean_advantage) for r in moments.itertuples()}
-    frames = []
-    for steps in _batches_of_steps(moments, max_tokens):
-        chosen = {s: means[s] for s in steps}
-        frames.append((yield Scan({"c": TrainTokens(StepCovariance(chosen))},
-                                  steps=tuple(steps)))["c"])
-    groups = pd.concat(frames, ignore_index=True)
     groups.insert(0, "run", run)
     overall = groups[groups["group"] == "all"][["step", "tokens", "mean_cov"]]
     curve = yield from policy_entropy_plan(store, run, engine=engine, **engine_options)
@@ -237,7 +181,7 @@ def covariance_plan(store: Store, run: str, *, max_tokens: int = MAX_TOKENS,
 
 
 def covariance(store: Store | str, runs: str | Sequence[str] | None = None, *,
-               max_tokens: int = MAX_TOKENS, engine: str = "local",
+               engine: str = "local",
                **engine_options) -> Covariance:
     """Covariance of token log-probability and advantage per step, by group.
 
@@ -247,8 +191,6 @@ def covariance(store: Store | str, runs: str | Sequence[str] | None = None, *,
     runs : str or sequence of str, optional
         Default: every run. When several are asked for, runs without per-token logprob and
         advantage are left out; a single such run raises.
-    max_tokens : int
-        Token values the second pass may hold at once.
     engine : {"local", "ray"}
 
     Returns
@@ -266,7 +208,7 @@ def covariance(store: Store | str, runs: str | Sequence[str] | None = None, *,
     for run in names:
         try:
             g, s, c = run_plan(store, run, covariance_plan(
-                store, run, max_tokens=max_tokens, engine=engine, **engine_options),
+                store, run, engine=engine, **engine_options),
                 engine=engine, **engine_options)
         except EntropylensError as exc:
             if len(names) == 1:

@@ -108,14 +108,14 @@ class RolesAggregator(Aggregator):
     Token batches arrive sorted by step, sample_id and position, but a completion may
     straddle batches. A completion whose tokens all lie inside one batch is matched at once;
     the first and last completion of each batch wait in the state until the next batch shows
-    whether they continue (the very first one of a state waits until :meth:`finish`, since
-    under a parallel engine another partition may hold its start), and :meth:`merge` joins
-    the waiting fragments of two states by key, so a parallel engine must hand each state a
-    contiguous run of the scan (as Ray Data blocks of the sorted part files are); the merge
-    order does not matter. When an ingest cut a completion between two part files anywhere
-    but at the end of the first (unsorted sources), its two pieces are matched separately
-    and a phrase across the cut is missed; token counts stay exact. Only training tokens count: a token with a step whose
-    split is ``val`` or ``inference`` is skipped.
+    whether they continue. The engine's units are step-closed, so :meth:`seal` matches every
+    completion still waiting at the end of a unit (memory: a few batches). Fed by hand
+    without seals, the very first completion of a state waits until :meth:`finish`, and
+    :meth:`merge` joins the waiting fragments of two states by key. When an ingest cut a
+    completion between two part files anywhere but at the end of the first (unsorted
+    sources), its two pieces are matched separately and a phrase across the cut is missed;
+    token counts stay exact. Only training tokens count: a token with a step whose split is
+    ``val`` or ``inference`` is skipped.
 
     Parameters
     ----------
@@ -277,10 +277,16 @@ class RolesAggregator(Aggregator):
         for (s_idx, code), count in zip(pairs.T.tolist(), counts.tolist()):
             state.transitions.setdefault(int(unique_steps[s_idx]), Counter())[code] += count
 
-    def finish(self, state: _RolesState) -> dict:
-        """Process the fragments still waiting, then return the raw per-step tallies."""
+    def seal(self, state: _RolesState) -> _RolesState:
+        """The engine's units are step-closed, so no later batch continues a completion of
+        this state: match the waiting ones now and free the batches their slices hold."""
         for key in list(state.pending):
             self._process(state, self._join(state.pending.pop(key)))
+        return state
+
+    def finish(self, state: _RolesState) -> dict:
+        """Process the fragments still waiting, then return the raw per-step tallies."""
+        self.seal(state)
         return {"classes": state.classes, "grams": state.grams,
                 "transitions": state.transitions, "sequences": state.sequences}
 
@@ -665,9 +671,7 @@ def roles_plan(store: Store, run: str, *, lexicon: Lexicon | None = None,
     has_logprob = bool(counts.get("tokens_with_logprob", 0))
     conv = convention
     if n_tokens:
-        sample = next(iter(store.scan_tokens(run, columns=["token"],
-                                             batch_size=DETECT_TOKENS)), None)
-        tokens = sample.column("token") if sample is not None else pa.array([], pa.string())
+        tokens = store.head_tokens(run, DETECT_TOKENS, columns=["token"]).column("token")
         if tokens.null_count == len(tokens):
             raise EntropylensError(f"run {run!r} has no token text (only token ids); "
                                    "roles needs decoded tokens", path=store.run_dir(run))
