@@ -7,6 +7,7 @@ the line or record). With ``--json`` stdout holds one JSON object and nothing el
 from __future__ import annotations
 
 import json
+import os
 import sys
 from contextlib import contextmanager
 from enum import Enum
@@ -70,10 +71,23 @@ RayAddressOption = typer.Option(
     "default: a new local Ray instance.")
 
 
-def _engine(engine: Engine, ray_address: Optional[str]) -> str:
+WorkersOption = typer.Option(
+    None, "--workers", min=1, help="Processes of the local engine that scan side by side "
+    "(each holds one unit of about 1M tokens; default: the CPUs, at most 4, or "
+    "$ENTROPYLENS_WORKERS; 1: no extra process).")
+
+
+def _engine(engine: Engine, ray_address: Optional[str], workers: Optional[int] = None) -> str:
     """The engine name; connects to Ray first for ``--engine ray``."""
     if ray_address and engine is not Engine.ray:
         raise typer.BadParameter("--ray-address needs --engine ray", param_hint="--ray-address")
+    if workers is not None:
+        if engine is Engine.ray:
+            raise typer.BadParameter("--workers is for the local engine (Ray sizes its own)",
+                                     param_hint="--workers")
+        from .engine import WORKERS_ENV
+
+        os.environ[WORKERS_ENV] = str(workers)   # this process is the command: set it once
     if engine is Engine.ray:
         from .engine import init_ray
 
@@ -136,11 +150,12 @@ def summary(
     run: Optional[List[str]] = RunOption,
     engine: Engine = EngineOption,
     ray_address: Optional[str] = RayAddressOption,
+    workers: Optional[int] = WorkersOption,
     as_json: bool = JsonOption,
 ):
     """Per-run contents and per-step entropy statistics."""
     with _user_errors():
-        result = api.summary(store, run or None, engine=_engine(engine, ray_address))
+        result = api.summary(store, run or None, engine=_engine(engine, ray_address, workers))
     if as_json:
         _emit_json(result.to_dict())
         return
@@ -207,11 +222,12 @@ def phases(
     run: Optional[List[str]] = RunOption,
     engine: Engine = EngineOption,
     ray_address: Optional[str] = RayAddressOption,
+    workers: Optional[int] = WorkersOption,
     as_json: bool = JsonOption,
 ):
     """Collapse phases of the entropy curve: segments, early drop, arrival step, alarm."""
     with _user_errors():
-        result = api.phases(store, run or None, engine=_engine(engine, ray_address))
+        result = api.phases(store, run or None, engine=_engine(engine, ray_address, workers))
     if as_json:
         _emit_json(result.to_dict())
         return
@@ -245,11 +261,12 @@ def fit(
                                               "else reward_mean)."),
     engine: Engine = EngineOption,
     ray_address: Optional[str] = RayAddressOption,
+    workers: Optional[int] = WorkersOption,
     as_json: bool = JsonOption,
 ):
     """Fit the saturation law R = -a*exp(H) + b and its ceiling b - a."""
     with _user_errors():
-        result = api.fit_saturation(store, run or None, reward=reward, engine=_engine(engine, ray_address))
+        result = api.fit_saturation(store, run or None, reward=reward, engine=_engine(engine, ray_address, workers))
     fits = result if isinstance(result, list) else [result]
     if as_json:
         _emit_json(result.to_dict() if not isinstance(result, list)
@@ -279,11 +296,12 @@ def compare(
     reward: Optional[str] = typer.Option(None, "--reward", help="Performance metric."),
     engine: Engine = EngineOption,
     ray_address: Optional[str] = RayAddressOption,
+    workers: Optional[int] = WorkersOption,
     as_json: bool = JsonOption,
 ):
     """Runs side by side: entropy drop, phases, saturation fit, final performance."""
     with _user_errors():
-        result = api.compare(store, run or None, reward=reward, engine=_engine(engine, ray_address))
+        result = api.compare(store, run or None, reward=reward, engine=_engine(engine, ray_address, workers))
     if as_json:
         _emit_json(result.to_dict())
         return
@@ -309,11 +327,12 @@ def covariance(
     run: Optional[List[str]] = RunOption,
     engine: Engine = EngineOption,
     ray_address: Optional[str] = RayAddressOption,
+    workers: Optional[int] = WorkersOption,
     as_json: bool = JsonOption,
 ):
     """Covariance of token logprob and advantage by group, and its link to entropy change."""
     with _user_errors():
-        result = api.covariance(store, run or None, engine=_engine(engine, ray_address))
+        result = api.covariance(store, run or None, engine=_engine(engine, ray_address, workers))
     if as_json:
         _emit_json(result.to_dict())
         return
@@ -363,6 +382,7 @@ def forks(
     run: Optional[List[str]] = RunOption,
     engine: Engine = EngineOption,
     ray_address: Optional[str] = RayAddressOption,
+    workers: Optional[int] = WorkersOption,
     as_json: bool = JsonOption,
 ):
     """Forking tokens: top-rho entropy thresholds, most frequent forking tokens, overlap."""
@@ -376,10 +396,10 @@ def forks(
     with _user_errors():
         result = api.forking_tokens(store, run or None, ratio=ratio, scope=scope.value,
                                     batch_size=batch_size, min_count=min_count, top_n=top,
-                                    engine=_engine(engine, ray_address))
+                                    engine=_engine(engine, ray_address, workers))
         pair = api.forking_overlap(store, overlap[0], overlap[1], ratio=ratio,
                                    scope=scope.value, batch_size=batch_size,
-                                   engine=_engine(engine, ray_address)) if overlap else None
+                                   engine=_engine(engine, ray_address, workers)) if overlap else None
     if as_json:
         out = result.to_dict()
         if pair is not None:
@@ -432,13 +452,14 @@ def report(
     run: Optional[List[str]] = RunOption,
     engine: Engine = EngineOption,
     ray_address: Optional[str] = RayAddressOption,
+    workers: Optional[int] = WorkersOption,
 ):
     """Write the diagnostic report: index.html, report.md, report.json and figures/."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed, whatever the environment says
     with _user_errors():
-        result = api.report(store, out, run or None, engine=_engine(engine, ray_address))
+        result = api.report(store, out, run or None, engine=_engine(engine, ray_address, workers))
     for missing in result.model["unavailable"]:
         where = f"{missing['run']}: " if missing["run"] else ""
         typer.echo(f"{where}{missing['section']} not available: {missing['reason']}", err=True)
@@ -475,13 +496,14 @@ def roles(
     run: Optional[List[str]] = RunOption,
     engine: Engine = EngineOption,
     ray_address: Optional[str] = RayAddressOption,
+    workers: Optional[int] = WorkersOption,
     as_json: bool = JsonOption,
 ):
     """Planning versus execution tokens per step, semantic entropy and the two phases."""
     with _user_errors():
         result = api.roles(store, run or None, lexicon=lexicon,
                            lexicon_mode=lexicon_mode.value, convention=convention.value,
-                           window=window, engine=_engine(engine, ray_address))
+                           window=window, engine=_engine(engine, ray_address, workers))
     if as_json:
         _emit_json(result.to_dict())
         return

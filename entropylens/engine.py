@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 from .errors import EntropylensError
 from .schema import TOKEN_SCHEMA
 from .store import Store
+from .workers import session
 
 ENGINES = ("local", "ray")
 #: Rows a unit gathers (whole steps; one larger step makes a larger unit). Bounds the rows
@@ -297,6 +298,13 @@ def run_aggregators(store: Store, run: str, aggregators: Mapping[str, Aggregator
     steps = None if steps is None else [int(s) for s in steps]
     columns = sorted({c for agg in aggregators.values() for c in agg.columns})
     units = plan_units(store, run, steps=steps, unit_rows=unit_rows)
+    with session():
+        return _run_units(units, aggregators, columns, steps=steps, engine=engine,
+                          batch_size=batch_size, ray_address=ray_address, workers=workers)
+
+
+def _run_units(units: list[Unit], aggregators: Mapping[str, Aggregator], columns, *, steps,
+               engine, batch_size, ray_address, workers) -> dict[str, Any]:
     if engine == "ray" and units:
         partials = _ray_partials(units, aggregators, columns, steps=steps,
                                  batch_size=batch_size, ray_address=ray_address)
@@ -394,8 +402,15 @@ def run_plans(store: Store, run: str, plans: Mapping[str, Plan],
             return
         waiting[name] = request if isinstance(request, Scan) else Scan(dict(request))
 
-    for name in plans:
-        advance(name, None)
+    with session():
+        for name in plans:
+            advance(name, None)
+        _drive(store, run, waiting, advance, engine_options)
+    return outcomes
+
+
+def _drive(store: Store, run: str, waiting: dict, advance, engine_options) -> None:
+    """Rounds of fused scans until no plan waits."""
     while waiting:
         current = dict(waiting)
         waiting.clear()
@@ -407,7 +422,6 @@ def run_plans(store: Store, run: str, plans: Mapping[str, Plan],
             for name, reply in _fused_scan(store, run, {n: current[n] for n in names},
                                            steps, engine_options).items():
                 advance(name, reply)
-    return outcomes
 
 
 def _fused_scan(store: Store, run: str, scans: Mapping[str, Scan], steps, engine_options):

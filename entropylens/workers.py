@@ -1,15 +1,18 @@
 """Worker processes for the local engine: scan units side by side on one machine.
 
-Each worker is a fresh ``python -m entropylens.workers`` process (not a fork of the caller,
+Each worker is a fresh Python process running :func:`serve` (not a fork of the caller,
 whose Arrow threads a fork would copy in an unknown state, and not a ``multiprocessing``
 spawn, which would re-run the caller's script). Parent and worker exchange length-prefixed
 pickles over the worker's stdin and stdout; the worker's own prints go to stderr. Workers
-start on first use and live as long as the calling process, so the start-up is paid once.
+start on first use and live until the outermost :func:`session` ends (one analysis, or every
+analysis of a report), so their start-up is paid once per analysis and idle workers hold no
+memory.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import pickle
 import struct
@@ -20,6 +23,8 @@ from typing import Any, BinaryIO, Callable, Iterable, Iterator
 from .errors import EntropylensError
 
 _HEADER = struct.Struct("<Q")
+#: A worker's program (``-c`` rather than ``-m``: the package imports this module first).
+_ENTRY = "from entropylens.workers import serve; serve()"
 
 
 def _send(stream: BinaryIO, payload: Any) -> None:
@@ -29,7 +34,7 @@ def _send(stream: BinaryIO, payload: Any) -> None:
     stream.flush()
 
 
-def _receive(stream: BinaryIO) -> Any:
+def _receive_bytes(stream: BinaryIO) -> bytes:
     header = stream.read(_HEADER.size)
     if len(header) < _HEADER.size:
         raise EOFError("the other side closed the pipe")
@@ -37,7 +42,11 @@ def _receive(stream: BinaryIO) -> Any:
     data = stream.read(size)
     if len(data) < size:
         raise EOFError("the other side closed the pipe mid-message")
-    return pickle.loads(data)
+    return data
+
+
+def _receive(stream: BinaryIO) -> Any:
+    return pickle.loads(_receive_bytes(stream))
 
 
 class _Worker:
@@ -45,7 +54,7 @@ class _Worker:
         env = dict(os.environ)
         # the caller's import path, so aggregators defined in its own modules unpickle
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-        self.process = subprocess.Popen([sys.executable, "-m", "entropylens.workers"],
+        self.process = subprocess.Popen([sys.executable, "-c", _ENTRY],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         env=env)
 
@@ -114,15 +123,29 @@ class WorkerPool:
 
 
 _POOLS: dict[int, WorkerPool] = {}
+_DEPTH = [0]
 
 
 def pool(size: int) -> WorkerPool:
-    """The process's pool of ``size`` workers (one pool at a time is kept)."""
+    """The pool of ``size`` workers of the current :func:`session` (one pool at a time)."""
     found = _POOLS.get(size)
     if found is None:
         close_pools()
         found = _POOLS[size] = WorkerPool(size)
     return found
+
+
+@contextlib.contextmanager
+def session():
+    """Keep workers alive across the scans of one analysis; close them when the outermost
+    session ends, so that idle workers hold no memory (in a notebook, say)."""
+    _DEPTH[0] += 1
+    try:
+        yield
+    finally:
+        _DEPTH[0] -= 1
+        if _DEPTH[0] == 0:
+            close_pools()
 
 
 @atexit.register
@@ -132,16 +155,23 @@ def close_pools() -> None:
     _POOLS.clear()
 
 
-def _serve() -> None:
+def serve() -> None:
     """Worker loop: read (function, args), write (True, result) or (False, error)."""
     replies = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())   # stray prints must not corrupt replies
     requests = sys.stdin.buffer
     while True:
         try:
-            function, args = _receive(requests)
+            data = _receive_bytes(requests)
         except EOFError:
             return
+        try:
+            function, args = pickle.loads(data)
+        except Exception as exc:  # noqa: BLE001
+            _send(replies, (False, EntropylensError(
+                f"a worker could not rebuild its task ({type(exc).__name__}: {exc}): what "
+                "the engine hands to workers must pickle and unpickle")))
+            continue
         try:
             reply = (True, function(*args))
         except Exception as exc:  # noqa: BLE001 - the caller decides what an error means
@@ -156,7 +186,3 @@ def _picklable(value: Any) -> bool:
     except Exception:  # noqa: BLE001
         return False
     return True
-
-
-if __name__ == "__main__":
-    _serve()

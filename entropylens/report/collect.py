@@ -26,6 +26,7 @@ from ..engine import Failed, run_plans
 from ..errors import EntropylensError
 from ..estimators import best_entropy_source
 from ..store import Store
+from ..workers import session
 
 #: Where each analysis lives: the public API first, then its analysis module.
 ANALYSES = {
@@ -215,6 +216,11 @@ def collect(store: Store, runs: list[str], *, engine: str = "local") -> Results:
     -------
     Results
     """
+    with session():   # engine workers, if any, serve every run
+        return _collect(store, runs, engine)
+
+
+def _collect(store: Store, runs: list[str], engine: str) -> Results:
     summary_parts, entries = [], []
     for run in runs:
         manifest = store.manifest(run)

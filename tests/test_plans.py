@@ -1,0 +1,143 @@
+"""Plans: analyses written as generators share scans, and keep their own failures."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+import entropylens as el
+import entropylens.engine as engine
+from entropylens.analysis.distribution import distribution_from_parts, distribution_plan
+from entropylens.analysis.forking import forking_from_parts, forking_plan
+from entropylens.engine import Aggregator, Failed, Scan, run_plan, run_plans
+from entropylens.errors import EntropylensError
+from entropylens.report.collect import collect
+from entropylens.store import Store
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    rng = np.random.default_rng(2)
+    n = 30_000
+    store = Store.create(tmp_path_factory.mktemp("plans") / "s")
+    with store.write_run("r") as writer:
+        writer.write_tokens(pa.table({
+            "step": np.repeat(np.arange(6), n // 6), "sample_id": [f"c{i // 50}" for i in
+                                                                  range(n)],
+            "position": np.tile(np.arange(50), n // 50).astype(np.int32),
+            "token": [["Ġso", "Ġwait", "Ġthe", "Ġ7", ","][i % 5] for i in range(n)],
+            "entropy": rng.exponential(0.5, n), "logprob": -rng.exponential(0.3, n),
+            "advantage": np.repeat(rng.normal(size=n // 50), 50)}))
+    return store
+
+
+@pytest.fixture
+def scans(monkeypatch):
+    """Counts the units the engine reads."""
+    counter = {"units": 0}
+    original = engine.scan_unit
+
+    def counting(*args, **kwargs):
+        counter["units"] += 1
+        yield from original(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "scan_unit", counting)
+    return counter
+
+
+def test_fused_plans_give_what_each_analysis_gives_alone(store, scans):
+    manifest = store.manifest("r")
+    outcomes = run_plans(store, "r", {
+        "dist": distribution_plan(store, "r", "exact", manifest),
+        "fork": forking_plan(store, "r", "exact", manifest)}, workers=1)
+    assert scans["units"] == 1            # one read of the data for both
+    fused_dist = distribution_from_parts([outcomes["dist"]])
+    fused_fork = forking_from_parts([outcomes["fork"]])
+    alone_dist = el.distribution(store, "r", workers=1)
+    alone_fork = el.forking_tokens(store, "r", workers=1)
+    pd.testing.assert_frame_equal(fused_dist.steps, alone_dist.steps)
+    pd.testing.assert_frame_equal(fused_fork.top_tokens, alone_fork.top_tokens)
+    pd.testing.assert_frame_equal(fused_fork.thresholds, alone_fork.thresholds)
+
+
+def test_the_report_reads_each_unit_once(store, scans):
+    results = collect(store, ["r"])
+    assert scans["units"] == len(engine.plan_units(store, "r")) == 1
+    entry = results.runs[0]
+    assert {name for name, part in entry.parts.items() if not part.ok} <= {"performance",
+                                                                           "fit"}
+    cov = el.covariance(store, "r")
+    pd.testing.assert_frame_equal(entry.part("covariance").value.groups, cov.groups)
+
+
+class _Raises(Aggregator):
+    columns = ("step",)
+
+    def start(self):
+        return 0
+
+    def update(self, state, batch):
+        raise EntropylensError("this aggregator cannot read step 3", path="/x")
+
+    def merge(self, left, right):
+        return left
+
+    def finish(self, state):
+        return state
+
+
+class _Rows(Aggregator):
+    columns = ("step",)
+
+    def start(self):
+        return 0
+
+    def update(self, state, batch):
+        return state + batch.num_rows
+
+    def merge(self, left, right):
+        return left + right
+
+    def finish(self, state):
+        return state
+
+
+def _asks(aggregator):
+    return (yield {"a": aggregator})["a"]
+
+
+def _fails_early():
+    raise EntropylensError("no tokens here")
+    yield   # pragma: no cover - makes this a generator
+
+
+def _recovers():
+    try:
+        yield {"a": _Raises()}
+    except EntropylensError as exc:
+        return f"handled: {exc.message}"
+
+
+def test_a_failing_plan_keeps_its_failure_to_itself(store, scans):
+    outcomes = run_plans(store, "r", {"bad": _asks(_Raises()), "good": _asks(_Rows()),
+                                      "early": _fails_early(), "recovers": _recovers()},
+                         workers=1)
+    assert outcomes["good"] == 30_000
+    assert isinstance(outcomes["bad"], Failed)
+    assert str(outcomes["bad"].error) == "/x: this aggregator cannot read step 3"
+    assert isinstance(outcomes["early"], Failed)
+    assert outcomes["recovers"] == "handled: this aggregator cannot read step 3"
+    with pytest.raises(EntropylensError, match="cannot read step 3"):
+        run_plan(store, "r", _asks(_Raises()), workers=1)
+
+
+def test_scans_over_other_steps_are_not_fused(store, scans):
+    def some_steps():
+        return (yield Scan({"a": _Rows()}, steps=(1, 2)))["a"]
+
+    outcomes = run_plans(store, "r", {"all": _asks(_Rows()), "some": some_steps()},
+                         workers=1)
+    assert outcomes == {"all": 30_000, "some": 10_000}
+    assert scans["units"] == 2

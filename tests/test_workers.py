@@ -1,0 +1,179 @@
+"""Engine worker processes: the same numbers as one process, errors that name their file,
+and no worker left behind."""
+
+from __future__ import annotations
+
+import importlib.util
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import psutil
+import pyarrow as pa
+import pytest
+
+import entropylens as el
+import entropylens.store as store_module
+from entropylens import workers
+from entropylens.analysis.covariance import StepCovariance
+from entropylens.analysis.distribution import DistributionStats
+from entropylens.analysis.forking import ForkingScan
+from entropylens.analysis.quality import QualityScan
+from entropylens.engine import Aggregator, local_workers, plan_units, run_aggregators
+from entropylens.errors import EntropylensError, FormatError
+from entropylens.store import Store
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "make_store.py"
+UNIT = 40_000   # rows per unit: the 200k-token store makes several units
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    spec = importlib.util.spec_from_file_location("make_store", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    path = tmp_path_factory.mktemp("workers")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(store_module, "ROWS_PER_PART", 50_000)
+        patch.setattr(store_module, "ROWS_PER_GROUP", 10_000)
+        module.make_store(path, 200_000, steps=10, seed=3)
+    return Store.open(path)
+
+
+def _aggregators():
+    return {"dist": DistributionStats("exact"), "fork": ForkingScan("exact", scope="step",
+                                                                    ratio=0.2),
+            "quality": QualityScan(), "cov": StepCovariance()}
+
+
+def test_workers_give_the_same_numbers_as_one_process(store):
+    assert len(plan_units(store, "synthetic", unit_rows=UNIT)) >= 4
+    alone = run_aggregators(store, "synthetic", _aggregators(), unit_rows=UNIT, workers=1)
+    shared = run_aggregators(store, "synthetic", _aggregators(), unit_rows=UNIT, workers=2)
+    for key in ("steps", "histogram", "global"):
+        pd.testing.assert_frame_equal(alone["dist"][key], shared["dist"][key])
+    pd.testing.assert_frame_equal(alone["fork"][0].frame, shared["fork"][0].frame)
+    pd.testing.assert_frame_equal(alone["fork"][1].sort_values("token", ignore_index=True),
+                                  shared["fork"][1].sort_values("token", ignore_index=True))
+    pd.testing.assert_frame_equal(alone["quality"].sequences[0], shared["quality"].sequences[0])
+    pd.testing.assert_frame_equal(alone["cov"], shared["cov"])
+
+
+def test_analyses_through_the_api_take_workers(store):
+    one = el.roles(store, "synthetic", unit_rows=UNIT, workers=1)
+    two = el.roles(store, "synthetic", unit_rows=UNIT, workers=2)
+    pd.testing.assert_frame_equal(one.steps, two.steps)
+    pd.testing.assert_frame_equal(one.grams, two.grams)
+    # and the roles of small units equal those of one unit: no phrase lost at unit edges
+    whole = el.roles(store, "synthetic", workers=1)
+    pd.testing.assert_frame_equal(whole.steps, one.steps, check_exact=False, rtol=1e-12)
+    pd.testing.assert_frame_equal(whole.grams, one.grams)
+
+
+class _Broken(Aggregator):
+    columns = ("step",)
+
+    def __init__(self, error):
+        self.error = error
+
+    def start(self):
+        return 0
+
+    def update(self, state, batch):
+        raise self.error
+
+    def merge(self, left, right):
+        return left + right
+
+    def finish(self, state):
+        return state
+
+
+def test_a_worker_error_keeps_its_file_and_line(store):
+    error = FormatError("bad value", path="/data/run.jsonl", line=7)
+    with pytest.raises(FormatError) as caught:
+        run_aggregators(store, "synthetic", {"b": _Broken(error)}, unit_rows=UNIT, workers=2)
+    assert caught.value.path == "/data/run.jsonl" and caught.value.line == 7
+    assert str(caught.value) == "/data/run.jsonl:7: bad value"
+    # the pool is usable again afterwards, and gives the right answer
+    result = run_aggregators(store, "synthetic", {"q": QualityScan()}, unit_rows=UNIT,
+                             workers=2)
+    assert int(result["q"].sequences[0]["rows"].sum()) == 200_000
+
+
+class _Unpicklable(Exception):
+    def __init__(self, a, b):   # pickles as (a,) only: cannot be rebuilt
+        super().__init__(a)
+        self.b = b
+
+
+class _RaisesUnpicklable(_Broken):
+    def __init__(self):
+        super().__init__(None)
+
+    def update(self, state, batch):
+        raise _Unpicklable("x", "y")
+
+
+def test_an_unpicklable_worker_error_becomes_a_plain_error(store):
+    with pytest.raises(EntropylensError, match="_Unpicklable: x"):
+        run_aggregators(store, "synthetic", {"b": _RaisesUnpicklable()}, unit_rows=UNIT,
+                        workers=2)
+
+
+def test_a_request_that_does_not_unpickle_is_an_error_not_a_dead_worker(store):
+    with pytest.raises(EntropylensError, match="could not rebuild its task"):
+        run_aggregators(store, "synthetic", {"b": _Broken(_Unpicklable("x", "y"))},
+                        unit_rows=UNIT, workers=2)
+
+
+def test_workers_end_with_the_call(store):
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+    run_aggregators(store, "synthetic", {"q": QualityScan()}, unit_rows=UNIT, workers=2)
+    assert {p.pid for p in me.children(recursive=True)} - before == set()
+
+
+def test_a_dead_worker_is_reported():
+    pool = workers.WorkerPool(1)
+    try:
+        pool.workers[0].process.kill()
+        with pytest.raises(EntropylensError, match="worker process stopped"):
+            list(pool.map(len, [("abc",)]))
+        assert list(pool.map(len, [("abc",), ("de",)])) == [3, 2]   # replaced
+    finally:
+        pool.close()
+
+
+def test_worker_count_from_argument_environment_or_cpus(monkeypatch):
+    monkeypatch.delenv("ENTROPYLENS_WORKERS", raising=False)
+    assert 1 <= local_workers() <= 4
+    assert local_workers(3) == 3
+    monkeypatch.setenv("ENTROPYLENS_WORKERS", "1")
+    assert local_workers() == 1
+    monkeypatch.setenv("ENTROPYLENS_WORKERS", "many")
+    with pytest.raises(EntropylensError, match="ENTROPYLENS_WORKERS"):
+        local_workers()
+    with pytest.raises(EntropylensError, match="at least 1"):
+        local_workers(0)
+
+
+def test_errors_survive_pickling():
+    error = FormatError("bad", path="/x.csv", line=3, field="entropy")
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is FormatError and str(copy) == str(error)
+    assert (copy.path, copy.line, copy.field, copy.message) == ("/x.csv", 3, "entropy", "bad")
+
+
+def test_cli_workers_option(store, tmp_path):
+    from typer.testing import CliRunner
+
+    from entropylens.cli import app
+
+    result = CliRunner().invoke(app, ["summary", str(store.path), "--workers", "2",
+                                      "--json"])
+    assert result.exit_code == 0, result.output
+    refused = CliRunner().invoke(app, ["summary", str(store.path), "--workers", "2",
+                                       "--engine", "ray"])
+    assert refused.exit_code != 0 and "--workers" in refused.output
