@@ -35,7 +35,7 @@ stored, and these checks say which of them look suspicious. Checks (``check`` co
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -76,7 +76,8 @@ _COMPACT_EVERY = 64
 
 @dataclass
 class _ScanState:
-    sequences: list          # frames: step, sample_id, rows, distinct, first, last, first_eos
+    sequences: list          # frames of open completions: step, sample_id, rows, distinct,
+    #                          first, last, first_eos (several rows per completion)
     steps: dict              # step -> tokens
     entropy_low: int = 0
     entropy_high: int = 0
@@ -84,6 +85,21 @@ class _ScanState:
     positive_logprob: int = 0
     topk_over: int = 0
     eos_names: dict = None   # eos text -> count
+    # complete completions, reduced by seal
+    completions: int = 0
+    duplicate_tokens: int = 0
+    duplicate_completions: int = 0
+    missing_positions: int = 0
+    gapped_completions: int = 0
+    suspects: list = field(default_factory=list)   # frames: completions with tokens after EOS
+
+    @property
+    def after_eos(self) -> pd.DataFrame:
+        """``step, sample_id, first_eos, last`` of the completions with tokens after EOS."""
+        frames = [f for f in self.suspects if len(f)]
+        if not frames:
+            return pd.DataFrame(columns=["step", "sample_id", "first_eos", "last"])
+        return pd.concat(frames, ignore_index=True)
 
 
 def _inside_runs(starts: np.ndarray, n: int) -> np.ndarray:
@@ -207,9 +223,37 @@ class QualityScan(Aggregator):
                                    minlength=len(top))
             state.topk_over += int((mass > 1 + TOPK_MASS_TOLERANCE).sum())
 
+    def seal(self, state: _ScanState) -> _ScanState:
+        """Every completion of a step-closed unit is complete: reduce them to the counts the
+        checks report, keeping only the completions with tokens after an EOS (for the
+        second pass). Memory: the suspects, not every completion of the run."""
+        if not state.sequences:
+            return state
+        sequences = _fold_sequences(state.sequences)
+        state.sequences = []
+        duplicates = np.maximum(sequences["rows"] - sequences["distinct"],
+                                sequences["rows"] - (sequences["last"] - sequences["first"] + 1))
+        duplicates = duplicates.clip(lower=0)
+        expected = sequences["last"] - np.minimum(sequences["first"], 0) + 1
+        missing = (expected - (sequences["rows"] - duplicates)).clip(lower=0)
+        state.completions += len(sequences)
+        state.duplicate_tokens += int(duplicates.sum())
+        state.duplicate_completions += int((duplicates > 0).sum())
+        state.missing_positions += int(missing.sum())
+        state.gapped_completions += int((missing > 0).sum())
+        after = (sequences["first_eos"] != _NO_EOS) & (sequences["last"] > sequences["first_eos"])
+        if after.any():
+            state.suspects.append(sequences.loc[after, ["step", "sample_id", "first_eos",
+                                                        "last"]].reset_index(drop=True))
+        return state
+
     def merge(self, left: _ScanState, right: _ScanState) -> _ScanState:
-        left.sequences = [_fold_sequences(left.sequences + right.sequences)] \
-            if left.sequences or right.sequences else []
+        # open completions of unsealed states may continue each other: fold them at seal
+        left.sequences = left.sequences + right.sequences
+        left.suspects = left.suspects + right.suspects
+        for attr in ("completions", "duplicate_tokens", "duplicate_completions",
+                     "missing_positions", "gapped_completions"):
+            setattr(left, attr, getattr(left, attr) + getattr(right, attr))
         for step, count in right.steps.items():
             left.steps[step] = left.steps.get(step, 0) + count
         for name, count in right.eos_names.items():
@@ -220,10 +264,9 @@ class QualityScan(Aggregator):
         return left
 
     def finish(self, state: _ScanState) -> _ScanState:
-        """The state with its sequences folded into one frame (``sequences[0]``)."""
-        if state.sequences:
-            state.sequences = [_fold_sequences(state.sequences)]
-        return state
+        """The sealed state: counts of the checks and the completions with tokens after EOS
+        (:attr:`_ScanState.after_eos`)."""
+        return self.seal(state)
 
 
 class AfterEos(Aggregator):
@@ -281,36 +324,27 @@ def _show(values, limit: int = 5) -> str:
 def _token_checks(store: Store, run: str, manifest: dict, scan: _ScanState) -> Plan:
     """Rows of the token checks (a plan: tokens after EOS need a second scan)."""
     rows = []
-    sequences = scan.sequences[0] if scan.sequences else None
-    if sequences is not None and len(sequences):
-        with_eos = sequences[sequences["first_eos"] != _NO_EOS]
-        suspects = with_eos[with_eos["last"] > with_eos["first_eos"]]
-        if len(suspects):
-            after = (yield {"a": AfterEos(suspects)})["a"]
-            texts = after["texts"].sort_values(ascending=False)
-            common = _show([f"{t!r} ({int(c)})" for t, c in texts.items()], 3)
-            eos = _show(sorted(scan.eos_names, key=scan.eos_names.get, reverse=True), 3)
-            rows.append(_row(run, "tokens_after_eos", after["tokens"],
-                             f"{after['tokens']} tokens in {len(suspects)} of "
-                             f"{len(sequences)} sequences come after an end-of-sequence token "
-                             f"({eos}); most common: {common}. They count in every statistic "
-                             "here; if the trainer's loss mask also kept them, the policy was "
-                             "trained on padding"))
-        duplicates = np.maximum(sequences["rows"] - sequences["distinct"],
-                                sequences["rows"] - (sequences["last"] - sequences["first"] + 1))
-        duplicates = duplicates.clip(lower=0)
-        if duplicates.sum():
-            rows.append(_row(run, "duplicate_positions", duplicates.sum(),
-                             f"{int(duplicates.sum())} tokens repeat a position already logged "
-                             f"in their sequence ({int((duplicates > 0).sum())} sequences)"))
-        distinct = sequences["rows"] - duplicates
-        expected = sequences["last"] - np.minimum(sequences["first"], 0) + 1
-        missing = (expected - distinct).clip(lower=0)
-        if missing.sum():
-            rows.append(_row(run, "missing_positions", missing.sum(),
-                             f"{int(missing.sum())} positions are missing from "
-                             f"{int((missing > 0).sum())} sequences (gaps in 0 .. last "
-                             "position): a truncated or filtered log"))
+    suspects = scan.after_eos
+    if len(suspects):
+        after = (yield {"a": AfterEos(suspects)})["a"]
+        texts = after["texts"].sort_values(ascending=False)
+        common = _show([f"{t!r} ({int(c)})" for t, c in texts.items()], 3)
+        eos = _show(sorted(scan.eos_names, key=scan.eos_names.get, reverse=True), 3)
+        rows.append(_row(run, "tokens_after_eos", after["tokens"],
+                         f"{after['tokens']} tokens in {len(suspects)} of "
+                         f"{scan.completions} sequences come after an end-of-sequence token "
+                         f"({eos}); most common: {common}. They count in every statistic "
+                         "here; if the trainer's loss mask also kept them, the policy was "
+                         "trained on padding"))
+    if scan.duplicate_tokens:
+        rows.append(_row(run, "duplicate_positions", scan.duplicate_tokens,
+                         f"{scan.duplicate_tokens} tokens repeat a position already logged "
+                         f"in their sequence ({scan.duplicate_completions} sequences)"))
+    if scan.missing_positions:
+        rows.append(_row(run, "missing_positions", scan.missing_positions,
+                         f"{scan.missing_positions} positions are missing from "
+                         f"{scan.gapped_completions} sequences (gaps in 0 .. last "
+                         "position): a truncated or filtered log"))
     nulled = int((manifest.get("counts") or {}).get("sentinel_entropys", 0))
     if scan.entropy_low or scan.entropy_high or scan.entropy_nonfinite or nulled:
         vocab = manifest.get("vocab_size")
