@@ -25,6 +25,8 @@ from .errors import EntropylensError
 _HEADER = struct.Struct("<Q")
 #: A worker's program (``-c`` rather than ``-m``: the package imports this module first).
 _ENTRY = "from entropylens.workers import serve; serve()"
+_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                     "ARROW_NUM_THREADS")
 
 
 def _send(stream: BinaryIO, payload: Any) -> None:
@@ -54,6 +56,8 @@ class _Worker:
         env = dict(os.environ)
         # the caller's import path, so aggregators defined in its own modules unpickle
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        # the workers share the machine: one thread each for Arrow and the maths libraries
+        env.update({name: "1" for name in _THREAD_VARIABLES})
         self.process = subprocess.Popen([sys.executable, "-c", _ENTRY],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         env=env)
@@ -157,6 +161,9 @@ def close_pools() -> None:
 
 def serve() -> None:
     """Worker loop: read (function, args), write (True, result) or (False, error)."""
+    import pyarrow
+
+    pyarrow.set_cpu_count(1)
     replies = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())   # stray prints must not corrupt replies
     requests = sys.stdin.buffer
