@@ -89,3 +89,39 @@ def test_head_tokens_reads_across_parts(tmp_path, monkeypatch):
     head = store.head_tokens("r", 170, columns=["token", "position"])
     assert head.num_rows == 170 and head.column("position").to_pylist() == list(range(170))
     assert store.head_tokens("r", 1000, columns=["token"]).num_rows == 250
+
+
+def test_roles_match_the_same_phrases_in_shuffled_rows(tmp_path):
+    import entropylens as el
+
+    rng = np.random.default_rng(8)
+    words = ["Ġso", "Ġwait", ",", "Ġlet", "'s", "Ġcheck", "Ġthe", "Ġanswer", "."]
+    n = 4_000
+    table = pa.table({"step": np.repeat(np.arange(4), n // 4),
+                      "sample_id": [f"c{i // 40}" for i in range(n)],
+                      "position": np.tile(np.arange(40), n // 40).astype(np.int32),
+                      "token": [words[k] for k in rng.integers(0, len(words), n)],
+                      "entropy": rng.exponential(0.5, n), "logprob": -rng.exponential(0.3, n)})
+    shuffled = table.take(pa.array(rng.permutation(n)))
+    results = []
+    for name, rows in (("sorted", table), ("shuffled", shuffled)):
+        store = Store.create(tmp_path / name)
+        with store.write_run("r") as writer:
+            writer.write_tokens(rows)
+        results.append(el.roles(store, "r", workers=1))
+    pd.testing.assert_frame_equal(results[0].steps, results[1].steps, check_exact=False,
+                                  rtol=1e-12)
+    pd.testing.assert_frame_equal(results[0].grams, results[1].grams)
+    assert results[0].grams["count"].sum() > 100
+
+
+def test_completion_order_puts_split_completions_together():
+    from entropylens.analysis.roles import _in_completion_order
+
+    table = pa.table({"step": [1, 1, 0, 1, 0], "sample_id": ["b", "a", "a", "b", "a"],
+                      "position": [1, 0, 1, 0, 0]})
+    ordered = _in_completion_order(table)
+    assert ordered.to_pydict() == {"step": [0, 0, 1, 1, 1],
+                                   "sample_id": ["a", "a", "a", "b", "b"],
+                                   "position": [0, 1, 0, 0, 1]}
+    assert _in_completion_order(ordered) is ordered

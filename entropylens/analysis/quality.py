@@ -47,7 +47,7 @@ from ..engine import Aggregator, Plan, run_plan
 from ..estimators import best_entropy_source
 from ..store import Store
 from .distribution import NO_STEP
-from .sequences import run_keys, run_lengths, sequence_starts
+from .sequences import inside_runs, run_keys, run_lengths, sequence_starts
 
 #: Texts of end-of-sequence tokens across tokenizers (ChatML, Llama 2/3, GPT-2, Gemma, Phi,
 #: DeepSeek, gpt-oss, Mistral).
@@ -100,13 +100,6 @@ class _ScanState:
         if not frames:
             return pd.DataFrame(columns=["step", "sample_id", "first_eos", "last"])
         return pd.concat(frames, ignore_index=True)
-
-
-def _inside_runs(starts: np.ndarray, n: int) -> np.ndarray:
-    """For each pair of neighbouring rows, whether both lie in the same run."""
-    inside = np.ones(max(n - 1, 0), bool)
-    inside[starts[1:] - 1] = False
-    return inside
 
 
 def _fold_sequences(frames: list[pd.DataFrame]) -> pd.DataFrame:
@@ -178,7 +171,7 @@ class QualityScan(Aggregator):
         n = len(steps)
         eos_position = np.where(is_eos, positions, _NO_EOS)
         within = np.diff(positions) > 0
-        if n < 2 or (within | ~_inside_runs(starts, n)).all():
+        if n < 2 or (within | ~inside_runs(starts, n)).all():
             keys = run_keys(steps, samples, starts)
             rows = run_lengths(starts, n)
             return pd.DataFrame({

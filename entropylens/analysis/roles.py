@@ -61,7 +61,7 @@ from ..estimators import best_entropy_source, columns_for, token_entropy
 from ..store import Store
 from .lexicon import (CONVENTIONS, Lexicon, PlanningMatcher, detect_convention, load_lexicon)
 from .summary import _records
-from .sequences import sequence_starts, step_groups
+from .sequences import inside_runs, run_keys, sequence_starts, step_groups
 
 CLASSES = ("planning", "execution")
 STEP_COLUMNS = ["run", "step", "cls", "tokens", "mean_entropy", "perplexity",
@@ -91,9 +91,7 @@ class _RolesState:
     grams: dict = field(default_factory=dict)        # step -> int64 array (G,)
     transitions: dict = field(default_factory=dict)  # step -> Counter{a * G + b: count}
     sequences: dict = field(default_factory=dict)    # step -> [sequences, with a gram]
-    pending: dict = field(default_factory=dict)      # (step, sample_id) -> [tables]
-    first_key: Any = None
-    last_key: Any = None
+    tables: list = field(default_factory=list)       # training tokens not yet matched
 
 
 def _step_array(column) -> np.ndarray:
@@ -102,20 +100,32 @@ def _step_array(column) -> np.ndarray:
     return column.to_numpy(zero_copy_only=False).astype(np.int64)
 
 
+def _in_completion_order(table: pa.Table) -> pa.Table:
+    """``table`` with each completion's rows together, by position (stored order already
+    is: then the table is returned as it is)."""
+    steps = _step_array(table.column("step"))
+    starts = sequence_starts(steps, table.column("sample_id"))
+    positions = table.column("position").to_numpy(zero_copy_only=False)
+    keys = run_keys(steps, table.column("sample_id"), starts)
+    contiguous = len(keys.group_by(["step", "sample_id"]).aggregate([])) == len(starts)
+    ordered = not len(positions) or (np.diff(positions)[inside_runs(starts, len(positions))]
+                                     > 0).all()
+    if contiguous and ordered:
+        return table
+    return table.take(pc.sort_indices(table, sort_keys=[("step", "ascending"),
+                                                        ("sample_id", "ascending"),
+                                                        ("position", "ascending")]))
+
+
 class RolesAggregator(Aggregator):
     """Per-step planning/execution statistics and strategic-gram counts.
 
-    Token batches arrive sorted by step, sample_id and position, but a completion may
-    straddle batches. A completion whose tokens all lie inside one batch is matched at once;
-    the first and last completion of each batch wait in the state until the next batch shows
-    whether they continue. The engine's units are step-closed, so :meth:`seal` matches every
-    completion still waiting at the end of a unit (memory: a few batches). Fed by hand
-    without seals, the very first completion of a state waits until :meth:`finish`, and
-    :meth:`merge` joins the waiting fragments of two states by key. When an ingest cut a
-    completion between two part files anywhere but at the end of the first (unsorted
-    sources), its two pieces are matched separately and a phrase across the cut is missed;
-    token counts stay exact. Only training tokens count: a token with a step whose split is
-    ``val`` or ``inference`` is skipped.
+    Training tokens wait in the state until :meth:`seal`: the engine's units are
+    step-closed, so every completion of a unit is complete there, and the unit's completions
+    are decoded and matched in one pass (memory: one unit's token texts). Rows come in
+    stored order (step, sample_id, position); a unit whose completions are not contiguous
+    (an unsorted ingest) is sorted first. Only training tokens count: a token with a step
+    whose split is ``val`` or ``inference`` is skipped.
 
     Parameters
     ----------
@@ -155,40 +165,16 @@ class RolesAggregator(Aggregator):
             keep = pc.or_kleene(pc.or_kleene(pc.is_null(split), pc.equal(split, "train")),
                                 pc.is_null(table.column("step")))
             table = table.filter(pc.fill_null(keep, True))
-        n = table.num_rows
-        if not n:
-            return state
-        steps = _step_array(table.column("step"))
-        sample = table.column("sample_id")
-        starts = sequence_starts(steps, sample)
-        ends = np.append(starts[1:], n)
-        sample_ids = pc.take(sample, pa.array(starts)).to_pylist()
-        fresh = state.first_key is None
-        keys = [(int(steps[a]), sid) for a, sid in zip(starts, sample_ids)]
-        previous_tail = state.last_key
-        complete = np.zeros(n, bool)
-        for i, (key, a, b) in enumerate(zip(keys, starts, ends)):
-            last = i == len(keys) - 1
-            hold = key in state.pending or last or (i == 0 and fresh)
-            if hold:
-                state.pending.setdefault(key, []).append(table.slice(a, b - a))
-            else:
-                complete[a:b] = True
-        if fresh:
-            state.first_key = keys[0]
-        state.last_key = keys[-1]
-        # Waiting completions are finished once the stream has moved past them: every key of
-        # this batch but the last, and the previous batch's last key. The very first key of
-        # the state keeps waiting (another partition may hold its start).
-        finished = set(keys[:-1])
-        if previous_tail is not None:
-            finished.add(previous_tail)
-        finished.discard(keys[-1])
-        finished.discard(state.first_key)
-        for key in [k for k in state.pending if k in finished]:
-            self._process(state, self._join(state.pending.pop(key)))
-        if complete.any():
-            self._process(state, table.filter(pa.array(complete)))
+        if table.num_rows:
+            state.tables.append(table)
+        return state
+
+    def seal(self, state: _RolesState) -> _RolesState:
+        """Match every completion waiting in the state (all complete: see the class notes)."""
+        if state.tables:
+            table = pa.concat_tables(state.tables).combine_chunks()
+            state.tables = []
+            self._process(state, _in_completion_order(table))
         return state
 
     def merge(self, left: _RolesState, right: _RolesState) -> _RolesState:
@@ -205,20 +191,8 @@ class RolesAggregator(Aggregator):
             mine = left.sequences.setdefault(step, [0, 0])
             mine[0] += seqs
             mine[1] += with_grams
-        for key, pieces in right.pending.items():
-            left.pending.setdefault(key, []).extend(pieces)
-        if left.first_key is None:
-            left.first_key = right.first_key
-        left.last_key = right.last_key if right.last_key is not None else left.last_key
+        left.tables.extend(right.tables)
         return left
-
-    @staticmethod
-    def _join(pieces: list[pa.Table]) -> pa.Table:
-        table = pa.concat_tables(pieces) if len(pieces) > 1 else pieces[0]
-        if len(pieces) > 1:
-            order = pc.sort_indices(table, sort_keys=[("position", "ascending")])
-            table = table.take(order)
-        return table
 
     # -- one set of complete sequences --------------------------------------------------
     def _process(self, state: _RolesState, table: pa.Table) -> None:
@@ -260,8 +234,10 @@ class RolesAggregator(Aggregator):
         pair_codes = (result.gram[:-1] * n_grams + result.gram[1:])[same]
         pair_steps = match_step[:-1][same]
         if len(pair_codes):
-            pairs, counts = np.unique(np.stack([pair_steps, pair_codes]), axis=1,
-                                      return_counts=True)
+            # one int64 key per (step, pair): a 1-D unique, much cheaper than axis=1
+            keys, counts = np.unique(pair_steps.astype(np.int64) * n_grams * n_grams
+                                     + pair_codes, return_counts=True)
+            pairs = np.stack([keys // (n_grams * n_grams), keys % (n_grams * n_grams)])
         else:
             pairs, counts = np.zeros((2, 0), np.int64), np.zeros(0, np.int64)
         for i, step in enumerate(unique_steps.tolist()):
@@ -277,15 +253,8 @@ class RolesAggregator(Aggregator):
         for (s_idx, code), count in zip(pairs.T.tolist(), counts.tolist()):
             state.transitions.setdefault(int(unique_steps[s_idx]), Counter())[code] += count
 
-    def seal(self, state: _RolesState) -> _RolesState:
-        """The engine's units are step-closed, so no later batch continues a completion of
-        this state: match the waiting ones now and free the batches their slices hold."""
-        for key in list(state.pending):
-            self._process(state, self._join(state.pending.pop(key)))
-        return state
-
     def finish(self, state: _RolesState) -> dict:
-        """Process the fragments still waiting, then return the raw per-step tallies."""
+        """Match the tokens still waiting, then return the raw per-step tallies."""
         self.seal(state)
         return {"classes": state.classes, "grams": state.grams,
                 "transitions": state.transitions, "sequences": state.sequences}

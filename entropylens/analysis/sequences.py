@@ -67,3 +67,10 @@ def step_groups(steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     codes = np.zeros(len(steps), np.int64)
     codes[change] = 1
     return unique, np.cumsum(codes)
+
+
+def inside_runs(starts: np.ndarray, n: int) -> np.ndarray:
+    """For each pair of neighbouring rows, whether both lie in the same run."""
+    inside = np.ones(max(n - 1, 0), bool)
+    inside[starts[1:] - 1] = False
+    return inside
