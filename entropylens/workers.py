@@ -63,15 +63,23 @@ class _Worker:
                                         env=env)
 
     def submit(self, function: Callable, args: tuple) -> None:
-        _send(self.process.stdin, (function, args))
+        try:
+            _send(self.process.stdin, (function, args))
+        except OSError as exc:   # a broken pipe: the worker is gone
+            raise self._stopped(exc) from exc
+
+    def _stopped(self, exc: Exception) -> EntropylensError:
+        try:
+            code = self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            code = None
+        return EntropylensError(f"a worker process stopped (exit code {code}): {exc}")
 
     def result(self) -> Any:
         try:
             ok, value = _receive(self.process.stdout)
         except (EOFError, OSError, pickle.UnpicklingError) as exc:
-            code = self.process.poll()
-            raise EntropylensError(f"a worker process stopped (exit code {code}): "
-                                   f"{exc}") from exc
+            raise self._stopped(exc) from exc
         if not ok:
             raise value
         return value

@@ -4,6 +4,7 @@ and no worker left behind."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import pickle
 from pathlib import Path
 
@@ -139,10 +140,14 @@ def test_workers_end_with_the_call(store):
 def test_a_dead_worker_is_reported():
     pool = workers.WorkerPool(1)
     try:
-        pool.workers[0].process.kill()
+        pool.workers[0].process.kill()      # dead before it is given work
+        pool.workers[0].process.wait()
         with pytest.raises(EntropylensError, match="worker process stopped"):
             list(pool.map(len, [("abc",)]))
         assert list(pool.map(len, [("abc",), ("de",)])) == [3, 2]   # replaced
+        with pytest.raises(EntropylensError, match=r"stopped \(exit code 3\)"):
+            list(pool.map(os._exit, [(3,)]))   # dies while working
+        assert list(pool.map(len, [("xyz",)])) == [3]
     finally:
         pool.close()
 
