@@ -10,12 +10,18 @@ that every step lies in exactly one unit ("step-closed"; a row group straddling 
 read by both, each keeping its own steps). A unit is scanned with column
 projection and the step filter, its partial state is sealed (every step in it is complete,
 so an aggregator can reduce one step's values to its result and free them), and the unit
-states are merged in unit order. The local engine does this one unit at a time, so memory is
-bounded by one unit's data plus the sealed states; the Ray engine runs the units in
-``ray.data`` ``map_batches`` tasks and merges the returned partial states on the driver in
-the same order. The same batches reach the same ``update`` calls in both engines and the
+states are merged in unit order. The local engine runs the units in this process or in
+worker processes (:mod:`entropylens.workers`, one unit each at a time), so memory is bounded
+by one unit's data per process plus the sealed states; the Ray engine runs the units in
+``ray.data`` ``map_batches`` tasks. Either way the partial states are merged in unit order on
+the caller's side. The same batches reach the same ``update`` calls in every engine and the
 merges happen in the same order, so their results are identical, floating-point rounding
 included.
+
+Analyses that need the data more than once, or several analyses that need it at the same
+time, are written as *plans* (generators that yield the aggregators they need and receive
+the results): :func:`run_plans` drives several plans together and fuses the scans they ask
+for at the same time into one read of the data.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from __future__ import annotations
 import os
 import pickle
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Generator, Iterable, Iterator, Mapping, Sequence, Union
 
 import numpy as np
@@ -348,7 +354,7 @@ Plan = Generator[Union[Scan, Mapping[str, Aggregator]], dict, Any]
 class Failed:
     """The outcome of a plan that raised."""
 
-    error: Exception = field()
+    error: Exception
 
 
 def run_plan(store: Store, run: str, plan: Plan, **engine_options) -> Any:
