@@ -73,7 +73,7 @@ RayAddressOption = typer.Option(
 
 WorkersOption = typer.Option(
     None, "--workers", min=1, help="Processes of the local engine that scan side by side "
-    "(each holds one unit of about 1M tokens; default: the CPUs, at most 4, or "
+    "(each holds one unit of about 800k tokens; default: the CPUs, at most 4, or "
     "$ENTROPYLENS_WORKERS; 1: no extra process).")
 
 

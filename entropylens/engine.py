@@ -45,7 +45,7 @@ from .workers import session
 ENGINES = ("local", "ray")
 #: Rows a unit gathers (whole steps; one larger step makes a larger unit). Bounds the rows
 #: an aggregator may hold before :meth:`Aggregator.seal`.
-UNIT_ROWS = 1024 * 1024
+UNIT_ROWS = 768 * 1024
 #: Step key of rows without a step in the planner (they form their own step).
 _NULL_KEY = np.iinfo(np.int64).min
 #: Environment variable that sets the local engine's worker processes (1: none).
