@@ -314,17 +314,31 @@ def _run_units(units: list[Unit], aggregators: Mapping[str, Aggregator], columns
     if engine == "ray" and units:
         partials = _ray_partials(units, aggregators, columns, steps=steps,
                                  batch_size=batch_size, ray_address=ray_address)
-    elif local_workers(workers) > 1 and len(units) > 1:
+    elif local_workers(workers) > 1 and len(units) > 1 and _shippable(aggregators):
         partials = _pool_partials(units, aggregators, columns, steps=steps,
                                   batch_size=batch_size, workers=local_workers(workers))
     else:
         partials = (run_unit(u, aggregators, columns, steps=steps, batch_size=batch_size)
                     for u in units)
     states = {name: agg.start() for name, agg in aggregators.items()}
-    for partial in partials:
-        for name, agg in aggregators.items():
-            states[name] = agg.merge(states[name], partial[name])
+    try:
+        for partial in partials:
+            for name, agg in aggregators.items():
+                states[name] = agg.merge(states[name], partial[name])
+    finally:
+        partials.close()   # a failed merge must not leave units in flight
     return {name: agg.finish(states[name]) for name, agg in aggregators.items()}
+
+
+def _shippable(aggregators: Mapping[str, Aggregator]) -> bool:
+    """Whether worker processes can rebuild the aggregators: not when they (or anything
+    they hold) are defined in the caller's script or notebook, which a worker cannot
+    import; those run in this process."""
+    try:
+        return b"__main__" not in pickle.dumps(dict(aggregators),
+                                               protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:  # noqa: BLE001 - unpicklable: only this process can run them
+        return False
 
 
 # -- plans: analyses that ask for scans ----------------------------------------------------
@@ -400,13 +414,12 @@ def run_plans(store: Store, run: str, plans: Mapping[str, Plan],
                 request = plan.throw(reply)
             else:
                 request = plan.send(reply)
+            waiting[name] = request if isinstance(request, Scan) else Scan(dict(request))
         except StopIteration as stop:
             outcomes[name] = stop.value
-            return
         except Exception as exc:  # noqa: BLE001 - one plan's failure is its own outcome
             outcomes[name] = Failed(exc)
-            return
-        waiting[name] = request if isinstance(request, Scan) else Scan(dict(request))
+            plan.close()
 
     with session():
         for name in plans:

@@ -6,7 +6,7 @@ spawn, which would re-run the caller's script). Parent and worker exchange lengt
 pickles over the worker's stdin and stdout; the worker's own prints go to stderr. Workers
 start on first use and live until the outermost :func:`session` ends (one analysis, or every
 analysis of a report), so their start-up is paid once per analysis and idle workers hold no
-memory.
+memory. Each thread has its own pool.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import pickle
 import struct
 import subprocess
 import sys
+import threading
+import traceback
 from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 from .errors import EntropylensError
@@ -52,6 +54,8 @@ def _receive(stream: BinaryIO) -> Any:
 
 
 class _Worker:
+    """One worker process; ``busy`` while an item it was given has not been answered."""
+
     def __init__(self):
         env = dict(os.environ)
         # the caller's import path, so aggregators defined in its own modules unpickle
@@ -61,8 +65,10 @@ class _Worker:
         self.process = subprocess.Popen([sys.executable, "-c", _ENTRY],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         env=env)
+        self.busy = False
 
     def submit(self, function: Callable, args: tuple) -> None:
+        self.busy = True
         try:
             _send(self.process.stdin, (function, args))
         except OSError as exc:   # a broken pipe: the worker is gone
@@ -80,37 +86,71 @@ class _Worker:
             ok, value = _receive(self.process.stdout)
         except (EOFError, OSError, pickle.UnpicklingError) as exc:
             raise self._stopped(exc) from exc
+        self.busy = False
         if not ok:
-            raise value
+            error, trace = value
+            error.add_note(f"raised in an entropylens worker process:\n{trace}")
+            raise error
         return value
 
+    @property
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
     def close(self) -> None:
+        """End the worker: at once when it is busy (its answer is of no use now), else by
+        closing its input."""
         try:
-            self.process.stdin.close()
-            self.process.wait(timeout=10)
+            if self.busy or not self.alive:
+                self.process.kill()
+            else:
+                self.process.stdin.close()
+                self.process.wait(timeout=5)
         except (OSError, subprocess.TimeoutExpired):
             self.process.kill()
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:   # pragma: no cover - kill is not refused
+            pass
+        for stream in (self.process.stdin, self.process.stdout):
+            try:
+                stream.close()
+            except OSError:
+                pass
 
 
 class WorkerPool:
-    """``size`` worker processes that call functions in submission order."""
+    """``size`` worker processes that call functions in submission order.
+
+    Workers start on first use; one left busy by an abandoned call, or dead, is replaced
+    when the next call starts, so an answer meant for an earlier call is never read as
+    the answer of a later one.
+    """
 
     def __init__(self, size: int):
         self.size = size
-        self.workers = [_Worker() for _ in range(size)]
+        self.workers: list[_Worker | None] = [None] * size
+
+    def _ready(self, k: int) -> _Worker:
+        worker = self.workers[k]
+        if worker is None or worker.busy or not worker.alive:
+            if worker is not None:
+                worker.close()
+            worker = self.workers[k] = _Worker()
+        return worker
 
     def map(self, function: Callable, arguments: Iterable[tuple]) -> Iterator[Any]:
         """``function(*args)`` for each item, run by the workers, yielded in order.
 
         Item ``k`` goes to worker ``k % size`` and each worker holds one item at a time, so
-        at most ``size`` results wait to be taken. A worker that raised passes the error on;
-        a worker that died is replaced before the next call.
+        at most ``size`` results wait to be taken. A worker that raised passes the error on
+        (with its traceback as a note); a worker that died is reported and replaced.
         """
         items = iter(arguments)
         pending: list[int] = []   # worker of each item in flight, in item order
         try:
             for k, args in zip(range(self.size), items):
-                self.workers[k].submit(function, args)
+                self._ready(k).submit(function, args)
                 pending.append(k)
             while pending:
                 k = pending.pop(0)
@@ -120,51 +160,74 @@ class WorkerPool:
                     self.workers[k].submit(function, following)
                     pending.append(k)
                 yield value
-        except BaseException:
-            # results still in flight would be read as the answers of the next call
-            self.restart()
-            raise
-
-    def restart(self) -> None:
-        self.close()
-        self.workers = [_Worker() for _ in range(self.size)]
+        finally:
+            # abandoned (an error here or in the caller, or the caller stopped early):
+            # answers still in flight must not reach the next call
+            for k in pending:
+                self.workers[k].close()
+                self.workers[k] = None
 
     def close(self) -> None:
-        for worker in self.workers:
-            worker.close()
+        for k, worker in enumerate(self.workers):
+            if worker is not None:
+                worker.close()
+            self.workers[k] = None
 
 
-_POOLS: dict[int, WorkerPool] = {}
-_DEPTH = [0]
+class _Pools(threading.local):
+    """Each thread's pool and session depth: threads never share workers."""
+
+    def __init__(self):
+        self.pool: WorkerPool | None = None
+        self.depth = 0
+
+
+_LOCAL = _Pools()
+_ALL: list[WorkerPool] = []        # every pool alive, for the exit handler
+_ALL_LOCK = threading.Lock()
 
 
 def pool(size: int) -> WorkerPool:
-    """The pool of ``size`` workers of the current :func:`session` (one pool at a time)."""
-    found = _POOLS.get(size)
-    if found is None:
-        close_pools()
-        found = _POOLS[size] = WorkerPool(size)
+    """This thread's pool of ``size`` workers (one pool per thread)."""
+    found = _LOCAL.pool
+    if found is None or found.size != size:
+        _close_local()
+        found = _LOCAL.pool = WorkerPool(size)
+        with _ALL_LOCK:
+            _ALL.append(found)
     return found
+
+
+def _close_local() -> None:
+    found, _LOCAL.pool = _LOCAL.pool, None
+    if found is not None:
+        found.close()
+        with _ALL_LOCK:
+            if found in _ALL:
+                _ALL.remove(found)
 
 
 @contextlib.contextmanager
 def session():
-    """Keep workers alive across the scans of one analysis; close them when the outermost
-    session ends, so that idle workers hold no memory (in a notebook, say)."""
-    _DEPTH[0] += 1
+    """Keep this thread's workers alive across the scans of one analysis; close them when
+    the outermost session ends, so that idle workers hold no memory (in a notebook, say)."""
+    _LOCAL.depth += 1
     try:
         yield
     finally:
-        _DEPTH[0] -= 1
-        if _DEPTH[0] == 0:
-            close_pools()
+        _LOCAL.depth -= 1
+        if _LOCAL.depth == 0:
+            _close_local()
 
 
 @atexit.register
 def close_pools() -> None:
-    for found in _POOLS.values():
+    """End every worker of every thread (at exit)."""
+    with _ALL_LOCK:
+        pools = list(_ALL)
+        _ALL.clear()
+    for found in pools:
         found.close()
-    _POOLS.clear()
 
 
 def serve() -> None:
@@ -183,15 +246,17 @@ def serve() -> None:
         try:
             function, args = pickle.loads(data)
         except Exception as exc:  # noqa: BLE001
-            _send(replies, (False, EntropylensError(
+            _send(replies, (False, (EntropylensError(
                 f"a worker could not rebuild its task ({type(exc).__name__}: {exc}): what "
-                "the engine hands to workers must pickle and unpickle")))
+                "the engine hands to workers must pickle and unpickle"),
+                "".join(traceback.format_exception(exc)))))
             continue
         try:
             reply = (True, function(*args))
         except Exception as exc:  # noqa: BLE001 - the caller decides what an error means
-            reply = (False, exc if _picklable(exc) else EntropylensError(
-                f"{type(exc).__name__}: {exc}"))
+            trace = "".join(traceback.format_exception(exc))
+            reply = (False, (exc if _picklable(exc) else EntropylensError(
+                f"{type(exc).__name__}: {exc}"), trace))
         _send(replies, reply)
 
 

@@ -141,3 +141,32 @@ def test_scans_over_other_steps_are_not_fused(store, scans):
                          workers=1)
     assert outcomes == {"all": 30_000, "some": 10_000}
     assert scans["units"] == 2
+
+
+def test_merging_halves_of_one_step_equals_one_state(store):
+    """merge takes partial states of any disjoint batches, sealed or not."""
+    from entropylens.analysis.covariance import StepCovariance
+    from entropylens.analysis.forking import ForkingScan
+
+    batch = store.read_tokens("r").combine_chunks().to_batches()[0].slice(0, 7_500)
+    pieces = [batch.slice(0, 2_500), batch.slice(2_500, 2_500), batch.slice(5_000, 2_500)]
+    for aggregator in (StepCovariance(), ForkingScan("exact", scope="step", ratio=0.2)):
+        whole = aggregator.finish(aggregator.update(aggregator.start(), batch))
+        states = [aggregator.update(aggregator.start(), piece) for piece in pieces]
+        merged = aggregator.finish(aggregator.merge(aggregator.merge(states[0], states[1]),
+                                                    states[2]))
+        if isinstance(whole, tuple):   # forking: thresholds and counts by text
+            pd.testing.assert_frame_equal(whole[0].frame, merged[0].frame)
+            pd.testing.assert_frame_equal(whole[1].sort_values("token", ignore_index=True),
+                                          merged[1].sort_values("token", ignore_index=True))
+        else:
+            pd.testing.assert_frame_equal(whole, merged, check_exact=False, rtol=1e-12)
+            assert len(whole) == 2 * 6    # steps 0 and 1, six groups each
+
+
+def test_a_plan_asking_for_nonsense_fails_alone(store):
+    def nonsense():
+        yield 42
+
+    outcomes = run_plans(store, "r", {"bad": nonsense(), "good": _asks(_Rows())}, workers=1)
+    assert isinstance(outcomes["bad"], Failed) and outcomes["good"] == 30_000

@@ -137,17 +137,27 @@ def test_workers_end_with_the_call(store):
     assert {p.pid for p in me.children(recursive=True)} - before == set()
 
 
-def test_a_dead_worker_is_reported():
+def test_a_dead_worker_is_replaced_or_reported():
     pool = workers.WorkerPool(1)
     try:
-        pool.workers[0].process.kill()      # dead before it is given work
+        assert list(pool.map(len, [("a",)])) == [1]
+        pool.workers[0].process.kill()      # died while idle: replaced before new work
         pool.workers[0].process.wait()
-        with pytest.raises(EntropylensError, match="worker process stopped"):
-            list(pool.map(len, [("abc",)]))
-        assert list(pool.map(len, [("abc",), ("de",)])) == [3, 2]   # replaced
+        assert list(pool.map(len, [("abc",), ("de",)])) == [3, 2]
         with pytest.raises(EntropylensError, match=r"stopped \(exit code 3\)"):
-            list(pool.map(os._exit, [(3,)]))   # dies while working
+            list(pool.map(os._exit, [(3,)]))   # dies while working: reported
         assert list(pool.map(len, [("xyz",)])) == [3]
+    finally:
+        pool.close()
+
+
+def test_a_consumer_that_stops_early_leaves_no_answer_behind():
+    pool = workers.WorkerPool(2)
+    try:
+        results = pool.map(len, [("a",), ("bb",), ("ccc",), ("dddd",)])
+        assert next(results) == 1
+        results.close()                      # abandoned with items in flight
+        assert list(pool.map(len, [("xy",), ("z",)])) == [2, 1]
     finally:
         pool.close()
 
@@ -172,8 +182,11 @@ def test_errors_survive_pickling():
     assert (copy.path, copy.line, copy.field, copy.message) == ("/x.csv", 3, "entropy", "bad")
 
 
-def test_cli_workers_option(store, tmp_path):
+def test_cli_workers_option(store, tmp_path, monkeypatch):
     from typer.testing import CliRunner
+
+    # the command sets ENTROPYLENS_WORKERS for its process: restore it after the test
+    monkeypatch.setenv("ENTROPYLENS_WORKERS", "1")
 
     from entropylens.cli import app
 
@@ -183,3 +196,78 @@ def test_cli_workers_option(store, tmp_path):
     refused = CliRunner().invoke(app, ["summary", str(store.path), "--workers", "2",
                                        "--engine", "ray"])
     assert refused.exit_code != 0 and "--workers" in refused.output
+
+
+class _MergeFails(Aggregator):
+    columns = ("step",)
+
+    def start(self):
+        return 0
+
+    def update(self, state, batch):
+        return state + batch.num_rows
+
+    def merge(self, left, right):
+        if left:   # the second unit's state: fail while later units are in flight
+            raise RuntimeError("merge failed")
+        return left + right
+
+    def finish(self, state):
+        return state
+
+
+def test_a_failed_merge_leaves_no_answer_for_the_next_call(store):
+    from entropylens.workers import session
+
+    rows = QualityScan()
+    with session():   # the same workers serve both calls
+        with pytest.raises(RuntimeError, match="merge failed"):
+            run_aggregators(store, "synthetic", {"m": _MergeFailsShipped()}, unit_rows=UNIT,
+                            workers=2)
+        result = run_aggregators(store, "synthetic", {"q": rows}, unit_rows=UNIT, workers=2)
+    assert sum(result["q"].steps.values()) == 200_000
+
+
+_MergeFailsShipped = _MergeFails
+
+
+def test_threads_get_their_own_workers(store):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def count(_):
+        return sum(run_aggregators(store, "synthetic", {"q": QualityScan()}, unit_rows=UNIT,
+                                   workers=2)["q"].steps.values())
+
+    with ThreadPoolExecutor(2) as threads:
+        assert list(threads.map(count, range(4))) == [200_000] * 4
+
+
+def test_aggregators_from_a_script_run_in_this_process(store, tmp_path):
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import sys\n"
+        "from entropylens.engine import Aggregator, run_aggregators\n"
+        "from entropylens.store import Store\n"
+        "class Rows(Aggregator):\n"
+        "    columns = ('step',)\n"
+        "    def start(self): return 0\n"
+        "    def update(self, state, batch): return state + batch.num_rows\n"
+        "    def merge(self, left, right): return left + right\n"
+        "    def finish(self, state): return state\n"
+        "print(run_aggregators(Store.open(sys.argv[1]), 'synthetic', {'r': Rows()},\n"
+        "                      unit_rows=40_000, workers=2)['r'])\n")
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, str(script), str(store.path)], capture_output=True,
+                          text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "200000"
+
+
+def test_worker_errors_carry_the_worker_traceback(store):
+    with pytest.raises(FormatError) as caught:
+        run_aggregators(store, "synthetic", {"b": _Broken(FormatError("bad", path="/p"))},
+                        unit_rows=UNIT, workers=2)
+    assert any("raised in an entropylens worker process" in note and "update" in note
+               for note in getattr(caught.value, "__notes__", []))

@@ -22,6 +22,7 @@ step's means and ``cov_i`` are computed when its unit is sealed: memory of one u
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -98,8 +99,11 @@ class StepCovariance(Aggregator):
         return state
 
     def merge(self, left: dict, right: dict) -> dict:
-        left, right = self.seal(left), self.seal(right)
-        return {"pending": {}, "rows": left["rows"] + right["rows"]}
+        # values not sealed yet may belong to the same step: they wait together
+        pending = {step: list(pairs) for step, pairs in left["pending"].items()}
+        for step, pairs in right["pending"].items():
+            pending.setdefault(step, []).extend(pairs)
+        return {"pending": pending, "rows": left["rows"] + right["rows"]}
 
     def finish(self, state: dict) -> pd.DataFrame:
         """``step, group, fraction, tokens, mean_cov``: one row per step and group."""
@@ -181,7 +185,7 @@ def covariance_plan(store: Store, run: str, *, engine: str = "local",
 
 
 def covariance(store: Store | str, runs: str | Sequence[str] | None = None, *,
-               engine: str = "local",
+               engine: str = "local", max_tokens: int | None = None,
                **engine_options) -> Covariance:
     """Covariance of token log-probability and advantage per step, by group.
 
@@ -192,6 +196,9 @@ def covariance(store: Store | str, runs: str | Sequence[str] | None = None, *,
         Default: every run. When several are asked for, runs without per-token logprob and
         advantage are left out; a single such run raises.
     engine : {"local", "ray"}
+    max_tokens : int, optional
+        Deprecated and ignored: the covariance runs in one pass that holds one unit of the
+        engine at a time.
 
     Returns
     -------
@@ -202,6 +209,9 @@ def covariance(store: Store | str, runs: str | Sequence[str] | None = None, *,
     EntropylensError
         When no run asked for has both logprob and advantage on its training tokens.
     """
+    if max_tokens is not None:
+        warnings.warn("covariance(max_tokens=...) no longer applies: the covariance runs in "
+                      "one pass holding one unit at a time", DeprecationWarning, stacklevel=2)
     store = open_store(store)
     names = store.resolve_runs(runs)
     groups, steps, correlation, skipped = [], [], [], []

@@ -545,8 +545,8 @@ class ForkingScan(Aggregator):
         return state
 
     def merge(self, left: _UnitForks, right: _UnitForks) -> _UnitForks:
-        left, right = self.seal(left), self.seal(right)
-        return _UnitForks([], left.thresholds + right.thresholds,
+        # tokens not sealed yet may share steps: they wait together for the next seal
+        return _UnitForks(left.pending + right.pending, left.thresholds + right.thresholds,
                           add_counts(left.counts + right.counts))
 
     def finish(self, state: _UnitForks) -> tuple[ScopeThresholds, pd.DataFrame]:

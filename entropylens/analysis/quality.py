@@ -121,10 +121,13 @@ class QualityScan(Aggregator):
 
     Notes
     -----
-    State: one row per sequence (counts, first and last position, first EOS position) and one
-    count per step. Duplicates are counted exactly within each scanned batch; a duplicate
-    whose copies fall in different batches is still caught (at least once) by comparing the
-    sequence's rows with its position range.
+    State: per-completion rows of the completions still open (position counts, first and
+    last position, first EOS) and one count per step. The engine's units are step-closed, so
+    :meth:`seal` reduces a unit's completions to the counts the checks report and keeps only
+    those with tokens after an EOS (for the second pass): memory does not grow with the
+    number of completions. Duplicates are counted exactly within each scanned batch; a
+    duplicate whose copies fall in different batches is still caught (at least once) by
+    comparing the completion's rows with its position range.
     """
 
     columns = _SCAN_COLUMNS

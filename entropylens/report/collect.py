@@ -201,9 +201,9 @@ def collect(store: Store, runs: list[str], *, engine: str = "local") -> Results:
 
     The token analyses of a run (summary and data quality, policy-entropy curve,
     distribution, forking tokens, roles, covariance) run as plans over shared scans, so the
-    run's tokens are read once for all of them, plus once more for the second passes
-    (covariance, tokens after EOS, a global forking threshold). Phases and the saturation
-    fit then reuse the remembered curve.
+    run's tokens are read once for all of them, plus once more when some completions have
+    tokens after their end-of-sequence token (counted by a second pass). Covariance, phases
+    and the saturation fit reuse the remembered policy-entropy curve.
 
     Parameters
     ----------
