@@ -198,11 +198,9 @@ def test_cli_workers_option(store, tmp_path, monkeypatch):
     assert refused.exit_code != 0 and "--workers" in refused.output
 
 
-class _MergeFails(Aggregator):
-    columns = ("step",)
-
-    def start(self):
-        return 0
+class _MergeFails(_Broken):
+    def __init__(self):
+        super().__init__(None)
 
     def update(self, state, batch):
         return state + batch.num_rows
@@ -212,9 +210,6 @@ class _MergeFails(Aggregator):
             raise RuntimeError("merge failed")
         return left + right
 
-    def finish(self, state):
-        return state
-
 
 def test_a_failed_merge_leaves_no_answer_for_the_next_call(store):
     from entropylens.workers import session
@@ -222,13 +217,10 @@ def test_a_failed_merge_leaves_no_answer_for_the_next_call(store):
     rows = QualityScan()
     with session():   # the same workers serve both calls
         with pytest.raises(RuntimeError, match="merge failed"):
-            run_aggregators(store, "synthetic", {"m": _MergeFailsShipped()}, unit_rows=UNIT,
+            run_aggregators(store, "synthetic", {"m": _MergeFails()}, unit_rows=UNIT,
                             workers=2)
         result = run_aggregators(store, "synthetic", {"q": rows}, unit_rows=UNIT, workers=2)
     assert sum(result["q"].steps.values()) == 200_000
-
-
-_MergeFailsShipped = _MergeFails
 
 
 def test_threads_get_their_own_workers(store):
