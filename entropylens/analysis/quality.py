@@ -47,7 +47,7 @@ from ..engine import Aggregator, Plan, run_plan
 from ..estimators import best_entropy_source
 from ..store import Store
 from .distribution import NO_STEP
-from .sequences import inside_runs, run_keys, run_lengths, sequence_starts
+from .sequences import inside_runs, run_keys, run_lengths, sequence_starts, step_groups
 
 #: Texts of end-of-sequence tokens across tokenizers (ChatML, Llama 2/3, GPT-2, Gemma, Phi,
 #: DeepSeek, gpt-oss, Mistral).
@@ -144,9 +144,12 @@ class QualityScan(Aggregator):
             .to_numpy(zero_copy_only=False).astype(np.int64)
         positions = batch.column("position").to_numpy(zero_copy_only=False).astype(np.int64)
         token = batch.column("token")
-        is_eos = pc.fill_null(pc.is_in(pc.utf8_trim_whitespace(token),
-                                       value_set=pa.array(EOS_TOKENS)), False)
-        is_eos = is_eos.to_numpy(zero_copy_only=False)
+        # judge each distinct text once (a batch repeats a few thousand texts)
+        encoded = pc.dictionary_encode(token)
+        eos_text = pc.fill_null(pc.is_in(pc.utf8_trim_whitespace(encoded.dictionary),
+                                         value_set=pa.array(EOS_TOKENS)), False)
+        is_eos = pc.fill_null(pc.take(eos_text, encoded.indices), False) \
+            .to_numpy(zero_copy_only=False)
         if is_eos.any():
             names = pd.Series(token.filter(pa.array(is_eos)).to_pylist()).value_counts()
             for name, count in names.items():
@@ -155,7 +158,8 @@ class QualityScan(Aggregator):
                                                   positions, is_eos))
         if len(state.sequences) >= _COMPACT_EVERY:
             state.sequences = [_fold_sequences(state.sequences)]
-        unique, counts = np.unique(steps, return_counts=True)
+        unique, codes = step_groups(steps)
+        counts = np.bincount(codes, minlength=len(unique))
         for step, count in zip(unique.tolist(), counts.tolist()):
             state.steps[step] = state.steps.get(step, 0) + count
         self._values(state, batch)
