@@ -59,6 +59,8 @@ def executed(tmp_path_factory):
     its own tests only.
     """
     os.environ.setdefault("MPLCONFIGDIR", str(tmp_path_factory.mktemp("mplconfig")))
+    # the notebooks make their stores under the temporary folder: keep them in pytest's
+    work = tmp_path_factory.mktemp("notebook-work")
     cache = {}
 
     def run(name):
@@ -68,12 +70,19 @@ def executed(tmp_path_factory):
             client = nbclient.NotebookClient(
                 notebook, timeout=120, kernel_name="python3",
                 resources={"metadata": {"path": str(NOTEBOOKS)}})
+            previous = os.environ.get("TMPDIR")
+            os.environ["TMPDIR"] = str(work)   # read by the kernel as it starts
             try:
                 client.execute()
             except nbclient.exceptions.CellExecutionError as exc:
                 cache[name] = exc
             else:
                 cache[name] = notebook
+            finally:
+                if previous is None:
+                    os.environ.pop("TMPDIR", None)
+                else:
+                    os.environ["TMPDIR"] = previous
         if isinstance(cache[name], Exception):
             pytest.fail(f"{name} failed:\n{cache[name]}", pytrace=False)
         return cache[name]
