@@ -8,10 +8,8 @@ import os
 import pickle
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import psutil
-import pyarrow as pa
 import pytest
 
 import entropylens as el

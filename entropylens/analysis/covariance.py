@@ -36,7 +36,7 @@ from ..engine import Aggregator, Plan, run_plan
 from ..errors import EntropylensError
 from ..store import Store
 from .curves import TrainTokens, open_store, policy_entropy_plan
-from .sequences import step_groups
+from .sequences import step_rows
 from .summary import _records
 
 #: Covariance groups: label and share of a step's tokens, ranked by covariance.
@@ -77,11 +77,7 @@ class StepCovariance(Aggregator):
 
     def update(self, state: dict, batch: pa.RecordBatch) -> dict:
         steps, logp, adv = _valid_pairs(batch)
-        unique, codes = step_groups(steps)
-        bounds = np.searchsorted(codes, np.arange(len(unique) + 1)) \
-            if not (np.diff(codes) < 0).any() else None
-        for k, step in enumerate(unique.tolist()):
-            rows = slice(bounds[k], bounds[k + 1]) if bounds is not None else codes == k
+        for step, rows in step_rows(steps):
             state["pending"].setdefault(step, []).append((logp[rows], adv[rows]))
         return state
 

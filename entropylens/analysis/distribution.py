@@ -22,7 +22,7 @@ from ..engine import Aggregator, Plan, run_plan
 from ..errors import EntropylensError
 from ..estimators import best_entropy_source, columns_for, token_entropy
 from ..store import Store
-from .sequences import run_keys, run_lengths, sequence_starts
+from .sequences import run_keys, run_lengths, sequence_starts, step_rows
 from .sketch import DEFAULT_ALPHA, QuantileSketch
 
 #: A token below this entropy (nats) counts as near-deterministic (arXiv 2506.01939).
@@ -92,14 +92,8 @@ class StepStats(Aggregator):
             samples = batch.column("sample_id")
         if not len(values):
             return state
-        if len(step_array) > 1 and (np.diff(step_array) < 0).any():
-            order = np.argsort(step_array, kind="stable")
-        else:   # stored order: the steps are already sorted
-            order = np.arange(len(step_array))
-        sorted_steps = step_array[order]
-        bounds = np.flatnonzero(np.diff(sorted_steps)) + 1
-        for chunk in np.split(order, bounds):
-            state.values.setdefault(int(step_array[chunk[0]]), []).append(values[chunk])
+        for step, rows in step_rows(step_array):
+            state.values.setdefault(int(step), []).append(values[rows])
         # per-completion sums over runs of rows (no hashing of the string keys); the sums
         # run in row order, so they are the same on every engine
         starts = sequence_starts(step_array, samples)

@@ -43,7 +43,7 @@ from ..errors import EntropylensError
 from ..estimators import columns_for, token_entropy
 from ..store import Store
 from .distribution import EXACT_GLOBAL_MAX_TOKENS, NO_STEP, token_runs
-from .sequences import step_groups
+from .sequences import step_rows
 from .sketch import QuantileSketch
 
 SCOPES = ("step", "global", "sequence", "batch")
@@ -256,15 +256,12 @@ def compute_thresholds(steps: np.ndarray, samples: np.ndarray, positions: np.nda
                               "tokens": [len(entropy)]})
         return ScopeThresholds(scope, ratio, batch_size, frame)
     if scope == "step":
-        unique, codes = step_groups(steps)
-        order = np.argsort(codes, kind="stable") if (np.diff(codes) < 0).any() else None
-        ordered = entropy if order is None else entropy[order]
-        bounds = np.searchsorted(codes if order is None else codes[order],
-                                 np.arange(len(unique) + 1))
-        rows = [float(np.quantile(ordered[bounds[i]:bounds[i + 1]], q))
-                for i in range(len(unique))]
-        frame = pd.DataFrame({"step": unique, "threshold": rows,
-                              "tokens": np.bincount(codes, minlength=len(unique))})
+        groups = [(step, entropy[rows]) for step, rows in step_rows(steps)]
+        frame = pd.DataFrame({"step": np.array([step for step, _ in groups], np.int64),
+                              "threshold": [float(np.quantile(values, q))
+                                            for _, values in groups],
+                              "tokens": np.array([len(values) for _, values in groups],
+                                                 np.int64)})
         return ScopeThresholds(scope, ratio, batch_size, frame)
     if scope == "sequence":
         keys = pd.MultiIndex.from_arrays([steps, samples])

@@ -9,6 +9,8 @@ which the callers fold by key as they would any partial state.
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -67,6 +69,18 @@ def step_groups(steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     codes = np.zeros(len(steps), np.int64)
     codes[change] = 1
     return unique, np.cumsum(codes)
+
+
+def step_rows(steps: np.ndarray) -> Iterator[tuple[int, slice | np.ndarray]]:
+    """``(step, rows)`` for every distinct step, by increasing step: ``rows`` is a slice
+    when the rows come in stored order, else the step's row indices (in row order)."""
+    unique, codes = step_groups(steps)
+    order = np.argsort(codes, kind="stable") if (np.diff(codes) < 0).any() else None
+    bounds = np.searchsorted(codes if order is None else codes[order],
+                             np.arange(len(unique) + 1))
+    for k, step in enumerate(unique.tolist()):
+        yield step, (slice(bounds[k], bounds[k + 1]) if order is None
+                     else order[bounds[k]:bounds[k + 1]])
 
 
 def inside_runs(starts: np.ndarray, n: int) -> np.ndarray:

@@ -28,20 +28,14 @@ from ..estimators import best_entropy_source
 from ..store import Store
 from ..workers import session
 
-#: Where each analysis lives: the public API first, then its analysis module.
+#: Where each analysis called by name lives: the public API first, then its analysis module.
+#: (The token analyses run as plans, imported above.)
 ANALYSES = {
-    "summary": "summary",
-    "policy_entropy": "curves",
     "performance": "curves",
     "phases": "phases",
     "fit_saturation": "saturation",
-    "distribution": "distribution",
-    "forking_tokens": "forking",
     "forking_mask": "forking",
-    "quality": "quality",
-    "covariance": "covariance",
     "compare": "compare",
-    "roles": "roles",
 }
 
 
