@@ -120,8 +120,9 @@ def test_completion_order_puts_split_completions_together():
 
     table = pa.table({"step": [1, 1, 0, 1, 0], "sample_id": ["b", "a", "a", "b", "a"],
                       "position": [1, 0, 1, 0, 0]})
-    ordered = _in_completion_order(table)
+    ordered, steps, starts = _in_completion_order(table)
     assert ordered.to_pydict() == {"step": [0, 0, 1, 1, 1],
                                    "sample_id": ["a", "a", "a", "b", "b"],
                                    "position": [0, 1, 0, 0, 1]}
-    assert _in_completion_order(ordered) is ordered
+    assert steps.tolist() == [0, 0, 1, 1, 1] and starts.tolist() == [0, 2, 3]
+    assert _in_completion_order(ordered)[0] is ordered

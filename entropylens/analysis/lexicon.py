@@ -29,7 +29,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -41,6 +41,7 @@ import pyarrow.compute as pc
 
 from ..errors import EntropylensError
 from ..store import Store
+from .automaton import PhraseAutomaton
 
 #: Tokenizer conventions understood by the matcher.
 CONVENTIONS = ("bytelevel", "sentencepiece", "text")
@@ -129,6 +130,11 @@ def _trie_pattern(phrases: Sequence[str]) -> str:
     return emit(trie, "")
 
 
+@lru_cache(maxsize=8)
+def _automaton(phrases: tuple[str, ...]) -> PhraseAutomaton:
+    return PhraseAutomaton.build(phrases)
+
+
 @dataclass(frozen=True)
 class Lexicon:
     """A set of strategic-gram phrases and the compiled matcher for them.
@@ -178,14 +184,16 @@ class Lexicon:
         """:attr:`pattern` in one capturing group, for ``split``: text and matches alternate."""
         return re.compile(f"({self.pattern.pattern})", re.IGNORECASE)
 
-    @cached_property
-    def folded_splitter(self) -> re.Pattern | None:
-        """:attr:`splitter` without IGNORECASE, for text already lower-cased by
-        :func:`fold_case` (about twice as fast); None when a phrase is not ASCII, where
-        lower-casing and the regex engine's case rules may part."""
+    @property
+    def automaton(self) -> PhraseAutomaton | None:
+        """The phrases as a :class:`PhraseAutomaton`: the matches of :attr:`pattern` on
+        text case-folded by :func:`fold_case`, found without a character-by-character
+        scan; None when a phrase is not ASCII, where lower-casing and the regex engine's
+        case rules may part. Built once per process for the same phrases (and not pickled
+        with the lexicon: engine workers build their own)."""
         if not all(p.isascii() for p in self.phrases):
             return None
-        return re.compile(f"({self.pattern.pattern})")
+        return _automaton(self.phrases)
 
     @cached_property
     def _index(self) -> dict[str, int]:
@@ -468,6 +476,37 @@ class PlanningMatcher:
             where = pc.index_in(values, value_set=known)
         return known_bytes.take(where)
 
+    def _find(self, raw: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Matches in UTF-8 text: (start byte, end byte, phrase index) of each, in order.
+
+        Lexicons of ASCII phrases run as a :class:`PhraseAutomaton` over the case-folded
+        text; others (and text whose lower case changes length) use the regular
+        expression's ``split``, which hands back text and matches alternately, all in C.
+        """
+        automaton = self.lexicon.automaton
+        if automaton is not None and raw.isascii():
+            return automaton.find(np.frombuffer(raw.lower(), np.uint8))
+        text = raw.decode("utf-8", "surrogateescape")
+        char_offsets = _char_byte_offsets(text)
+        folded = fold_case(text) if automaton is not None else None
+        if folded is not None:
+            lo, hi, gram = automaton.find(np.frombuffer(
+                folded.encode("utf-32-le", "surrogatepass"), np.uint32))
+        else:
+            parts = self.lexicon.splitter.split(text)
+            ends = np.cumsum(np.fromiter(map(len, parts), np.int64, len(parts)))
+            hi = ends[1::2]
+            matched = parts[1::2]
+            lo = hi - np.fromiter(map(len, matched), np.int64, len(matched))
+            # only the distinct matched spellings go through phrase_index
+            spellings = pc.dictionary_encode(pa.array(matched, pa.string()))
+            index = self.lexicon.phrase_index
+            gram = np.array([index(m) for m in spellings.dictionary.to_pylist()],
+                            np.int64)[spellings.indices.to_numpy()]
+        if char_offsets is not None:
+            lo, hi = char_offsets[lo], char_offsets[hi]
+        return lo, hi, gram
+
     def match(self, tokens: pa.Array | pa.ChunkedArray | Sequence[str | None],
               starts: np.ndarray, *, keep_text: bool = False) -> MatchResult:
         """Match phrases in sequences laid end to end.
@@ -502,7 +541,6 @@ class PlanningMatcher:
             indices = pc.fill_null(indices, empty_piece)
         indices = indices.to_numpy(zero_copy_only=False).astype(np.int64)
         # One separator after every sequence: sequence k's tokens shift right by k slots.
-        seq_of_token = np.repeat(np.arange(len(starts)), np.diff(np.append(starts, n)))
         layout = np.insert(indices, np.append(starts[1:], n), separator)
         lengths = pc.binary_length(pieces).to_numpy(zero_copy_only=False) \
             .astype(np.int64)[layout]
@@ -511,32 +549,17 @@ class PlanningMatcher:
         data = blob.buffers()[2]
         first = int(np.frombuffer(blob.buffers()[1], np.int64)[blob.offset])
         raw = data.to_pybytes()[first:first + int(offsets[-1])] if data is not None else b""
-        text = raw.decode("utf-8", "surrogateescape")
-        char_offsets = _char_byte_offsets(text)
 
-        slot = np.arange(n) + seq_of_token
-        tok_start, tok_end = offsets[slot], offsets[slot + 1]
-        # split() hands back text and matches alternately, all in C: the spans follow from
-        # the lengths, and only distinct matched spellings go through phrase_index
-        folded = fold_case(text) if self.lexicon.folded_splitter is not None else None
-        parts = (self.lexicon.splitter.split(text) if folded is None
-                 else self.lexicon.folded_splitter.split(folded))
+        lo, hi, gram = self._find(raw)
         planning = np.zeros(n, bool)
-        if len(parts) > 1:
-            ends = np.cumsum(np.fromiter(map(len, parts), np.int64, len(parts)))
-            hi = ends[1::2]
-            matched = parts[1::2]
-            lo = hi - np.fromiter(map(len, matched), np.int64, len(matched))
-            if char_offsets is not None:
-                lo, hi = char_offsets[lo], char_offsets[hi]
-            spellings = pc.dictionary_encode(pa.array(matched, pa.string()))
-            index = self.lexicon.phrase_index
-            gram = np.array([index(m) for m in spellings.dictionary.to_pylist()],
-                            np.int64)[spellings.indices.to_numpy()]
-            first_token = np.searchsorted(tok_end, lo, side="right")
-            last_token = np.searchsorted(tok_start, hi, side="left") - 1
+        if len(lo):
             seq_start_byte = offsets[starts + np.arange(len(starts))]
             sequence = np.searchsorted(seq_start_byte, lo, side="right") - 1
+            # In slots (tokens and separators), then less the k separators before sequence
+            # k: the first token is the first whose end lies past the match's start, the
+            # last the last that starts before the match's end.
+            first_token = np.searchsorted(offsets[1:], lo, side="right") - sequence
+            last_token = np.searchsorted(offsets[:-1], hi, side="left") - 1 - sequence
             cover = np.zeros(n + 1, np.int64)
             np.add.at(cover, first_token, 1)
             np.add.at(cover, last_token + 1, -1)

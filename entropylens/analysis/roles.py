@@ -100,9 +100,9 @@ def _step_array(column) -> np.ndarray:
     return column.to_numpy(zero_copy_only=False).astype(np.int64)
 
 
-def _in_completion_order(table: pa.Table) -> pa.Table:
+def _in_completion_order(table: pa.Table) -> tuple[pa.Table, np.ndarray, np.ndarray]:
     """``table`` with each completion's rows together, by position (stored order already
-    is: then the table is returned as it is)."""
+    is: then the table is returned as it is), with its steps and completion starts."""
     steps = _step_array(table.column("step"))
     starts = sequence_starts(steps, table.column("sample_id"))
     positions = table.column("position").to_numpy(zero_copy_only=False)
@@ -111,10 +111,12 @@ def _in_completion_order(table: pa.Table) -> pa.Table:
     ordered = not len(positions) or (np.diff(positions)[inside_runs(starts, len(positions))]
                                      > 0).all()
     if contiguous and ordered:
-        return table
-    return table.take(pc.sort_indices(table, sort_keys=[("step", "ascending"),
-                                                        ("sample_id", "ascending"),
-                                                        ("position", "ascending")]))
+        return table, steps, starts
+    table = table.take(pc.sort_indices(table, sort_keys=[("step", "ascending"),
+                                                         ("sample_id", "ascending"),
+                                                         ("position", "ascending")]))
+    steps = _step_array(table.column("step"))
+    return table, steps, sequence_starts(steps, table.column("sample_id"))
 
 
 class RolesAggregator(Aggregator):
@@ -174,7 +176,7 @@ class RolesAggregator(Aggregator):
         if state.tables:
             table = pa.concat_tables(state.tables).combine_chunks()
             state.tables = []
-            self._process(state, _in_completion_order(table))
+            self._process(state, *_in_completion_order(table))
         return state
 
     def merge(self, left: _RolesState, right: _RolesState) -> _RolesState:
@@ -195,13 +197,11 @@ class RolesAggregator(Aggregator):
         return left
 
     # -- one set of complete sequences --------------------------------------------------
-    def _process(self, state: _RolesState, table: pa.Table) -> None:
+    def _process(self, state: _RolesState, table: pa.Table, steps: np.ndarray,
+                 starts: np.ndarray) -> None:
         n = table.num_rows
         if not n:
             return
-        steps = _step_array(table.column("step"))
-        sample = table.column("sample_id")
-        starts = sequence_starts(steps, sample)
         result = self.matcher.match(table.column("token"), starts)
         planning = result.planning
 
