@@ -3,11 +3,12 @@
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 import entropylens as el
 from entropylens.analysis.distribution import (DEFAULT_BINS, DISTRIBUTION_QUANTILES,
-                                               quantile_name)
+                                               bin_index, quantile_name)
 from entropylens.errors import EntropylensError
 from entropylens.store import Store
 
@@ -109,3 +110,20 @@ def test_bad_bins_and_runs_without_tokens_are_errors(tmp_path, shared_run):
     for bins in ([1.0], [0.0, 0.0, 1.0], [1.0, 0.5]):
         with pytest.raises(EntropylensError, match="bins"):
             el.distribution(store, bins=bins)
+
+
+@pytest.mark.parametrize("bins", [DEFAULT_BINS, np.array([0, 0.1, 0.5, 1, 5, np.inf]),
+                                  np.concatenate([[0.0], np.logspace(-3, 1, 9), [20.0]]),
+                                  np.logspace(-2, 1, 10)],
+                         ids=["default", "linear", "log-inner", "log-all"])
+def test_bin_index_equals_a_binary_search_over_the_edges(bins, shared_run):
+    real = pq.read_table(shared_run / "top20" / "tokens.parquet",
+                         columns=["entropy"]).column("entropy").to_numpy()
+    edges = np.concatenate([bins[:-1], np.nextafter(bins[1:-1], 0),
+                            np.nextafter(bins[:-1], np.inf),
+                            [-1.0, -1e-300, 0.0, 1e-300, 1e300, np.inf]])
+    rng = np.random.default_rng(3)
+    drawn = 10.0 ** rng.uniform(-8, 3, 200_000)
+    for values in (real[np.isfinite(real)], edges, drawn):
+        expected = np.clip(np.searchsorted(bins, values, side="right") - 1, 0, len(bins) - 2)
+        np.testing.assert_array_equal(bin_index(values, bins), expected)

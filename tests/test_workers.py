@@ -149,6 +149,23 @@ def test_a_dead_worker_is_replaced_or_reported():
         pool.close()
 
 
+def test_workers_run_one_thread_and_the_c_allocator(monkeypatch):
+    monkeypatch.delenv("ARROW_DEFAULT_MEMORY_POOL", raising=False)
+    pool = workers.WorkerPool(1)
+    try:
+        (env,) = pool.map(os.getenv, [("ARROW_DEFAULT_MEMORY_POOL",)])
+        (threads,) = pool.map(os.getenv, [("OMP_NUM_THREADS",)])
+        assert (env, threads) == ("system", "1")
+    finally:
+        pool.close()
+    monkeypatch.setenv("ARROW_DEFAULT_MEMORY_POOL", "jemalloc")   # the caller's choice wins
+    pool = workers.WorkerPool(1)
+    try:
+        assert list(pool.map(os.getenv, [("ARROW_DEFAULT_MEMORY_POOL",)])) == ["jemalloc"]
+    finally:
+        pool.close()
+
+
 def test_a_consumer_that_stops_early_leaves_no_answer_behind():
     pool = workers.WorkerPool(2)
     try:
