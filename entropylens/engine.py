@@ -26,11 +26,12 @@ for at the same time into one read of the data.
 
 from __future__ import annotations
 
+import copy
 import os
 import pickle
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Generator, Iterable, Iterator, Mapping, Sequence, Union
+from typing import Any, Generator, Hashable, Iterable, Iterator, Mapping, Sequence, Union
 
 import numpy as np
 import pyarrow as pa
@@ -88,6 +89,12 @@ class Aggregator(ABC):
     @abstractmethod
     def finish(self, state: Any) -> Any:
         """Turn a final state into the result."""
+
+    def share_key(self) -> Hashable | None:
+        """Aggregators with the same key compute the same result from the same rows, so a
+        fused scan (:func:`run_plans`) runs one of them and hands each a copy of its
+        result. None (the default): never shared."""
+        return None
 
 
 # -- planning ---------------------------------------------------------------------------
@@ -444,9 +451,21 @@ def _drive(store: Store, run: str, waiting: dict, advance, engine_options) -> No
 
 
 def _fused_scan(store: Store, run: str, scans: Mapping[str, Scan], steps, engine_options):
-    """Results (or the error) of each plan's scan, read together."""
-    fused = {f"{name}\x00{key}": aggregator for name, scan in scans.items()
-             for key, aggregator in scan.aggregators.items()}
+    """Results (or the error) of each plan's scan, read together; aggregators that share a
+    key (:meth:`Aggregator.share_key`) run once."""
+    fused: dict[str, Aggregator] = {}
+    same_as: dict[str, str] = {}
+    first_with: dict[Hashable, str] = {}
+    for name, scan in scans.items():
+        for key, aggregator in scan.aggregators.items():
+            label = f"{name}\x00{key}"
+            share = aggregator.share_key()
+            if share is not None and share in first_with:
+                same_as[label] = first_with[share]
+                continue
+            fused[label] = aggregator
+            if share is not None:
+                first_with[share] = label
     try:
         results = run_aggregators(store, run, fused, steps=steps, **engine_options)
     except Exception as exc:  # noqa: BLE001
@@ -454,6 +473,9 @@ def _fused_scan(store: Store, run: str, scans: Mapping[str, Scan], steps, engine
             return {name: exc for name in scans}
         return {name: _single_scan(store, run, scan, steps, engine_options)
                 for name, scan in scans.items()}
+    # a copy for each further plan: plans may change the results they are handed
+    for label, original in same_as.items():
+        results[label] = copy.deepcopy(results[original])
     return {name: {key: results[f"{name}\x00{key}"] for key in scan.aggregators}
             for name, scan in scans.items()}
 

@@ -170,3 +170,30 @@ def test_a_plan_asking_for_nonsense_fails_alone(store):
 
     outcomes = run_plans(store, "r", {"bad": nonsense(), "good": _asks(_Rows())}, workers=1)
     assert isinstance(outcomes["bad"], Failed) and outcomes["good"] == 30_000
+
+
+def test_plans_asking_for_the_same_statistics_share_one_aggregator(store, monkeypatch):
+    from entropylens.analysis.summary import summary_from_parts, summary_plan
+
+    seen = []
+    original = engine.run_aggregators
+
+    def recording(store, run, aggregators, **options):
+        seen.append(sorted(aggregators))
+        return original(store, run, aggregators, **options)
+
+    monkeypatch.setattr(engine, "run_aggregators", recording)
+    manifest = store.manifest("r")
+    outcomes = run_plans(store, "r", {
+        "summary": summary_plan(store, "r"),
+        "dist": distribution_plan(store, "r", "exact", manifest)}, workers=1)
+    # summary's step statistics are the distribution's: computed once
+    assert seen[0] == sorted(["summary\x00steps", "summary\x00quality", "dist\x00dist"])
+    fused = summary_from_parts([outcomes["summary"]])
+    monkeypatch.setattr(engine, "run_aggregators", original)
+    alone = el.summary(store, "r", workers=1)
+    pd.testing.assert_frame_equal(fused.steps, alone.steps)
+    dist = distribution_from_parts([outcomes["dist"]])
+    np.testing.assert_allclose(dist.steps["p50"], alone.steps["p50"], rtol=0, atol=0)
+    # each plan got its own copy to change
+    assert "run" in fused.steps and "run" in dist.steps

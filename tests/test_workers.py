@@ -16,7 +16,7 @@ import entropylens as el
 import entropylens.store as store_module
 from entropylens import workers
 from entropylens.analysis.covariance import StepCovariance
-from entropylens.analysis.distribution import DistributionStats
+from entropylens.analysis.distribution import DistributionStats, StepStats
 from entropylens.analysis.forking import ForkingScan
 from entropylens.analysis.quality import QualityScan
 from entropylens.engine import Aggregator, local_workers, plan_units, run_aggregators
@@ -41,8 +41,8 @@ def store(tmp_path_factory):
 
 
 def _aggregators():
-    return {"dist": DistributionStats("exact"), "fork": ForkingScan("exact", scope="step",
-                                                                    ratio=0.2),
+    return {"steps": StepStats("exact"), "dist": DistributionStats("exact"),
+            "fork": ForkingScan("exact", scope="step", ratio=0.2),
             "quality": QualityScan(), "cov": StepCovariance()}
 
 
@@ -50,7 +50,8 @@ def test_workers_give_the_same_numbers_as_one_process(store):
     assert len(plan_units(store, "synthetic", unit_rows=UNIT)) >= 4
     alone = run_aggregators(store, "synthetic", _aggregators(), unit_rows=UNIT, workers=1)
     shared = run_aggregators(store, "synthetic", _aggregators(), unit_rows=UNIT, workers=2)
-    for key in ("steps", "histogram", "global"):
+    pd.testing.assert_frame_equal(alone["steps"], shared["steps"])
+    for key in ("histogram", "global"):
         pd.testing.assert_frame_equal(alone["dist"][key], shared["dist"][key])
     pd.testing.assert_frame_equal(alone["fork"][0].frame, shared["fork"][0].frame)
     pd.testing.assert_frame_equal(alone["fork"][1].sort_values("token", ignore_index=True),

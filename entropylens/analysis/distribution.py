@@ -69,6 +69,10 @@ class StepStats(Aggregator):
         self.top_k = top_k
         self.columns = ("step", "sample_id") + columns_for(source)
 
+    def share_key(self) -> tuple:
+        """Step statistics of one source and quantiles are the same whoever asks."""
+        return (type(self), self.source, self.quantiles, self.vocab_size, self.top_k)
+
     def start(self) -> _StepState:
         return _StepState(values={}, sequences=[])
 
@@ -127,12 +131,8 @@ class StepStats(Aggregator):
                 row[name] = float(q)
             row["frac_below_0_01"] = float(np.mean(values < LOW_ENTROPY))
             state.rows[step] = (row, float(values.sum()), int((values < LOW_ENTROPY).sum()))
-            self._sealed_step(state, step, values)
         state.values, state.sequences = {}, []
         return state
-
-    def _sealed_step(self, state: _StepState, step: int, values: np.ndarray) -> None:
-        """Hook for subclasses: one complete step's values, just before they are freed."""
 
     def merge(self, left: _StepState, right: _StepState) -> _StepState:
         for step, arrays in right.values.items():
@@ -227,14 +227,17 @@ def bin_index(values: np.ndarray, bins: np.ndarray) -> np.ndarray:
 
 
 @dataclass
-class _DistributionState(_StepState):
-    histogram: dict = field(default_factory=dict)      # step -> int64 counts per bin
-    exact: list | None = None                          # sealed steps' values (exact mode)
+class _DistributionState:
+    histogram: dict                                    # step -> int64 counts per bin
+    exact: list | None = None                          # every finite value (exact mode)
     sketch: QuantileSketch | None = None               # run-wide sketch (sketch mode)
 
 
-class DistributionStats(StepStats):
-    """Per-step statistics plus fixed-bin histograms and run-wide quantiles, in one pass.
+class DistributionStats(Aggregator):
+    """Fixed-bin histograms per step and run-wide quantiles of token entropy, in one pass.
+
+    The per-step rows come from :class:`StepStats`, which :func:`distribution` runs beside
+    this one (and a report shares with :func:`~entropylens.analysis.summary.summary`).
 
     Parameters
     ----------
@@ -243,7 +246,7 @@ class DistributionStats(StepStats):
         Histogram edges (default :data:`DEFAULT_BINS`). Values below the first edge count in
         the first bin and values above the last in the last one.
     quantiles : tuple of float
-        Default :data:`DISTRIBUTION_QUANTILES`.
+        Run-wide quantiles to report (default :data:`DISTRIBUTION_QUANTILES`).
     vocab_size, top_k : int, optional
         For the top-k estimate.
     global_quantiles : {"exact", "sketch"}
@@ -252,12 +255,18 @@ class DistributionStats(StepStats):
         at most ``alpha``; see that module for the exact bound).
     alpha : float
         Relative accuracy of the sketch.
+
+    Notes
+    -----
+    Tokens without an entropy from ``source`` (NaN) are left out.
     """
 
     def __init__(self, source: str, *, bins=None, quantiles=DISTRIBUTION_QUANTILES,
                  vocab_size: int | None = None, top_k: int | None = None,
                  global_quantiles: str = "exact", alpha: float = DEFAULT_ALPHA):
-        super().__init__(source, quantiles=quantiles, vocab_size=vocab_size, top_k=top_k)
+        self.source, self.quantiles = source, tuple(quantiles)
+        self.vocab_size, self.top_k = vocab_size, top_k
+        self.columns = ("step",) + columns_for(source)
         self.bins = _check_bins(bins)
         if global_quantiles not in ("exact", "sketch"):
             raise EntropylensError(f"global quantiles must be 'exact' or 'sketch', got "
@@ -266,29 +275,34 @@ class DistributionStats(StepStats):
 
     def start(self) -> _DistributionState:
         exact = self.global_quantiles == "exact"
-        return _DistributionState(values={}, sequences=[], histogram={},
-                                  exact=[] if exact else None,
+        return _DistributionState(histogram={}, exact=[] if exact else None,
                                   sketch=None if exact else QuantileSketch(self.alpha))
 
     def update(self, state: _DistributionState, batch: pa.RecordBatch) -> _DistributionState:
-        values = self.entropy(batch)
-        before = {step: len(arrays) for step, arrays in state.values.items()}
-        state = self._fold(state, batch, values)
+        values = token_entropy(batch, self.source, vocab_size=self.vocab_size,
+                               top_k=self.top_k)
+        steps = batch.column("step")
+        steps = (steps.fill_null(NO_STEP) if steps.null_count else steps) \
+            .to_numpy(zero_copy_only=False)
+        finite = np.isfinite(values)
+        if not finite.all():
+            values, steps = values[finite], steps[finite]
+        if not len(values):
+            return state
         nbins = len(self.bins) - 1
-        for step, arrays in state.values.items():
-            for array in arrays[before.get(step, 0):]:
-                counts = np.bincount(bin_index(array, self.bins), minlength=nbins)
-                if step in state.histogram:
-                    state.histogram[step] += counts
-                else:
-                    state.histogram[step] = counts
-        return state
-
-    def _sealed_step(self, state: _DistributionState, step: int, values: np.ndarray) -> None:
+        which = bin_index(values, self.bins)
+        for step, rows in step_rows(steps):
+            counts = np.bincount(which[rows], minlength=nbins)
+            step = int(step)
+            if step in state.histogram:
+                state.histogram[step] += counts
+            else:
+                state.histogram[step] = counts
         if state.exact is not None:
-            state.exact.append((step, values))
+            state.exact.append(values)
         else:
             state.sketch.add(values)
+        return state
 
     def merge(self, left: _DistributionState, right: _DistributionState):
         for step, counts in right.histogram.items():
@@ -298,11 +312,10 @@ class DistributionStats(StepStats):
             left.exact.extend(right.exact)
         else:
             left.sketch.merge(right.sketch)
-        return super().merge(left, right)
+        return left
 
     def finish(self, state: _DistributionState) -> dict:
-        """``{"steps", "histogram", "global"}`` DataFrames (step columns as in StepStats)."""
-        steps = super().finish(state)   # seals the open steps
+        """``{"histogram", "global"}`` DataFrames (``step`` as in :class:`StepStats`)."""
         left, right = self.bins[:-1], self.bins[1:]
         frames = [pd.DataFrame({"step": step, "bin_left": left, "bin_right": right,
                                 "count": counts.astype(np.int64)})
@@ -313,18 +326,11 @@ class DistributionStats(StepStats):
         histogram["step"] = histogram["step"].astype("Int64").mask(
             histogram["step"] == NO_STEP)
         if state.exact is not None:
-            arrays = [values for _, values in sorted(state.exact, key=lambda sv: sv[0])]
-            overall = exact_quantiles(arrays, self.quantiles)
+            overall = exact_quantiles(state.exact, self.quantiles)
         else:
             overall = state.sketch.quantile(self.quantiles)
-        overall = pd.DataFrame({"q": list(self.quantiles), "value": overall})
-        sealed = [state.rows[step] for step in sorted(state.rows)]
-        tokens = int(sum(row["tokens"] for row, _, _ in sealed))
-        below = int(sum(n for _, _, n in sealed))
-        total = float(np.sum([total for _, total, _ in sealed])) if sealed else 0.0
-        return {"steps": steps, "histogram": histogram, "global": overall,
-                "tokens": tokens, "frac_below_0_01": below / tokens if tokens else np.nan,
-                "mean": total / tokens if tokens else np.nan}
+        return {"histogram": histogram,
+                "global": pd.DataFrame({"q": list(self.quantiles), "value": overall})}
 
 
 STEP_COLUMNS = ["run", "step", "tokens", "mean", "seq_mean",
@@ -428,6 +434,14 @@ def distribution(store: Store | str, runs=None, bins=None, *, engine: str = "loc
          for run, source, manifest in token_runs(store, runs)], bins=edges)
 
 
+def step_stats(source: str, manifest: dict) -> StepStats:
+    """The per-step statistics of a run's tokens, with the distribution's quantiles: the
+    same aggregator for :func:`distribution` and :func:`~entropylens.analysis.summary.summary`,
+    so that a report that runs both computes them once."""
+    return StepStats(source, quantiles=DISTRIBUTION_QUANTILES,
+                     vocab_size=manifest.get("vocab_size"), top_k=manifest.get("top_k"))
+
+
 def distribution_plan(store: Store, run: str, source: str, manifest: dict, *, bins=None,
                       global_quantiles: str = "auto") -> Plan:
     """One run's part of :func:`distribution`, as a plan (see
@@ -435,19 +449,25 @@ def distribution_plan(store: Store, run: str, source: str, manifest: dict, *, bi
     mode = global_quantiles if global_quantiles != "auto" else (
         "exact" if manifest.get("counts", {}).get("tokens", 0) <= EXACT_GLOBAL_MAX_TOKENS
         else "sketch")
-    result = (yield {"dist": DistributionStats(
+    results = yield {"steps": step_stats(source, manifest), "dist": DistributionStats(
         source, bins=_check_bins(bins), vocab_size=manifest.get("vocab_size"),
-        top_k=manifest.get("top_k"), global_quantiles=mode)})["dist"]
-    frame = result["steps"].rename(columns={"entropy_token_mean": "mean",
-                                            "entropy_seq_mean": "seq_mean"})
+        top_k=manifest.get("top_k"), global_quantiles=mode)}
+    steps, result = results["steps"], results["dist"]
+    frame = steps.rename(columns={"entropy_token_mean": "mean",
+                                  "entropy_seq_mean": "seq_mean"})
     frame.insert(0, "run", run)
     frame["entropy_source"] = source
     histogram = result["histogram"]
     histogram.insert(0, "run", run)
     overall = result["global"]
     overall.insert(0, "run", run)
-    row = {"run": run, "entropy_source": source, "tokens": result["tokens"],
-           "mean": result["mean"], "frac_below_0_01": result["frac_below_0_01"]}
+    tokens = int(steps["tokens"].sum())
+    # the step fractions are counts over tokens: their sum gives the run's count back
+    below = int(np.round(steps["frac_below_0_01"] * steps["tokens"]).sum())
+    total = float((steps["entropy_token_mean"] * steps["tokens"]).sum())
+    row = {"run": run, "entropy_source": source, "tokens": tokens,
+           "mean": total / tokens if tokens else np.nan,
+           "frac_below_0_01": below / tokens if tokens else np.nan}
     return frame[STEP_COLUMNS], histogram, overall, row
 
 

@@ -245,8 +245,9 @@ def compute_thresholds(steps: np.ndarray, samples: np.ndarray, positions: np.nda
         Required for scope ``batch``.
     """
     keep = np.isfinite(entropy)
-    steps, samples, positions, entropy = (steps[keep], samples[keep], positions[keep],
-                                          entropy[keep])
+    if not keep.all():
+        steps, samples, positions, entropy = (steps[keep], samples[keep], positions[keep],
+                                              entropy[keep])
     q = 1 - ratio
     if not len(entropy):
         return ScopeThresholds(scope, ratio, batch_size, _empty_frame(scope))
@@ -418,8 +419,9 @@ def token_category(text: str) -> str:
 
 def count_forking(keys: pa.Array, flags: np.ndarray, judged: np.ndarray) -> pa.Table:
     """``token, count, forking_count`` per token text, over the judged tokens."""
-    table = pa.table({"token": keys, "fork": pa.array(flags.astype(np.int64))}) \
-        .filter(pa.array(judged))
+    table = pa.table({"token": keys, "fork": pa.array(flags.astype(np.int64))})
+    if not judged.all():
+        table = table.filter(pa.array(judged))
     grouped = table.group_by("token").aggregate([("fork", "count"), ("fork", "sum")])
     return pa.table({"token": grouped.column("token"),
                      "count": grouped.column("fork_count").cast(pa.int64()),

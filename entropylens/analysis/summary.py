@@ -11,7 +11,7 @@ import pandas as pd
 from ..engine import Plan, run_plan
 from ..estimators import best_entropy_source
 from ..store import Store
-from .distribution import StepStats
+from .distribution import step_stats
 from .quality import QUALITY_COLUMNS, QualityScan, quality_plan
 
 RUN_COLUMNS = ["run", "tokens", "sequences", "steps", "entropy_source"]
@@ -75,8 +75,7 @@ def summary_plan(store: Store, run: str) -> Plan:
     scan = None
     if source is not None:
         # the data-quality checks ride on the same scan as the statistics
-        results = yield {"steps": StepStats(source, vocab_size=manifest.get("vocab_size"),
-                                            top_k=manifest.get("top_k")),
+        results = yield {"steps": step_stats(source, manifest),
                          "quality": QualityScan(manifest.get("vocab_size"))}
         stats, scan = results["steps"], results["quality"]
         stats.insert(0, "run", run)
