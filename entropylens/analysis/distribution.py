@@ -124,13 +124,18 @@ class StepStats(Aggregator):
                 raise EntropylensError(f"step {step} sealed twice: the engine must hand "
                                        "every step to one unit")
             values = np.concatenate(state.values[step])
+            below = int((values < LOW_ENTROPY).sum())
             row = {"step": step, "tokens": len(values),
                    "entropy_token_mean": float(values.mean()),
                    "entropy_seq_mean": float(seq_mean[step])}
+            total = float(values.sum())
+            # sorted (after the sums, whose rounding depends on the order), numpy's
+            # quantiles cost a third: its vectorised sort beats selecting each quantile
+            values.sort()
             for name, q in zip(qnames, np.quantile(values, self.quantiles)):
                 row[name] = float(q)
-            row["frac_below_0_01"] = float(np.mean(values < LOW_ENTROPY))
-            state.rows[step] = (row, float(values.sum()), int((values < LOW_ENTROPY).sum()))
+            row["frac_below_0_01"] = below / len(values)
+            state.rows[step] = (row, total, below)
         state.values, state.sequences = {}, []
         return state
 
