@@ -12,6 +12,7 @@ import pytest
 from entropylens.analysis.automaton import LEAP, PhraseAutomaton
 from entropylens.analysis.lexicon import (Lexicon, PlanningMatcher, default_lexicon, fold_case,
                                           normalize_phrase)
+from entropylens.errors import EntropylensError
 
 #: Phrases where the rules meet: one-letter words, phrases inside phrases, phrases that
 #: begin or end with punctuation or an apostrophe, word characters at the edges.
@@ -72,11 +73,27 @@ def test_overlapping_candidates_keep_the_leftmost_longest_match():
     assert spans == ["we need to", "find", "we need  to", "find", "we", "to find"]
 
 
+@pytest.mark.parametrize("phrases, text", [
+    (default_lexicon().phrases, "but wait " * 20_000),
+    (["a", "a a", "a a a"], "a " * 30_001),
+    (["we need to", "need to find", "to find", "find the"], "we need to find the x. " * 5000)],
+    ids=["repeated-phrase", "self-overlapping", "chained"])
+def test_repetitive_text_keeps_the_leftmost_matches(phrases, text):
+    # RL completions loop: long runs of overlapping candidates must still resolve exactly
+    lexicon = lexicon_of(phrases)
+    assert automaton_matches(lexicon, text) == regex_matches(lexicon, text)
+
+
 @pytest.mark.parametrize("text", ["", "a", "ab", "a b", "'s", "x ", "i'm", "i\u2019m",
                                   "\u02bcs", "hmm,", "## step", "a" * LEAP, "b c" * 3])
 def test_short_texts_and_phrases_at_the_ends(text):
     lexicon = lexicon_of(TRICKY_PHRASES)
     assert automaton_matches(lexicon, text) == regex_matches(lexicon, text)
+
+
+def test_a_phrase_with_the_sequence_separator_is_refused():
+    with pytest.raises(EntropylensError, match="NUL"):
+        lexicon_of(["a\x00b"])
 
 
 def test_matcher_uses_the_regex_where_the_automaton_cannot_go():

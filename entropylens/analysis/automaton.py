@@ -213,20 +213,35 @@ class PhraseAutomaton:
 
 
 def _leftmost(start: np.ndarray, end: np.ndarray, phrase: np.ndarray):
-    """Keep the matches a left-to-right scan keeps: each one after the last kept end."""
-    if len(start) < 2:
+    """Keep the matches a left-to-right scan keeps: each one after the last kept end.
+
+    A match that starts at or after every earlier end is kept for sure; one that starts
+    inside the last such match before it is dropped for sure (every match in between
+    overlaps that one too). Only the rest, chains of phrases that overlap each other, are
+    settled one by one.
+    """
+    n = len(start)
+    if n < 2:
         return start, end, phrase
     reach = np.maximum.accumulate(end)
-    unsure = np.flatnonzero(start[1:] < reach[:-1]) + 1
-    if len(unsure):
-        kept = np.ones(len(start), bool)
-        # end of the last kept match before each rejected one (the first match is kept)
-        last_end = {}
-        for i, begins, previous_end in zip(unsure.tolist(), start[unsure].tolist(),
-                                           end[unsure - 1].tolist()):
-            before = previous_end if kept[i - 1] else last_end[i - 1]
-            if begins < before:
-                kept[i] = False
-                last_end[i] = before
-        start, end, phrase = start[kept], end[kept], phrase[kept]
-    return start, end, phrase
+    sure = np.ones(n, bool)
+    sure[1:] = start[1:] >= reach[:-1]
+    if sure.all():
+        return start, end, phrase
+    index = np.arange(n)
+    last_sure = np.maximum.accumulate(np.where(sure, index, 0))
+    before = np.zeros(n, np.int64)
+    before[1:] = last_sure[:-1]         # the last sure match before each one
+    inside = ~sure & (start < end[before])
+    kept = sure
+    open_ = np.flatnonzero(~sure & ~inside)
+    if len(open_):
+        starts, ends = start.tolist(), end.tolist()
+        previous = before[open_].tolist()
+        last_kept = -1                  # the last of the open matches kept so far
+        for i, j in zip(open_.tolist(), previous):
+            k = max(j, last_kept)       # the last kept match before i
+            if starts[i] >= ends[k]:
+                kept[i] = True
+                last_kept = i
+    return start[kept], end[kept], phrase[kept]

@@ -69,9 +69,12 @@ class StepStats(Aggregator):
         self.top_k = top_k
         self.columns = ("step", "sample_id") + columns_for(source)
 
-    def share_key(self) -> tuple:
-        """Step statistics of one source and quantiles are the same whoever asks."""
-        return (type(self), self.source, self.quantiles, self.vocab_size, self.top_k)
+    def share_key(self) -> tuple | None:
+        """Step statistics of one source and quantiles are the same whoever asks (a
+        subclass, which may compute something else, shares only if it says so)."""
+        if type(self) is not StepStats:
+            return None
+        return (StepStats, self.source, self.quantiles, self.vocab_size, self.top_k)
 
     def start(self) -> _StepState:
         return _StepState(values={}, sequences=[])
@@ -150,14 +153,17 @@ class StepStats(Aggregator):
         return left
 
     def finish(self, state: _StepState) -> pd.DataFrame:
-        """One row per step: tokens, entropy_token_mean, entropy_seq_mean, quantiles, frac."""
+        """One row per step: tokens, entropy_token_mean, entropy_seq_mean, quantiles,
+        frac_below_0_01, then ``entropy_sum`` and ``tokens_below_0_01`` (the exact sum and
+        count behind the mean and fraction, for run-wide figures)."""
         qnames = [quantile_name(q) for q in self.quantiles]
         columns = ["step", "tokens", "entropy_token_mean", "entropy_seq_mean", *qnames,
-                   "frac_below_0_01"]
+                   "frac_below_0_01", "entropy_sum", "tokens_below_0_01"]
         state = self.seal(state)
         if not state.rows:
             return pd.DataFrame(columns=columns)
-        rows = [state.rows[step][0] for step in sorted(state.rows)]
+        rows = [{**row, "entropy_sum": total, "tokens_below_0_01": below}
+                for row, total, below in (state.rows[step] for step in sorted(state.rows))]
         frame = pd.DataFrame(rows, columns=columns)
         frame["step"] = frame["step"].astype("Int64").mask(frame["step"] == NO_STEP)
         return frame
@@ -218,13 +224,15 @@ def bin_index(values: np.ndarray, bins: np.ndarray) -> np.ndarray:
     if len(inner) < 3 or inner[0] <= 0 or not np.allclose(
             np.diff(np.log(inner)), np.log(inner[1] / inner[0]), rtol=1e-9, atol=0):
         return np.clip(np.searchsorted(bins, values, side="right") - 1, 0, last)
-    per_bin = (len(inner) - 1) / np.log10(inner[-1] / inner[0])
+    per_bin = (len(inner) - 1) / (np.log10(inner[-1]) - np.log10(inner[0]))
     with np.errstate(divide="ignore", invalid="ignore"):
         guess = (np.log10(values) - np.log10(inner[0])) * per_bin + 1
-    # fmax sends NaN (values below zero) and -inf (zero) to the first bin
+    # fmax sends NaN (values below zero) and -inf (zero) to the first bin; NaN values go
+    # to the last, where a binary search puts them
     which = np.minimum(np.fmax(np.floor(guess), 0), last).astype(np.int64)
+    which[np.isnan(values)] = last
     while True:   # one round in practice: the guess is off by at most one bin
-        down = (values < bins[which]) & (which > 0)
+        down = (values < bins[which]) & (which > 0)   # (False for NaN)
         up = (values >= bins[which + 1]) & (which < last)
         if not (down.any() or up.any()):
             return which
@@ -467,9 +475,8 @@ def distribution_plan(store: Store, run: str, source: str, manifest: dict, *, bi
     overall = result["global"]
     overall.insert(0, "run", run)
     tokens = int(steps["tokens"].sum())
-    # the step fractions are counts over tokens: their sum gives the run's count back
-    below = int(np.round(steps["frac_below_0_01"] * steps["tokens"]).sum())
-    total = float((steps["entropy_token_mean"] * steps["tokens"]).sum())
+    below = int(steps["tokens_below_0_01"].sum())
+    total = float(np.sum(steps["entropy_sum"].to_numpy(np.float64)))
     row = {"run": run, "entropy_source": source, "tokens": tokens,
            "mean": total / tokens if tokens else np.nan,
            "frac_below_0_01": below / tokens if tokens else np.nan}

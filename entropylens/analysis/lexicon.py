@@ -157,6 +157,10 @@ class Lexicon:
     def __post_init__(self):
         if not self.phrases:
             raise EntropylensError(f"the lexicon ({self.source}) holds no phrases")
+        bad = next((p for p in self.phrases if _SEPARATOR.decode() in p), None)
+        if bad is not None:   # the matcher separates sequences with it
+            raise EntropylensError(f"the lexicon ({self.source}) holds a phrase with a NUL "
+                                   f"character: {bad!r}")
 
     def __len__(self) -> int:
         return len(self.phrases)
