@@ -168,7 +168,9 @@ def main(argv=None) -> dict:
 
     def target_only(logits, targets, *, temperature=1.0, top_k=20):
         # the head's logits are computed but only the sampled token's logit is read
-        picked = logits.gather(1, targets.long().view(-1, 1).to(logits.device)).squeeze(1)
+        # float32, as score_block hands back (bf16 or fp16 weights give half-precision logits)
+        picked = logits.gather(1, targets.long().view(-1, 1).to(logits.device)).squeeze(1) \
+            .float()
         empty = torch.empty((len(picked), 0), device=logits.device)
         return picked, picked, empty.long(), empty
 

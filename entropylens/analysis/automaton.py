@@ -66,6 +66,7 @@ class PhraseAutomaton:
     ascii_symbols: np.ndarray   # symbol of each ASCII character (uint8, 128)
     symbol_is_word: np.ndarray  # whether a symbol's characters are regex word characters
     root: np.ndarray            # root of the walk a symbol starts (DEAD: none), uint8
+    starts_walk: np.ndarray     # root != DEAD, as booleans
     transitions: np.ndarray     # (node, symbol) -> node
     ends: np.ndarray            # end condition of each node (NO_END, END_ANY, END_NOT_WORD)
     phrase: np.ndarray          # index of the phrase ending at each node, -1 for none
@@ -134,7 +135,7 @@ class PhraseAutomaton:
                                                 & ~symbol_is_word[following])
                 leap_end = np.where(ok, np.int8(depth), leap_end)
                 leap_phrase = np.where(ok, phrase[node], leap_phrase)
-        return cls(ascii_symbols, symbol_is_word, root, transitions, ends, phrase,
+        return cls(ascii_symbols, symbol_is_word, root, root != DEAD, transitions, ends, phrase,
                    np.ascontiguousarray(node, np.int32).reshape(-1),
                    np.ascontiguousarray(leap_end).reshape(-1),
                    np.ascontiguousarray(leap_phrase).reshape(-1))
@@ -172,10 +173,11 @@ class PhraseAutomaton:
             return none, none, none
         # sentinels past the end (and, read as symbols[-1], before the start): no
         # transition, not word characters
-        symbols = np.concatenate([self.classify(codes), np.full(LEAP + 1, OTHER, np.uint8)])
+        symbols = np.full(n + LEAP + 1, OTHER, np.uint8)
+        symbols[:n] = self.classify(codes)
         # positions as int32 where they fit: half the memory traffic of every round
         index = np.int32 if n < 2**31 - LEAP - 1 else np.int64
-        candidate = np.flatnonzero(self.root[symbols[:n]] != DEAD).astype(index)
+        candidate = np.flatnonzero(self.starts_walk[symbols[:n]]).astype(index)
         root = self.root[symbols[candidate]]
         # a word phrase must not follow a word character ((?<!\w))
         keep = (root != WORD_ROOT) | ~self.symbol_is_word[symbols[candidate - 1]]

@@ -210,16 +210,21 @@ class RolesAggregator(Aggregator):
         key = step_index * 2 + np.where(planning, 0, 1)
         acc = np.zeros((n_steps * 2, 5))
         acc[:, _COUNT] = np.bincount(key, minlength=n_steps * 2)
+
+        def sums(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            # (sum, count) of the finite values per key; no masking when all are finite
+            ok = np.isfinite(values)
+            if ok.all():
+                return np.bincount(key, weights=values, minlength=n_steps * 2), acc[:, _COUNT]
+            return (np.bincount(key[ok], weights=values[ok], minlength=n_steps * 2),
+                    np.bincount(key[ok], minlength=n_steps * 2))
+
         if self.source is not None:
-            entropy = token_entropy(table, self.source, vocab_size=self.vocab_size)
-            ok = np.isfinite(entropy)
-            acc[:, _ENT_SUM] = np.bincount(key[ok], weights=entropy[ok], minlength=n_steps * 2)
-            acc[:, _ENT_N] = np.bincount(key[ok], minlength=n_steps * 2)
+            acc[:, _ENT_SUM], acc[:, _ENT_N] = sums(
+                token_entropy(table, self.source, vocab_size=self.vocab_size))
         if self.has_logprob:
-            nll = -table.column("logprob").to_numpy(zero_copy_only=False).astype(np.float64)
-            ok = np.isfinite(nll)
-            acc[:, _NLL_SUM] = np.bincount(key[ok], weights=nll[ok], minlength=n_steps * 2)
-            acc[:, _NLL_N] = np.bincount(key[ok], minlength=n_steps * 2)
+            acc[:, _NLL_SUM], acc[:, _NLL_N] = sums(
+                -table.column("logprob").to_numpy(zero_copy_only=False).astype(np.float64))
         acc = acc.reshape(n_steps, 2, 5)
 
         n_grams = len(self.lexicon)
