@@ -22,7 +22,7 @@ matches with array operations:
    begins inside a kept match is dropped. Only walks that begin before the end of an
    earlier match need a decision in order; they are few and settled in a short loop.
 
-The result is the regular expression's, match for match (tested against ``re.split`` on
+The result is the regular expression's, match for match (tested against ``re.finditer`` on
 real completions and on generated text rich in the characters where the rules meet).
 """
 

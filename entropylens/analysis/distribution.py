@@ -31,6 +31,13 @@ LOW_ENTROPY = 0.01
 NO_STEP = np.iinfo(np.int64).min
 
 
+def step_array(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A ``step`` column as int64 numpy, :data:`NO_STEP` where it is missing."""
+    if column.null_count:
+        column = pc.fill_null(column, NO_STEP)
+    return column.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+
+
 @dataclass
 class _StepState:
     values: dict          # open step -> list of float64 arrays (one step's entropies)
@@ -88,23 +95,21 @@ class StepStats(Aggregator):
 
     def _fold(self, state: _StepState, batch: pa.RecordBatch,
               values: np.ndarray) -> _StepState:
-        steps = batch.column("step")
-        step_array = steps.fill_null(NO_STEP).to_numpy(zero_copy_only=False) \
-            if steps.null_count else steps.to_numpy(zero_copy_only=False)
+        steps = step_array(batch.column("step"))
         finite = np.isfinite(values)
         if not finite.all():
-            values, step_array = values[finite], step_array[finite]
+            values, steps = values[finite], steps[finite]
             samples = batch.column("sample_id").filter(pa.array(finite))
         else:
             samples = batch.column("sample_id")
         if not len(values):
             return state
-        for step, rows in step_rows(step_array):
+        for step, rows in step_rows(steps):
             state.values.setdefault(int(step), []).append(values[rows])
         # per-completion sums over runs of rows (no hashing of the string keys); the sums
         # run in row order, so they are the same on every engine
-        starts = sequence_starts(step_array, samples)
-        state.sequences.append(run_keys(step_array, samples, starts).append_column(
+        starts = sequence_starts(steps, samples)
+        state.sequences.append(run_keys(steps, samples, starts).append_column(
             "h_sum", pa.array(np.add.reduceat(values, starts), pa.float64())).append_column(
             "h_count", pa.array(run_lengths(starts, len(values)))))
         return state
@@ -294,9 +299,7 @@ class DistributionStats(Aggregator):
     def update(self, state: _DistributionState, batch: pa.RecordBatch) -> _DistributionState:
         values = token_entropy(batch, self.source, vocab_size=self.vocab_size,
                                top_k=self.top_k)
-        steps = batch.column("step")
-        steps = (steps.fill_null(NO_STEP) if steps.null_count else steps) \
-            .to_numpy(zero_copy_only=False)
+        steps = step_array(batch.column("step"))
         finite = np.isfinite(values)
         if not finite.all():
             values, steps = values[finite], steps[finite]

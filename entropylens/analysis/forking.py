@@ -42,7 +42,7 @@ from ..engine import Aggregator, Plan, run_plan
 from ..errors import EntropylensError
 from ..estimators import columns_for, token_entropy
 from ..store import Store
-from .distribution import EXACT_GLOBAL_MAX_TOKENS, NO_STEP, token_runs
+from .distribution import EXACT_GLOBAL_MAX_TOKENS, NO_STEP, step_array, token_runs
 from .sequences import step_rows
 from .sketch import QuantileSketch
 
@@ -218,9 +218,7 @@ def _empty_frame(scope: str) -> pd.DataFrame:
 def _key_arrays(batch, scope: str = "batch") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(steps, sample ids, positions) of a batch; the scopes ``step`` and ``global`` use the
     steps only, so they get cheap placeholders for the others."""
-    steps = batch.column("step")
-    steps = (steps.fill_null(NO_STEP) if steps.null_count else steps) \
-        .to_numpy(zero_copy_only=False).astype(np.int64)
+    steps = step_array(batch.column("step"))
     if scope in ("step", "global"):
         empty = np.zeros(len(steps), dtype=np.int8)
         return steps, empty, empty

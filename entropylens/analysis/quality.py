@@ -46,7 +46,7 @@ from ..aliases import canonical_metric
 from ..engine import Aggregator, Plan, run_plan
 from ..estimators import best_entropy_source
 from ..store import Store
-from .distribution import NO_STEP
+from .distribution import NO_STEP, step_array
 from .sequences import inside_runs, run_keys, run_lengths, sequence_starts, step_groups
 
 #: Texts of end-of-sequence tokens across tokenizers (ChatML, Llama 2/3, GPT-2, Gemma, Phi,
@@ -139,9 +139,7 @@ class QualityScan(Aggregator):
         return _ScanState(sequences=[], steps={}, eos_names={})
 
     def update(self, state: _ScanState, batch: pa.RecordBatch) -> _ScanState:
-        steps = batch.column("step")
-        steps = (steps.fill_null(NO_STEP) if steps.null_count else steps) \
-            .to_numpy(zero_copy_only=False).astype(np.int64)
+        steps = step_array(batch.column("step"))
         positions = batch.column("position").to_numpy(zero_copy_only=False).astype(np.int64)
         token = batch.column("token")
         # judge each distinct text once (a batch repeats a few thousand texts)
@@ -288,9 +286,7 @@ class AfterEos(Aggregator):
         return {"tokens": 0, "texts": pd.Series(dtype="int64")}
 
     def update(self, state, batch: pa.RecordBatch):
-        steps = batch.column("step")
-        steps = (steps.fill_null(NO_STEP) if steps.null_count else steps) \
-            .to_numpy(zero_copy_only=False).astype(np.int64)
+        steps = step_array(batch.column("step"))
         samples = batch.column("sample_id").to_numpy(zero_copy_only=False)
         where = self.index.get_indexer(pd.MultiIndex.from_arrays([steps, samples]))
         positions = batch.column("position").to_numpy(zero_copy_only=False)

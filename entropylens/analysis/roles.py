@@ -59,6 +59,7 @@ from ..engine import Aggregator, Plan, run_plan
 from ..errors import EntropylensError
 from ..estimators import best_entropy_source, columns_for, token_entropy
 from ..store import Store
+from .distribution import NO_STEP, step_array
 from .lexicon import (CONVENTIONS, Lexicon, PlanningMatcher, detect_convention, load_lexicon)
 from .summary import _records
 from .sequences import inside_runs, run_keys, sequence_starts, step_groups
@@ -73,8 +74,6 @@ PHASE_COLUMNS = ["run", "name", "detected", "start_step", "end_step", "signal", 
                  "reason"]
 RUN_COLUMNS = ["run", "entropy_source", "perplexity", "convention", "lexicon_size",
                "lexicon_source", "tokens", "planning_tokens", "semantic_from"]
-#: Step key of tokens without a step (pure inference logs).
-NO_STEP = np.iinfo(np.int64).min
 #: Tokens read to detect the tokenizer convention.
 DETECT_TOKENS = 200_000
 #: Columns of the per-(step, class) accumulator.
@@ -94,16 +93,10 @@ class _RolesState:
     tables: list = field(default_factory=list)       # training tokens not yet matched
 
 
-def _step_array(column) -> np.ndarray:
-    if column.null_count:
-        column = pc.fill_null(column, NO_STEP)
-    return column.to_numpy(zero_copy_only=False).astype(np.int64)
-
-
 def _in_completion_order(table: pa.Table) -> tuple[pa.Table, np.ndarray, np.ndarray]:
     """``table`` with each completion's rows together, by position (stored order already
     is: then the table is returned as it is), with its steps and completion starts."""
-    steps = _step_array(table.column("step"))
+    steps = step_array(table.column("step"))
     starts = sequence_starts(steps, table.column("sample_id"))
     positions = table.column("position").to_numpy(zero_copy_only=False)
     keys = run_keys(steps, table.column("sample_id"), starts)
@@ -115,7 +108,7 @@ def _in_completion_order(table: pa.Table) -> tuple[pa.Table, np.ndarray, np.ndar
     table = table.take(pc.sort_indices(table, sort_keys=[("step", "ascending"),
                                                          ("sample_id", "ascending"),
                                                          ("position", "ascending")]))
-    steps = _step_array(table.column("step"))
+    steps = step_array(table.column("step"))
     return table, steps, sequence_starts(steps, table.column("sample_id"))
 
 
@@ -350,7 +343,7 @@ def _semantic_from_sequences(store: Store, run: str, lexicon: Lexicon) -> dict:
     tallies = {"classes": {}, "grams": {}, "transitions": {}, "sequences": {}}
     if not table.num_rows:
         return tallies
-    steps = _step_array(table.column("step"))
+    steps = step_array(table.column("step"))
     matcher = PlanningMatcher(lexicon, "text")
     # Each completion is one "token" of its own sequence.
     result = matcher.match(table.column("completion"), np.arange(table.num_rows))
