@@ -32,10 +32,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from scipy import stats
 
-from ..engine import Aggregator, Plan, run_plan
+from ..engine import Aggregator, Plan
 from ..errors import EntropylensError
 from ..store import Store
 from .curves import TrainTokens, open_store, policy_entropy_plan
+from .registry import Analysis, FigureSpec, register, run_analysis
 from .sequences import step_rows
 from .summary import _records
 
@@ -180,9 +181,40 @@ def covariance_plan(store: Store, run: str, *, engine: str = "local",
     return groups[GROUP_COLUMNS], per_step[STEP_COLUMNS], _correlation(run, per_step)
 
 
+class CovarianceAnalysis(Analysis):
+    """Registered form of :func:`covariance` (see :mod:`entropylens.analysis.registry`)."""
+
+    name = "covariance"
+    title = "Covariance of log-probability and advantage"
+    needs = ("tokens",)
+    order = 60
+
+    def plan(self, store: Store, run: str, inputs) -> Plan:
+        return covariance_plan(store, run)
+
+    def combine(self, parts, *, skipped=(), **options) -> Covariance:
+        return covariance_from_parts(list(parts), skipped=skipped)
+
+    def figures(self, result: Covariance, run: str) -> list[FigureSpec]:
+        from ..plots import covariance_groups
+
+        if result.groups.empty:
+            return []
+        return [FigureSpec("covariance", f"{run}: covariance groups",
+                           "Mean Cov(log π, A) per step in each covariance group "
+                           "(symmetric-log axis).",
+                           lambda ax: covariance_groups(result.groups, run=run, ax=ax))]
+
+    def section(self, result: Covariance, run: str) -> dict:
+        return {"groups": _records(result.groups), "correlation": _records(result.correlation)}
+
+
+register(CovarianceAnalysis())
+
+
 def covariance(store: Store | str, runs: str | Sequence[str] | None = None, *,
-               engine: str = "local", max_tokens: int | None = None,
-               **engine_options) -> Covariance:
+               engine: str = "local", workers: int | None = None,
+               max_tokens: int | None = None, **engine_options) -> Covariance:
     """Covariance of token log-probability and advantage per step, by group.
 
     Parameters
@@ -192,6 +224,8 @@ def covariance(store: Store | str, runs: str | Sequence[str] | None = None, *,
         Default: every run. When several are asked for, runs without per-token logprob and
         advantage are left out; a single such run raises.
     engine : {"local", "ray"}
+    workers : int, optional
+        Worker processes of the local engine (1: none).
     max_tokens : int, optional
         Deprecated and ignored: the covariance runs in one pass that holds one unit of the
         engine at a time.
@@ -208,26 +242,8 @@ def covariance(store: Store | str, runs: str | Sequence[str] | None = None, *,
     if max_tokens is not None:
         warnings.warn("covariance(max_tokens=...) no longer applies: the covariance runs in "
                       "one pass holding one unit at a time", DeprecationWarning, stacklevel=2)
-    store = open_store(store)
-    names = store.resolve_runs(runs)
-    groups, steps, correlation, skipped = [], [], [], []
-    for run in names:
-        try:
-            g, s, c = run_plan(store, run, covariance_plan(
-                store, run, engine=engine, **engine_options),
-                engine=engine, **engine_options)
-        except EntropylensError as exc:
-            if len(names) == 1:
-                raise
-            skipped.append(exc.message)
-            continue
-        groups.append(g)
-        steps.append(s)
-        correlation.append(c)
-    if not groups:
-        raise EntropylensError("no run has per-token logprob and advantage: "
-                               + "; ".join(skipped), path=store.path)
-    return covariance_from_parts(list(zip(groups, steps, correlation)), skipped=skipped)
+    return run_analysis("covariance", open_store(store), runs, engine=engine, workers=workers,
+                        **engine_options)
 
 
 def covariance_from_parts(parts: list[tuple], *, skipped: Sequence[str] = ()) -> Covariance:
