@@ -11,9 +11,10 @@ declares
   it reads (handed over in ``inputs``, each an :class:`Outcome`);
 - ``combine(parts, skipped=..., **options)``: the result dataclass (with ``to_dict()``) of
   one or several runs' parts;
-- optionally its report: ``figures(result, run)`` (:class:`FigureSpec`, drawn by the report)
-  and ``section(result, run)`` (the JSON-ready content of its report block, rendered by the
-  template ``report/templates/sections/<name>.html.j2`` and ``.md.j2``).
+- optionally its report: ``figures(result, run)`` (:class:`FigureSpec`, drawn by the report),
+  ``section(result, run)`` (the JSON-ready content of its report block, rendered by the
+  templates ``report/templates/sections/<name>.html.j2`` and ``.md.j2``) and
+  ``findings(result, run)`` (:class:`Finding` sentences for the top of the report).
 
 :func:`run_analysis` is the one runner: it opens the store, resolves runs, keeps the engine's
 workers alive across runs, runs required analyses first, turns a run that cannot have the
@@ -103,6 +104,31 @@ class FigureSpec:
     ncols: int = 1
 
 
+@dataclass
+class Finding:
+    """One sentence about a run for the report's findings, with the numbers it states.
+
+    Attributes
+    ----------
+    kind : str
+        What it is about (``"forking"``, ``"diversity"``, ...); the report links it to that
+        analysis' section of the run.
+    text : str
+        Plain words; numbers rounded for reading.
+    severity : {"info", "good", "warning", "alarm"}
+    tier : {"key", "detail"}
+        Key findings head the report; details follow.
+    numbers : dict
+        The unrounded numbers the text states (kept in report.json).
+    """
+
+    kind: str
+    text: str
+    severity: str = "info"
+    tier: str = "detail"
+    numbers: dict = field(default_factory=dict)
+
+
 class Analysis:
     """Base class of a registered analysis (see the module docstring).
 
@@ -121,6 +147,9 @@ class Analysis:
         Whether the report runs it.
     order : int
         Position of its section in the report (smaller first).
+    headline : bool
+        Its section is shown at the top of the report, one block per run, before the
+        details (the diagnosis).
     """
 
     name: ClassVar[str] = ""
@@ -129,6 +158,7 @@ class Analysis:
     requires: ClassVar[tuple[str, ...]] = ()
     in_report: ClassVar[bool] = True
     order: ClassVar[int] = 100
+    headline: ClassVar[bool] = False
 
     def plan(self, store: Store, run: str, inputs: Mapping[str, Outcome], **options) -> Plan:
         """The run's part, as a plan. Raise :class:`EntropylensError` when the run cannot
@@ -148,6 +178,10 @@ class Analysis:
     def section(self, result: Any, run: str) -> dict | None:
         """JSON-ready content of ``run``'s report block (None: no block)."""
         return None
+
+    def findings(self, result: Any, run: str) -> list[Finding]:
+        """Sentences for the report's list of findings about ``run``."""
+        return []
 
     def missing(self, manifest: Mapping) -> str | None:
         """Why a run with this manifest cannot have the analysis, from :attr:`needs`."""
