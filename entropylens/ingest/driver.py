@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import re
-import shutil
 import sys
 import time
 from contextlib import contextmanager
@@ -23,7 +22,7 @@ import pyarrow.compute as pc
 
 from ..errors import EntropylensError, FormatError, StoreError
 from ..schema import SENTINEL_LOGPROB
-from ..store import RunWriter, Store, validate_run_name
+from ..store import RunWriter, Store, commit_runs, validate_run_name
 from . import registry
 from ._io import ProgressReader, open_binary, sha256_file
 
@@ -329,9 +328,8 @@ def ingest(sources: str | Path | Sequence[str | Path], out: str | Path | Store, 
     if isinstance(out, Store):
         store = out
     else:
-        out = Path(out)
-        created_store = not (out / "store.json").exists()
         store = Store.create(out)
+        created_store = True  # discard_if_unused knows whether this call made it
     writers: dict[str, RunWriter] = {}
     show = sys.stderr.isatty() if progress is None else progress
     bar = _Progress() if show else None
@@ -387,12 +385,13 @@ def ingest(sources: str | Path | Sequence[str | Path], out: str | Path | Store, 
             if writer.final.exists() and not replace:
                 raise StoreError(f"run {writer.name!r} already exists (use --replace)",
                                  path=store.path)
-        for writer in writers.values():
-            writer.commit()
+        # all runs of one call appear together or not at all
+        commit_runs(list(writers.values()))
     except BaseException:
         for writer in writers.values():
             writer.abort()
-        _cleanup(store, created_store)
+        if created_store:
+            store.discard_if_unused()
         raise
     finally:
         if bar is not None:
@@ -449,9 +448,3 @@ def _finish_provenance(writer: RunWriter, options: IngestOptions, temperature, v
         writer.manifest["logprob_basis"] = logprob_basis
     if options.mapping:
         writer.manifest["mapping"] = dict(options.mapping)
-
-
-def _cleanup(store: Store, created: bool) -> None:
-    """Remove a store folder this call created when it ends up holding nothing."""
-    if created and not store.runs():
-        shutil.rmtree(store.path, ignore_errors=True)
