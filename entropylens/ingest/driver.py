@@ -8,6 +8,7 @@ folder created by this call is removed again.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 import sys
@@ -239,23 +240,42 @@ def _clean_tokens(table: pa.Table) -> tuple[pa.Table, dict[str, int]]:
     return table, counts
 
 
-def _split_runs(data: pa.Table, base: str | None, explicit: bool) -> Iterator[tuple[str | None, pa.Table]]:
-    """Split rows by a ``_run`` column into (run name, rows); None means the default run."""
+def _split_runs(data: pa.Table, base: str | None, explicit: bool,
+                names: dict[str, str]) -> Iterator[tuple[str | None, str | None, pa.Table]]:
+    """Split rows by a ``_run`` column into (run name, source run, rows); a None name means
+    the default run.
+
+    ``names`` maps each source run seen so far in this ingest to its run name, so that two
+    source runs whose safe folder names coincide (``exp/1`` and ``exp:1`` both make
+    ``exp-1``) stay two runs: the later one gets a suffix from a hash of its name.
+    """
     if "_run" not in data.column_names:
-        yield None, data
+        yield None, None, data
         return
     keys = data.column("_run")
     for key in pc.unique(keys).to_pylist():
         rows = data.filter(pc.equal(keys, key) if key is not None else pc.is_null(keys))
         rows = rows.drop_columns(["_run"])
         if key is None:
-            yield None, rows
+            yield None, None, rows
             continue
-        sub = re.sub(r"[^A-Za-z0-9._+=@-]+", "-", str(key)).strip("-.") or "run"
-        name = f"{base}-{sub}" if explicit and base else sub
-        if not name[0].isalnum():
-            name = "run-" + name
-        yield name[:200], rows
+        key = str(key)
+        if key not in names:
+            names[key] = _unique_run_name(key, base, explicit, set(names.values()))
+        yield names[key], key, rows
+
+
+def _unique_run_name(key: str, base: str | None, explicit: bool, taken: set[str]) -> str:
+    """A safe run name for source run ``key`` that no other source run of the call has."""
+    sub = re.sub(r"[^A-Za-z0-9._+=@-]+", "-", key).strip("-.") or "run"
+    name = f"{base}-{sub}" if explicit and base else sub
+    if not name[0].isalnum():
+        name = "run-" + name
+    name = name[:200]
+    if name in taken:
+        digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+        name = f"{name[:191]}-{digest}"
+    return name
 
 
 def ingest(sources: str | Path | Sequence[str | Path], out: str | Path | Store, *,
@@ -331,6 +351,7 @@ def ingest(sources: str | Path | Sequence[str | Path], out: str | Path | Store, 
         store = Store.create(out)
         created_store = True  # discard_if_unused knows whether this call made it
     writers: dict[str, RunWriter] = {}
+    run_names: dict[str, str] = {}
     show = sys.stderr.isatty() if progress is None else progress
     bar = _Progress() if show else None
 
@@ -351,9 +372,12 @@ def ingest(sources: str | Path | Sequence[str | Path], out: str | Path | Store, 
                 data = chunk.data
                 if isinstance(data, pa.RecordBatch):
                     data = pa.Table.from_batches([data])
-                for name, rows in _split_runs(data, base, run is not None):
+                for name, source_run, rows in _split_runs(data, base, run is not None,
+                                                          run_names):
                     writer = writer_for(name)
                     used.add(writer.name)
+                    if source_run is not None:  # the run's name in the file, unsanitised
+                        writer.manifest.setdefault("source_run", source_run)
                     if chunk.kind == "tokens":
                         rows, sentinels = _clean_tokens(rows)
                         counts = writer.manifest["counts"]
@@ -411,7 +435,10 @@ def _read_chunks(fmt: registry.Format, path: Path, ctx: IngestContext) -> Iterat
     :class:`FormatError` naming the file (readers name the line where they can)."""
     try:
         yield from fmt.read(path, ctx)
-    except EntropylensError:
+    except EntropylensError as exc:
+        if exc.path is None:  # shared helpers (line limits) know the line, not the file
+            exc.path = str(path)
+            exc.args = (str(exc),)
         raise
     except FileNotFoundError as exc:
         raise FormatError(f"cannot read: {exc.strerror or exc}", path=path) from None
