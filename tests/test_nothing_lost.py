@@ -1,0 +1,238 @@
+"""Nothing lost, ever: inputs that used to end with exit 0 and values silently gone.
+
+Each test reproduces one case of the hostile round (issue 23) and checks the stored values
+against an independent reading of the same data (pandas, json, the TFRecord layout).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import struct
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import entropylens as el
+from entropylens.errors import EntropylensError, FormatError
+from entropylens.ingest._records import iter_json_records
+from conftest_hardening import _tensorboard_bytes
+
+
+def _history_rows(runs=("a", "b"), steps=30):
+    return [{"_step": i + k * steps, "_runtime": float(i), "_timestamp": 1.7e9 + i,
+             "run_name": run, "train/reward": float(i) + 100 * k, "train/entropy": 1.0 / (i + 1)}
+            for k, run in enumerate(runs) for i in range(steps)]
+
+
+# -- W&B: the run column is text under pandas 2 (object) and pandas 3 (str) -------------------
+@pytest.mark.parametrize("infer_string", [False, True], ids=["object-dtype", "str-dtype"])
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet"])
+def test_wandb_run_column_splits_runs_under_both_string_dtypes(tmp_path, infer_string, suffix):
+    rows = _history_rows()
+    path = tmp_path / f"history{suffix}"
+    frame = pd.DataFrame(rows)
+    if suffix == ".csv":
+        frame.to_csv(path, index=False)
+    elif suffix == ".jsonl":
+        path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    else:
+        frame.to_parquet(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pandas 3 deprecates the option it still honours
+        with pd.option_context("future.infer_string", infer_string):
+            runs = el.ingest(path, tmp_path / "s", format="wandb", progress=False)
+    assert runs == ["a", "b"]
+    store = el.open(tmp_path / "s")
+    for run in runs:
+        got = store.read_metrics(run, pivot=True)["reward_mean"]
+        want = frame[frame.run_name == run].set_index("_step")["train/reward"]
+        assert got.to_dict() == want.to_dict()
+
+
+# -- W&B steps are integers, exactly ---------------------------------------------------------
+BIG_STEPS = [2 ** 62, 2 ** 62 + 1, 2 ** 63 - 1, 2 ** 53 + 1]
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".json", ".parquet"])
+@pytest.mark.parametrize("column", ["_step", "train/global_step"])
+def test_wandb_steps_beyond_2_53_stay_exact(tmp_path, suffix, column):
+    rows = [{"_step": i, "_runtime": 1.0, column: step, "reward": float(i)}
+            for i, step in enumerate(BIG_STEPS)]
+    rows.append({"_step": len(rows), "_runtime": 1.0, "val/acc": 0.5})  # a row without a step
+    if column == "_step":
+        for row, step in zip(rows, BIG_STEPS):
+            row["_step"] = step
+        rows[-1]["_step"] = None
+    path = tmp_path / f"history{suffix}"
+    if suffix == ".csv":  # by hand: pandas would write the steps as floats
+        names = list(dict.fromkeys(k for row in rows for k in row))
+        path.write_text(",".join(names) + "\n" + "".join(
+            ",".join("" if row.get(k) is None else str(row.get(k, "")) for k in names) + "\n"
+            for row in rows))
+    elif suffix == ".jsonl":
+        path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    elif suffix == ".json":
+        path.write_text(json.dumps(rows))
+    else:
+        table = pa.Table.from_pylist(rows, schema=pa.schema(
+            [("_step", pa.int64()), ("_runtime", pa.float64()), (column, pa.int64()),
+             ("reward", pa.float64()), ("val/acc", pa.float64())]) if column != "_step"
+            else None)
+        pq.write_table(table, path)
+    el.ingest(path, tmp_path / "s", run="r", format="wandb", progress=False)
+    metrics = el.open(tmp_path / "s").read_metrics("r")
+    reward = metrics[metrics.metric == "reward_mean"].set_index("step")["value"]
+    assert sorted(reward.index.tolist()) == sorted(BIG_STEPS)
+    assert {int(k): v for k, v in reward.items()} == {s: float(i) for i, s in
+                                                      enumerate(BIG_STEPS)}
+
+
+# -- a bad first JSON line is one bad record, not a bad file ---------------------------------
+def _chat_line(i: int) -> str:
+    content = [{"token": "a", "logprob": -0.1 * (i + 1), "bytes": [97], "top_logprobs": []}]
+    return json.dumps({"id": f"r{i}", "object": "chat.completion", "model": "m", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "a"},
+         "logprobs": {"content": content}, "finish_reason": "stop"}]})
+
+
+def test_skip_with_a_bad_first_line_keeps_the_rest_of_the_file(tmp_path):
+    first = tmp_path / "a.jsonl"
+    first.write_text('{"id": "r-1", "choices": [\n'
+                     + "\n".join(_chat_line(i) for i in range(30)) + "\n")
+    second = tmp_path / "b.jsonl"
+    second.write_text("\n".join(_chat_line(i) for i in range(31)) + "\n")
+    with pytest.raises(FormatError) as info:
+        el.ingest([first, second], tmp_path / "s", run="r", format="openai_chat",
+                  progress=False)
+    assert (info.value.path, info.value.line) == (str(first), 1)
+    el.ingest([first, second], tmp_path / "s", run="r", format="openai_chat",
+              on_error="skip", progress=False)
+    store = el.open(tmp_path / "s")
+    manifest = store.manifest("r")
+    assert manifest["counts"]["sequences"] == 61
+    assert manifest["rejected"]["count"] == 1
+    assert manifest["rejected"]["examples"][0]["line"] == 1
+
+
+class _Ctx:
+    def __init__(self):
+        self.rejected = []
+
+    def reject(self, line, message, **_):
+        self.rejected.append(line)
+
+
+def test_json_records_tell_a_document_from_lines_with_a_bad_first_line(tmp_path):
+    import io
+
+    lines = b'{"a": 1, "b": [\n' + b"\n".join(b'{"a": %d}' % i for i in range(5)) + b"\n"
+    ctx = _Ctx()
+    assert [r["a"] for _, r in iter_json_records(io.BufferedReader(io.BytesIO(lines)), ctx)] \
+        == [0, 1, 2, 3, 4]
+    assert ctx.rejected == [1]
+    for document in (b'[\n {"a": 0}\n]\n', b'{\n "a": 0\n}\n', b'[{"a": 0},\n{"a": 1}]\n'):
+        ctx = _Ctx()
+        got = [r["a"] for _, r in iter_json_records(io.BufferedReader(io.BytesIO(document)),
+                                                    ctx)]
+        assert got[0] == 0 and ctx.rejected == [], document
+
+
+# -- run names from file content that collide after sanitising -------------------------------
+def test_source_runs_with_one_safe_name_stay_apart(tmp_path):
+    rows = _history_rows(runs=("exp/1", "exp:1"))
+    path = tmp_path / "history.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    runs = el.ingest(path, tmp_path / "s", format="wandb", progress=False)
+    assert len(runs) == 2 and "exp-1" in runs
+    store = el.open(tmp_path / "s")
+    by_source = {store.manifest(run)["source_run"]: run for run in runs}
+    assert set(by_source) == {"exp/1", "exp:1"}
+    for k, source in enumerate(("exp/1", "exp:1")):
+        reward = store.read_metrics(by_source[source], pivot=True)["reward_mean"]
+        assert reward.tolist() == [float(i) + 100 * k for i in range(30)]
+
+
+# -- TensorBoard: a damaged record is named or counted, never a silent end -------------------
+def _event_records(data: bytes) -> list[tuple[int, int]]:
+    """(offset, total length) of each TFRecord, read from the layout itself."""
+    out, offset = [], 0
+    while offset < len(data):
+        (length,) = struct.unpack_from("<Q", data, offset)
+        out.append((offset, 12 + length + 4))
+        offset += 12 + length + 4
+    return out
+
+
+def _scalar_count(data: bytes) -> int:
+    from tensorboard.compat.proto import event_pb2
+
+    count = 0
+    for offset, size in _event_records(data):
+        event = event_pb2.Event.FromString(data[offset + 12:offset + size - 4])
+        count += len(event.summary.value)
+    return count
+
+
+@pytest.mark.parametrize("where", ["data", "length"])
+def test_tensorboard_damaged_record_is_named_or_counted(tmp_path, where):
+    data = _tensorboard_bytes()
+    records = _event_records(data)
+    offset, size = records[len(records) // 2]
+    damaged = bytearray(data)
+    damaged[offset + (14 if where == "data" else 2)] ^= 0xFF
+    path = tmp_path / "events.out.tfevents.1.host"
+    path.write_bytes(bytes(damaged))
+    number = len(records) // 2 + 1
+    with pytest.raises(FormatError) as info:
+        el.ingest(path, tmp_path / "s", run="r", progress=False)
+    assert (info.value.path, info.value.line) == (str(path), number)
+    assert "CRC" in str(info.value)
+    el.ingest(path, tmp_path / "s", run="r", on_error="skip", progress=False)
+    store = el.open(tmp_path / "s")
+    manifest = store.manifest("r")
+    assert manifest["rejected"]["count"] == 1
+    assert manifest["rejected"]["examples"][0]["line"] == number
+    intact = bytes(data[:offset] + data[offset + size:])
+    assert len(store.read_metrics("r")) == _scalar_count(intact)
+
+
+def test_tensorboard_truncated_file_is_named(tmp_path):
+    data = _tensorboard_bytes()
+    path = tmp_path / "events.out.tfevents.1.host"
+    path.write_bytes(data[:-7])
+    with pytest.raises(FormatError, match="truncated") as info:
+        el.ingest(path, tmp_path / "s", run="r", progress=False)
+    assert info.value.line == len(_event_records(data))
+    assert not (tmp_path / "s").exists()
+
+
+# -- bounded memory: long lines, documents and decompression bombs ---------------------------
+def test_gzip_line_bomb_stops_at_the_record_limit(tmp_path, monkeypatch):
+    monkeypatch.setenv("ENTROPYLENS_MAX_RECORD_MB", "1")
+    path = tmp_path / "chat.jsonl.gz"
+    with gzip.open(path, "wb") as fh:
+        fh.write(_chat_line(0).encode() + b"\n" + b'{"id": "' + b"x" * (8 << 20) + b'"}\n')
+    with pytest.raises(FormatError, match="longer than 1 MiB") as info:
+        el.ingest(path, tmp_path / "s", format="openai_chat", progress=False)
+    assert (info.value.path, info.value.line) == (str(path), 2)
+
+
+def test_decompression_bomb_is_refused(tmp_path, monkeypatch):
+    import importlib
+
+    io_module = importlib.import_module("entropylens.ingest._io")
+
+    monkeypatch.setattr(io_module, "_EXPANSION_FLOOR", 1 << 20)
+    path = tmp_path / "chat.jsonl.gz"
+    with gzip.open(path, "wb") as fh:
+        for _ in range(2000):
+            fh.write(_chat_line(0).encode() + b"\n" + b" " * 4096 + b"\n")
+    with pytest.raises(FormatError, match="decompression bomb") as info:
+        el.ingest(path, tmp_path / "s", format="openai_chat", progress=False)
+    assert info.value.path == str(path)
