@@ -215,6 +215,30 @@ def _release(fd: int) -> None:
     os.close(fd)  # the lock goes with the last descriptor of the open file
 
 
+def write_file_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename.
+
+    The rename replaces whatever is at ``path``, a symbolic link included, so a link planted
+    where a report file goes is never followed and its target is never overwritten.
+    """
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "xb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def real_folder(path: Path) -> Path:
+    """Make ``path`` a folder, replacing a symbolic link found there (never following it)."""
+    if path.is_symlink():
+        path.unlink()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write ``obj`` as JSON to ``path`` through a temporary file and a rename."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")

@@ -236,3 +236,62 @@ def test_decompression_bomb_is_refused(tmp_path, monkeypatch):
     with pytest.raises(FormatError, match="decompression bomb") as info:
         el.ingest(path, tmp_path / "s", format="openai_chat", progress=False)
     assert info.value.path == str(path)
+
+
+# -- values beyond float32 are counted nulls, not infinities --------------------------------
+def test_entropy_beyond_float32_is_a_counted_null(tmp_path):
+    path = tmp_path / "tokens.csv"
+    path.write_text("step,sample_id,position,token,logprob,entropy\n"
+                    "1,s,0,a,-0.5,1e39\n1,s,1,b,-1e39,0.5\n1,s,2,c,-0.25,0.75\n")
+    el.ingest(path, tmp_path / "s", run="r", progress=False)
+    store = el.open(tmp_path / "s")
+    tokens = store.read_tokens("r")
+    assert tokens.column("entropy").to_pylist() == [None, 0.5, 0.75]
+    assert tokens.column("logprob").to_pylist() == [-0.5, None, -0.25]
+    counts = store.manifest("r")["counts"]
+    assert counts["sentinel_entropys"] == 1 and counts["sentinel_logprobs"] == 1
+
+
+# -- terminal output: control characters and rich markup from data are shown, not obeyed ----
+def test_cli_error_escapes_control_characters(tmp_path):
+    """A metric name that clears the screen and sets the window title, listed by an error."""
+    from typer.testing import CliRunner
+
+    from entropylens.cli import app
+
+    path = tmp_path / "m.csv"
+    path.write_text("step,entropy,\x1b[2J\x1b]0;owned\x07reward\n0,1.0,0.5\n1,0.9,0.6\n")
+    el.ingest(path, tmp_path / "s", run="r", progress=False)
+    result = CliRunner().invoke(app, ["fit", str(tmp_path / "s"), "--reward", "nosuch"])
+    assert result.exit_code == 1
+    assert "\x1b" not in result.output and "\x07" not in result.output
+    assert "\\x1b]0;owned\\x07reward" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_markup_in_data_is_escaped():
+    from rich.console import Console
+
+    from entropylens._safe_text import markup, plain
+
+    console = Console(record=True, force_terminal=True, width=200)
+    hostile = "[link=https://evil.example]click[/link] \x1b]8;;x"
+    console.print("token " + markup(hostile))
+    text = console.export_text()
+    assert "[link=https://evil.example]click[/link]" in text
+    assert "\x1b" not in plain("\x1b[31m\x9b\u202e")
+    assert plain("a\tb") == "a\tb"
+
+
+def test_report_replaces_a_planted_symlink_instead_of_following_it(tmp_path, sample_store):
+    target = tmp_path / "victim.txt"
+    target.write_text("precious")
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "index.html").symlink_to(target)
+    (out / "figures").symlink_to(tmp_path)
+    el.report(sample_store.path, out, runs=["vanilla"])
+    assert target.read_text() == "precious"
+    assert not (out / "index.html").is_symlink() and (out / "index.html").stat().st_size > 0
+    assert not (out / "figures").is_symlink()
+    assert not list(tmp_path.glob("*.png"))

@@ -166,7 +166,8 @@ def exact_steps(values) -> pd.Series:
     if pd.api.types.is_float_dtype(series.dtype):
         numbers = series.to_numpy(float, na_value=np.nan)
         with np.errstate(invalid="ignore"):
-            ok = np.isfinite(numbers) & (numbers == np.floor(numbers)) & (np.abs(numbers) < 2.0 ** 63)
+            ok = np.isfinite(numbers) & (numbers == np.floor(numbers)) \
+                & (np.abs(numbers) < 2.0 ** 63)
         exact = pd.array(np.where(ok, numbers, 0).astype(np.int64), dtype="Int64")
         exact[~ok] = pd.NA
         return pd.Series(exact, index=series.index)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -28,6 +29,8 @@ from . import registry
 from ._io import ProgressReader, open_binary, sha256_file
 
 ON_ERROR = ("stop", "skip")
+#: The largest float32: logprobs and entropies are stored as float32.
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 LOGPROB_BASES = ("tempered", "raw", "unknown")
 #: File stems too generic to name a run: the parent folder names it instead.
 _GENERIC_STEMS = {"tokens", "sequences", "metrics", "history", "logging", "log", "train",
@@ -208,7 +211,9 @@ def _clean_tokens(table: pa.Table) -> tuple[pa.Table, dict[str, int]]:
         column = table.column(name)
         if not pa.types.is_floating(column.type):
             column = column.cast(pa.float64())
-        bad = pc.invert(pc.is_finite(column))
+        # beyond float32's range a value would be stored as an infinity
+        bad = pc.or_(pc.invert(pc.is_finite(column)),
+                     pc.greater(pc.abs(column), _FLOAT32_MAX))
         if low is not None:
             bad = pc.or_(bad, pc.less_equal(column, low))
         if name == "entropy":
@@ -226,7 +231,8 @@ def _clean_tokens(table: pa.Table) -> tuple[pa.Table, dict[str, int]]:
             values = column.flatten()
             if not pa.types.is_floating(values.type):
                 values = values.cast(pa.float64())
-            bad = pc.fill_null(pc.or_(pc.invert(pc.is_finite(values)),
+            bad = pc.fill_null(pc.or_(pc.or_(pc.invert(pc.is_finite(values)),
+                                             pc.greater(pc.abs(values), _FLOAT32_MAX)),
                                       pc.less_equal(values, SENTINEL_LOGPROB)), False)
             n = pc.sum(bad).as_py() or 0
             if n:

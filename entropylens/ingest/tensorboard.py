@@ -5,10 +5,10 @@ TensorBoard's accumulator reservoir, which by default keeps 10,000 scalars per t
 are read here rather than with TensorBoard's ``EventFileLoader``, which stops silently at
 the first damaged record: each record's length and data CRCs are checked, and a damaged or
 truncated record stops the ingest naming the file and record, or, with ``--on-error skip``,
-is counted and skipped (after a damaged length, reading resumes at the next valid record). Scalars written
-by ``torch.utils.tensorboard``, tensorboardX and TF1 (``simple_value``) and by TF2 /
-``tensorboard.summary.Writer`` (scalar tensors of the ``scalars`` plugin) are read; images,
-histograms and text are skipped.
+is counted and skipped (after a damaged length, reading resumes at the next valid record).
+Scalars written by ``torch.utils.tensorboard``, tensorboardX and TF1 (``simple_value``) and by
+TF2 / ``tensorboard.summary.Writer`` (scalar tensors of the ``scalars`` plugin) are read;
+images, histograms and text are skipped.
 
 A folder may hold several runs, each in its own subfolder (``logs/run_a/events...``,
 ``logs/run_b/events...``, as verl, OpenRLHF and the Hugging Face Trainer lay them out):
