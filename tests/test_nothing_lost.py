@@ -295,3 +295,24 @@ def test_report_replaces_a_planted_symlink_instead_of_following_it(tmp_path, sam
     assert not (out / "index.html").is_symlink() and (out / "index.html").stat().st_size > 0
     assert not (out / "figures").is_symlink()
     assert not list(tmp_path.glob("*.png"))
+
+
+# -- damaged stores: one line naming the file, exit 1 ---------------------------------------
+@pytest.mark.parametrize("damage", ["store-json-list", "runs-is-a-file"])
+def test_damaged_store_is_one_line_naming_the_file(tmp_path, damage):
+    from typer.testing import CliRunner
+
+    from entropylens.cli import app
+
+    path = tmp_path / "s"
+    el.Store.create(path)
+    if damage == "store-json-list":
+        (path / "store.json").write_text("[1, 2]")
+        named = path / "store.json"
+    else:
+        (path / "runs").rmdir()
+        (path / "runs").write_text("")
+        named = path / "runs"
+    result = CliRunner().invoke(app, ["summary", str(path)])
+    assert result.exit_code == 1
+    assert result.output.startswith(f"error: {named}") and len(result.output.splitlines()) == 1
