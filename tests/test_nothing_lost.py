@@ -316,3 +316,34 @@ def test_damaged_store_is_one_line_naming_the_file(tmp_path, damage):
     result = CliRunner().invoke(app, ["summary", str(path)])
     assert result.exit_code == 1
     assert result.output.startswith(f"error: {named}") and len(result.output.splitlines()) == 1
+
+
+# -- a full disk: one line naming the path, no partial run, the store usable afterwards ------
+def test_disk_full_midway_leaves_no_partial_run(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    import entropylens.store as store_module
+    from conftest_hardening import SAMPLE_RUN, make_base_store, store_fingerprint
+    from entropylens.errors import StoreError
+
+    path = tmp_path / "s"
+    before = make_base_store(path)
+    real = store_module.pq.write_table
+
+    def full(table, where, **kwargs):
+        if "metrics.parquet" in str(where):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(where))
+        return real(table, where, **kwargs)
+
+    monkeypatch.setattr(store_module.pq, "write_table", full)
+    with pytest.raises(StoreError, match="No space left on device") as info:
+        el.ingest([SAMPLE_RUN / "tokens.parquet", SAMPLE_RUN / "metrics.csv"], path, run="new",
+                  progress=False)
+    assert "metrics.parquet" in info.value.path
+    store = el.open(path)
+    assert store.runs() == ["keep"] and store_fingerprint(path, "keep") == before
+    assert not [p for p in store.runs_dir.iterdir() if p.name.startswith(".")]
+    monkeypatch.setattr(store_module.pq, "write_table", real)  # space freed
+    el.ingest(SAMPLE_RUN / "metrics.csv", path, run="new", progress=False)
+    assert el.open(path).runs() == ["keep", "new"]
