@@ -17,6 +17,7 @@ from typing import List, Optional, Tuple
 import typer
 
 from . import api
+from ._safe_text import markup, plain
 from .errors import EntropylensError
 from .store import _finite, _json_default
 
@@ -35,18 +36,22 @@ class Engine(str, Enum):
 
 
 def _fail(exc: Exception) -> None:
-    message = str(exc).replace("\n", " ")
+    message = plain(str(exc).replace("\n", " "))  # data in messages: no terminal escapes
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code=1)
 
 
 @contextmanager
 def _user_errors():
-    """Turn bad-data errors into a one-line message and exit code 1."""
+    """Turn bad-data errors, and disk-full or permission errors, into a one-line message
+    naming the path and exit code 1."""
     try:
         yield
     except EntropylensError as exc:
         _fail(exc)
+    except OSError as exc:  # out of space, no permission, read-only file system
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        _fail(OSError(f"{where}{exc.strerror or exc}"))
 
 
 def _emit_json(obj) -> None:
@@ -179,7 +184,8 @@ def _print_summary(result) -> None:
                                               step.frac_below_0_01)])
         console.print(table)
     for warning in result.warnings:
-        console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False, markup=True)
+        console.print(f"[yellow]warning:[/yellow] {markup(warning)}", highlight=False,
+                      markup=True)
 
 
 def _fmt(value) -> str:
@@ -247,9 +253,9 @@ def phases(
                           f"{seg.slope:+.4f}")
         console.print(table)
         if item.note:
-            console.print(f"note: {item.note}", highlight=False, markup=False)
+            console.print(f"note: {plain(item.note)}", highlight=False, markup=False)
         colour = "red" if item.alarm else "dim"
-        console.print(f"[{colour}]{item.alarm_message}[/{colour}]", highlight=False)
+        console.print(f"[{colour}]{markup(item.alarm_message)}[/{colour}]", highlight=False)
 
 
 @app.command()
@@ -274,7 +280,7 @@ def fit(
         return
     for item in fits:
         if item.error:
-            typer.echo(f"{item.run}: no fit: {item.error}")
+            typer.echo(f"{item.run}: no fit: {plain(item.error)}")
             continue
         a_ci, b_ci, c_ci = (item.a_ci or [None, None], item.b_ci or [None, None],
                             item.ceiling_ci or [None, None])
@@ -286,7 +292,7 @@ def fit(
                    f"{_num(c_ci[1])}]   early prediction (first {item.early.get('n_fit')} "
                    f"points) RMSE = {_num(item.early.get('rmse'))}")
         for note in item.notes:
-            typer.echo(f"  note: {note}")
+            typer.echo(f"  note: {plain(note)}")
 
 
 @app.command()
@@ -318,7 +324,7 @@ def compare(
                    f"{_num(row['final_performance'])}, saturation ceiling "
                    f"{_num(row['ceiling'])} (R^2 {_num(row['r2'])}, n {_fmt(row['fit_n'])})")
         if isinstance(row["note"], str):
-            typer.echo(f"  note: {row['note']}")
+            typer.echo(f"  note: {plain(row['note'])}")
 
 
 @app.command()
@@ -353,7 +359,7 @@ def covariance(
                 table.add_row(group, f"{value:.4f}")
         console.print(table)
     for reason in result.skipped:
-        typer.echo(f"skipped: {reason}")
+        typer.echo(f"skipped: {plain(reason)}")
 # -- end trend analyses -----------------------------------------------------------------------
 
 
@@ -428,7 +434,8 @@ def _print_forks(result, pair) -> None:
             for column in ("token", "count", "forking", "rate"):
                 table.add_column(column, justify="right")
             for item in frame[frame["run"] == row.run].head(15).itertuples():
-                table.add_row(repr(item.token), str(item.count), str(item.forking_count),
+                table.add_row(markup(repr(item.token)), str(item.count),
+                              str(item.forking_count),
                               f"{item.forking_rate:.2f}")
             console.print(table)
         shares = result.composition[result.composition["run"] == row.run]
@@ -440,7 +447,8 @@ def _print_forks(result, pair) -> None:
                       f"{_fmt(pair['overlap'])} (Jaccard {_fmt(pair['jaccard'])}) over "
                       f"{pair['shared_positions']} shared positions", highlight=False)
         if pair["warning"]:
-            console.print(f"[yellow]warning:[/yellow] {pair['warning']}", highlight=False)
+            console.print(f"[yellow]warning:[/yellow] {markup(pair['warning'])}",
+                          highlight=False)
 # -- end token analyses ----------------------------------------------------------------------
 
 
@@ -462,7 +470,8 @@ def report(
         result = api.report(store, out, run or None, engine=_engine(engine, ray_address, workers))
     for missing in result.model["unavailable"]:
         where = f"{missing['run']}: " if missing["run"] else ""
-        typer.echo(f"{where}{missing['section']} not available: {missing['reason']}", err=True)
+        typer.echo(f"{where}{missing['section']} not available: "
+                   f"{plain(missing['reason'])}", err=True)
     typer.echo(str(result.path))
 # -- end report --------------------------------------------------------------------------------
 

@@ -11,11 +11,17 @@ Layout (DESIGN.md section 3)::
 A run is written into a hidden temporary folder inside ``STORE/runs`` and renamed into place
 only when complete, so a reader sees a run whole or not at all, and a failed or killed ingest
 never damages the runs already there.
+
+Writers take ``STORE/.lock``, an advisory file lock, to create the store and to rename runs into
+place, so concurrent writers serialise their commits; readers never wait for it. Disk-full and
+permission errors while writing become a :class:`~entropylens.errors.StoreError` naming the
+path, after everything written so far is removed.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import json
 import math
 import os
@@ -24,8 +30,15 @@ import shutil
 import socket
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
+
+try:  # POSIX advisory locks; Windows locks a byte range of the lock file instead
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+    import msvcrt
 
 import numpy as np
 import pandas as pd
@@ -44,6 +57,10 @@ _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=@-]{0,199}$")
 _TMP_PREFIX = ".tmp-"
 _OLD_PREFIX = ".old-"
 _WRITER_FILE = ".writer"
+_LOCK_FILE = ".lock"
+#: Entries a store folder may hold before its store.json exists: the lock file, the runs
+#: folder and a store.json being written.
+_CREATING = re.compile(r"^(\.lock|runs|\.store\.json\.[0-9a-f]+\.tmp)$")
 #: Temporary run folders of unknown writers untouched this long are removed by later writes.
 STALE_TMP_AGE_S = 24 * 3600
 
@@ -115,6 +132,113 @@ def _finite(obj):
     return obj
 
 
+def _os_reason(exc: BaseException) -> str:
+    """The operating system's reason for ``exc`` in a few words, on one line."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror + (f" (errno {exc.errno})" if exc.errno else "")
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
+
+
+@contextmanager
+def writing(path: str | Path) -> Iterator[None]:
+    """Turn a failed write (disk full, no permission, read-only file system) into a
+    :class:`StoreError` naming the file concerned, or ``path`` when the error names none."""
+    try:
+        yield
+    except StoreError:
+        raise
+    except (OSError, pa.ArrowException) as exc:
+        where = getattr(exc, "filename", None) or path
+        raise StoreError(f"cannot write: {_os_reason(exc)}", path=where) from exc
+
+
+def _lock_fd(fd: int, blocking: bool) -> bool:
+    """Take the exclusive lock of an open lock file; False when busy and not ``blocking``."""
+    if fcntl is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            return False
+        return True
+    while True:  # pragma: no cover - Windows
+        try:
+            os.lseek(fd, 0, os.SEEK_SET)
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+            return True
+        except OSError:
+            if not blocking:
+                return False
+            time.sleep(0.05)
+
+
+def _acquire(folder: Path, *, blocking: bool, create: bool) -> int | None:
+    """A file descriptor holding the store lock of ``folder``.
+
+    ``create`` makes the folder (and the lock file) when missing; without it, None comes back
+    when the lock file cannot be opened, or, when not ``blocking``, when a writer holds it.
+    The lock file may be removed while we wait (a failed first ingest removes its store), so
+    a lock is only good when the locked file is still the one at the path.
+    """
+    lock_path = folder / _LOCK_FILE
+    while True:
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError:
+            if create:
+                raise
+            try:  # a read-only store: a reader can still lock the existing file
+                fd = os.open(lock_path, os.O_RDONLY)
+            except OSError:
+                return None
+        try:
+            if not _lock_fd(fd, blocking):
+                os.close(fd)
+                return None
+            try:
+                current = os.stat(lock_path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                current = False
+        except BaseException:
+            os.close(fd)
+            raise
+        if current:
+            return fd
+        os.close(fd)  # closing drops the lock
+        if not create:
+            return None
+
+
+def _release(fd: int) -> None:
+    os.close(fd)  # the lock goes with the last descriptor of the open file
+
+
+def write_file_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename.
+
+    The rename replaces whatever is at ``path``, a symbolic link included, so a link planted
+    where a report file goes is never followed and its target is never overwritten.
+    """
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "xb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def real_folder(path: Path) -> Path:
+    """Make ``path`` a folder, replacing a symbolic link found there (never following it)."""
+    if path.is_symlink():
+        path.unlink()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write ``obj`` as JSON to ``path`` through a temporary file and a rename."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
@@ -144,19 +268,46 @@ class Store:
     # -- opening -----------------------------------------------------------------------
     @classmethod
     def create(cls, path: str | Path) -> "Store":
-        """Create a store at ``path``, or open the one already there."""
+        """Create a store at ``path``, or open the one already there.
+
+        Safe to call from several processes at once: one creates the store, the others open
+        it. The returned store remembers what this call created (:meth:`discard_if_unused`).
+        """
         path = Path(path)
         if path.exists() and not path.is_dir():
             raise StoreError("exists and is not a folder", path=path)
-        if path.is_dir() and (path / "store.json").exists():
-            return cls.open(path)
-        if path.is_dir() and any(p.name != "runs" for p in path.iterdir()):
+        with writing(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                path.mkdir()
+                made_folder = True
+            except FileExistsError:
+                made_folder = False
+            fd = _acquire(path, blocking=True, create=True)
+            try:
+                made_marker = cls._make_marker(path)
+            finally:
+                _release(fd)
+        store = cls.open(path)
+        store._created = (made_folder, made_marker)
+        return store
+
+    @staticmethod
+    def _make_marker(path: Path) -> bool:
+        """Write ``store.json`` and ``runs/`` into ``path`` unless a store is there (lock held).
+
+        Returns whether it wrote them."""
+        if (path / "store.json").exists():
+            return False
+        if not path.is_dir():
+            path.mkdir(parents=True)  # removed while we waited for the lock
+        elif any(not _CREATING.match(p.name) for p in path.iterdir()):
             raise StoreError("folder exists, is not empty and is not an entropylens store",
                              path=path)
-        (path / "runs").mkdir(parents=True, exist_ok=True)
+        (path / "runs").mkdir(exist_ok=True)
         write_json_atomic(path / "store.json", {"format": STORE_FORMAT, "version": STORE_VERSION,
                                                 "created_by": f"entropylens {__version__}"})
-        return cls.open(path)
+        return True
 
     @classmethod
     def open(cls, path: str | Path) -> "Store":
@@ -165,7 +316,7 @@ class Store:
         Raises
         ------
         StoreError
-            When ``path`` holds no store or one of an unknown version.
+            When ``path`` holds no store, one of an unknown version or a damaged one.
         """
         path = Path(path)
         marker = path / "store.json"
@@ -175,27 +326,97 @@ class Store:
         try:
             meta = json.loads(marker.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
-            raise StoreError(f"unreadable store.json: {exc}", path=marker) from None
-        if meta.get("format") != STORE_FORMAT or meta.get("version") != STORE_VERSION:
-            raise StoreError(f"unsupported store format {meta.get('format')!r} "
-                             f"version {meta.get('version')!r}", path=marker)
+            raise StoreError(f"unreadable store.json: {_os_reason(exc)}", path=marker) from None
+        if not isinstance(meta, dict) or meta.get("format") != STORE_FORMAT \
+                or meta.get("version") != STORE_VERSION:
+            found = (f"format {meta.get('format')!r} version {meta.get('version')!r}"
+                     if isinstance(meta, dict) else f"a JSON {type(meta).__name__}")
+            raise StoreError(f"unsupported store: {found}", path=marker)
         store = cls(path)
-        store.runs_dir.mkdir(exist_ok=True)
+        if store.runs_dir.exists() and not store.runs_dir.is_dir():
+            raise StoreError("damaged store: 'runs' is not a folder", path=store.runs_dir)
+        try:
+            store.runs_dir.mkdir(exist_ok=True)
+        except OSError:  # a read-only store without runs: it simply holds none
+            pass
         store._recover()
         return store
 
+    #: (folder made, store.json written) by the :meth:`create` call that returned this store.
+    _created: tuple[bool, bool] = (False, False)
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the store's writer lock (``STORE/.lock``), waiting for other writers.
+
+        Writers hold it only for short steps (creating the store, starting a temporary run
+        folder, renaming runs into place); readers never take it and never wait.
+        """
+        with writing(self.path):
+            fd = _acquire(self.path, blocking=True, create=True)
+        try:
+            yield
+        finally:
+            _release(fd)
+
     def _recover(self) -> None:
-        """Finish or undo a replace that was interrupted between its two renames."""
-        for old in self.runs_dir.glob(_OLD_PREFIX + "*"):
-            name = old.name[len(_OLD_PREFIX):].rsplit("-", 1)[0]
-            target = self.runs_dir / name
+        """Finish or undo a replace that was interrupted between its two renames.
+
+        Only when no writer holds the lock: a live writer's ``.old-*`` folder is its own,
+        and it finishes or undoes the replace itself.
+        """
+        if not any(p.name.startswith(_OLD_PREFIX) for p in self._entries()):
+            return
+        fd = _acquire(self.path, blocking=False, create=False)
+        if fd is None:
+            return
+        try:
+            for old in self.runs_dir.glob(_OLD_PREFIX + "*"):
+                name = old.name[len(_OLD_PREFIX):].rsplit("-", 1)[0]
+                target = self.runs_dir / name
+                try:
+                    if target.exists():
+                        shutil.rmtree(old, ignore_errors=True)
+                    else:
+                        os.replace(old, target)
+                except OSError:
+                    pass
+        finally:
+            _release(fd)
+
+    def _entries(self) -> list[Path]:
+        """Everything in ``runs/`` (empty when it cannot be listed)."""
+        try:
+            return list(self.runs_dir.iterdir())
+        except OSError:
+            return []
+
+    def discard_if_unused(self) -> bool:
+        """Undo what :meth:`create` made when the store still holds nothing at all.
+
+        Removes ``store.json``, ``runs/`` and the lock file, and the folder when ``create``
+        made it, but only when ``runs/`` is empty: a run or a temporary folder of another
+        writer keeps the store. Returns whether the store was removed.
+        """
+        made_folder, made_marker = self._created
+        if not made_marker:
+            return False
+        with self.lock():
             try:
-                if target.exists():
-                    shutil.rmtree(old, ignore_errors=True)
-                else:
-                    os.replace(old, target)
+                self.runs_dir.rmdir()  # fails unless empty
+            except FileNotFoundError:
+                pass
+            except OSError:
+                return False
+            try:
+                (self.path / "store.json").unlink(missing_ok=True)
+                (self.path / _LOCK_FILE).unlink(missing_ok=True)
+                if made_folder:
+                    self.path.rmdir()
             except OSError:
                 pass
+        self._created = (False, False)
+        return True
 
     def sweep_stale_tmp(self, *, max_age_s: float = STALE_TMP_AGE_S) -> list[str]:
         """Remove temporary run folders left by killed writers; returns their names.
@@ -440,9 +661,18 @@ class RunWriter:
                                  path=store.path)
         store.sweep_stale_tmp()
         self.tmp = store.runs_dir / f"{_TMP_PREFIX}{name}-{uuid.uuid4().hex[:12]}"
-        (self.tmp / "tokens").mkdir(parents=True)
-        # who writes here: a later writer removes the folder once this process is gone
-        (self.tmp / _WRITER_FILE).write_text(f"{os.getpid()} {socket.gethostname()}\n")
+        try:
+            with store.lock(), writing(self.tmp):
+                # a failed first ingest next to this one removes the store when runs/ is
+                # empty: under the lock, the store is either still there or made again
+                store._make_marker(store.path)
+                (self.tmp / "tokens").mkdir(parents=True)
+            with writing(self.tmp):
+                # who writes here: a later writer removes the folder once this process is gone
+                (self.tmp / _WRITER_FILE).write_text(f"{os.getpid()} {socket.gethostname()}\n")
+        except BaseException:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
         self.manifest: dict[str, Any] = {
             "run": name,
             "entropylens_version": __version__,
@@ -465,6 +695,8 @@ class RunWriter:
                         "topk": 0, "logprobs": 0, "null_logprobs": 0, "duplicate_tokens": 0}
         self._steps: set[int] = set()
         self._max_top_k = 0
+        self._prepared = False
+        self._old: Path | None = None  # the replaced run, kept until every run is in place
         self._done = False
 
     # -- context manager ---------------------------------------------------------------
@@ -532,7 +764,8 @@ class RunWriter:
         table = table.take(order)
         self._counts["duplicate_tokens"] += _adjacent_duplicates(table)
         out = self.tmp / "tokens" / f"part-{self._parts:05d}.parquet"
-        pq.write_table(table, out, row_group_size=ROWS_PER_GROUP, compression="zstd")
+        with writing(out):
+            pq.write_table(table, out, row_group_size=ROWS_PER_GROUP, compression="zstd")
         self._parts += 1
 
     def write_sequences(self, data: pa.Table | pa.RecordBatch, *, path=None,
@@ -541,10 +774,11 @@ class RunWriter:
         table = conform(data, "sequences", path=path, row_offset=row_offset)
         if not table.num_rows:
             return
-        if self._seq_writer is None:
-            self._seq_writer = pq.ParquetWriter(self.tmp / "sequences.parquet", SEQUENCE_SCHEMA,
-                                                compression="zstd")
-        self._seq_writer.write_table(table)
+        with writing(self.tmp / "sequences.parquet"):
+            if self._seq_writer is None:
+                self._seq_writer = pq.ParquetWriter(self.tmp / "sequences.parquet",
+                                                    SEQUENCE_SCHEMA, compression="zstd")
+            self._seq_writer.write_table(table)
         self._counts["sequences"] += table.num_rows
 
     def write_metrics(self, data: pa.Table | pa.RecordBatch, *, path=None,
@@ -563,12 +797,19 @@ class RunWriter:
     # -- finishing ---------------------------------------------------------------------
     def commit(self) -> Path:
         """Write the remaining data and the manifest, then move the run into place."""
-        if self._done:
-            return self.final
-        try:
+        if not self._done:
+            commit_runs([self])
+        return self.final
+
+    def prepare(self) -> None:
+        """Write the remaining data and the manifest into the temporary folder."""
+        if self._prepared:
+            return
+        with writing(self.tmp):
             self._flush_tokens()
             if self._seq_writer is not None:
                 self._seq_writer.close()
+                self._seq_writer = None
             if self._metrics:
                 metrics = pa.concat_tables(self._metrics)
                 order = pc.sort_indices(metrics, sort_keys=[("metric", "ascending"),
@@ -577,13 +818,7 @@ class RunWriter:
                                compression="zstd")
             self._finish_manifest()
             write_json_atomic(self.tmp / "manifest.json", self.manifest)
-            (self.tmp / _WRITER_FILE).unlink(missing_ok=True)
-            self._move_into_place()
-        except BaseException:
-            self.abort()
-            raise
-        self._done = True
-        return self.final
+        self._prepared = True
 
     def _finish_manifest(self) -> None:
         counts = self._counts
@@ -616,16 +851,30 @@ class RunWriter:
         if self.manifest.get("top_k") is None and self._max_top_k:
             self.manifest["top_k"] = self._max_top_k
 
-    def _move_into_place(self) -> None:
+    def _publish(self) -> None:
+        """Rename the run into place, the replaced run aside (store lock held)."""
         if self.final.exists():
             if not self.replace:
-                raise RunExistsError(f"run {self.name!r} already exists", path=self.store.path)
-            old = self.store.runs_dir / f"{_OLD_PREFIX}{self.name}-{uuid.uuid4().hex[:8]}"
-            os.replace(self.final, old)
+                raise RunExistsError(f"run {self.name!r} already exists (use --replace to "
+                                     "overwrite it)", path=self.store.path)
+            self._old = self.store.runs_dir / f"{_OLD_PREFIX}{self.name}-{uuid.uuid4().hex[:8]}"
+            os.replace(self.final, self._old)
+        try:
             os.replace(self.tmp, self.final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.final)
+        except BaseException:
+            if self._old is not None:
+                os.replace(self._old, self.final)
+                self._old = None
+            raise
+        (self.final / _WRITER_FILE).unlink(missing_ok=True)
+
+    def _unpublish(self) -> None:
+        """Undo :meth:`_publish`: the run back to its temporary folder, the old one back."""
+        if self.final.exists() and not self.tmp.exists():
+            os.replace(self.final, self.tmp)
+        if self._old is not None:
+            os.replace(self._old, self.final)
+            self._old = None
 
     def abort(self) -> None:
         """Remove everything written so far; the store is as it was."""
@@ -637,3 +886,41 @@ class RunWriter:
             self._seq_writer = None
         shutil.rmtree(self.tmp, ignore_errors=True)
         self._done = True
+
+
+def commit_runs(writers: Sequence[RunWriter]) -> None:
+    """Commit the runs of one store together: every run appears, or none does.
+
+    Each run's data is finished in its temporary folder first (where a full disk or a missing
+    permission shows); then, under the store lock, the runs are renamed into place. When a
+    rename fails, the runs already renamed go back and the replaced ones return, so the store
+    is as it was. An exception aborts every writer.
+    """
+    if not writers:
+        return
+    store = writers[0].store
+    try:
+        for writer in writers:
+            writer.prepare()
+        published: list[RunWriter] = []
+        with store.lock(), writing(store.runs_dir):
+            try:
+                for writer in writers:
+                    writer._publish()
+                    published.append(writer)
+            except BaseException:
+                for writer in reversed(published):
+                    try:
+                        writer._unpublish()
+                    except OSError:
+                        pass
+                raise
+    except BaseException:
+        for writer in writers:
+            writer.abort()
+        raise
+    for writer in writers:
+        if writer._old is not None:
+            shutil.rmtree(writer._old, ignore_errors=True)
+            writer._old = None
+        writer._done = True

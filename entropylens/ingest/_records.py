@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..schema import SEQUENCE_SCHEMA
+from ._io import numbered_lines, read_document
 
 try:  # orjson is a dependency; the fallback keeps a broken install usable
     import orjson as _orjson
@@ -81,33 +82,81 @@ def iter_json_records(fh, ctx) -> Iterator[tuple[int, Any]]:
 
     JSON Lines are streamed (number = line); Server-Sent-Events lines ``data: {...}`` are
     accepted and ``data: [DONE]`` skipped; a line holding an array yields its elements. A
-    file whose first line is not a complete JSON value is read whole as one document: an
-    array yields its elements (number = element, from 1), an object yields itself.
-    Unparsable lines go to ``ctx.reject``.
+    file whose first line is not a complete JSON value is read whole as one document (see
+    :func:`_split_document`): an array yields its elements (number = element, from 1), an
+    object yields itself. Unparsable lines go to ``ctx.reject``.
     """
-    first = True
-    for number, line in _payload_lines(fh):
+    lines = _Lines(fh)
+    for number, line in lines:
         try:
             record = loads(line)
         except ValueError as exc:
-            if first:
-                rest = fh.read()
-                yield from _document_records(line + b"\n" + rest, ctx, number)
+            if number > 0 and _starts_document(line, lines):
+                yield from _document_records(read_document(fh, lines.taken(line)), ctx,
+                                             number)
                 return
-            ctx.reject(number, f"not valid JSON: {_short(exc)}")
+            ctx.reject(abs(number), f"not valid JSON: {_short(exc)}")
             continue
-        first = False
         if isinstance(record, list):
             for item in record:
-                yield number, item
+                yield abs(number), item
         else:
-            yield number, record
+            yield abs(number), record
 
 
-def _payload_lines(fh) -> Iterator[tuple[int, bytes]]:
+class _Lines:
+    """``(number, payload)`` lines that can put one line back, for a look ahead.
+
+    The first line comes with its number, later ones with the number negated, so that a
+    reader can tell the first line (the only one that may open a whole JSON document)."""
+
+    def __init__(self, fh):
+        self._lines = _raw_payload_lines(fh)
+        self._back: list[tuple[int, bytes]] = []
+        self._first = True
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[int, bytes]:
+        number, line = self._back.pop() if self._back else next(self._lines)
+        if self._first:
+            self._first = False
+            return number, line
+        return -number, line
+
+    def peek(self) -> tuple[int, bytes] | None:
+        """The next line without taking it (None at the end)."""
+        if not self._back:
+            try:
+                self._back.append(next(self._lines))
+            except StopIteration:
+                return None
+        return self._back[-1]
+
+    def taken(self, first: bytes) -> bytes:
+        """``first`` and the looked-ahead line, as the head of a document read whole."""
+        return b"\n".join([first, *(line for _, line in reversed(self._back))]) + b"\n"
+
+
+def _starts_document(first: bytes, lines: _Lines) -> bool:
+    """Whether an unparsable first line opens one JSON document spread over lines, rather
+    than being a broken first record of JSON Lines.
+
+    A document opens with a lone ``[`` or ``{`` or continues on a line that is no complete
+    JSON value either (``"key": 1,``); JSON Lines go on with a complete record, and then
+    only the first line is bad: it is rejected alone and the file is still streamed.
+    """
+    if first in (b"[", b"{"):
+        return True
+    following = lines.peek()
+    return following is None or not _is_complete_json(following[1])
+
+
+def _raw_payload_lines(fh) -> Iterator[tuple[int, bytes]]:
     """``(line number, payload)`` of every non-blank line; Server-Sent-Events ``data:``
     prefixes are removed and ``data: [DONE]`` is skipped."""
-    for number, line in enumerate(fh, start=1):
+    for number, line in numbered_lines(fh):
         line = line.strip()
         if not line:
             continue
@@ -387,15 +436,17 @@ def iter_raw_records(fh, ctx) -> Iterator[tuple[int, bytes]]:
     counts it as a sentinel), NaN and +Infinity by null."""
     import msgspec
 
-    first = True
-    for number, line in _payload_lines(fh):
-        if first:
-            first = False
-            if not _is_complete_json(line):
-                rest = fh.read()
-                for index, record in _document_records(line + b"\n" + rest, ctx, number):
+    lines = _Lines(fh)
+    for number, line in lines:
+        if number > 0 and not _is_complete_json(line):
+            if _starts_document(line, lines):
+                document = read_document(fh, lines.taken(line))
+                for index, record in _document_records(document, ctx, number):
                     yield index, msgspec.json.encode(finite_json(record))
                 return
+            ctx.reject(number, "not valid JSON: the first line is no complete JSON record")
+            continue
+        number = abs(number)
         if line[:1] == b"[":
             # a line holding an array of records (a batch response saved as one line)
             try:

@@ -126,7 +126,55 @@ def melt(frame: pd.DataFrame, steps: np.ndarray, columns: Sequence[str],
     return out_steps, out_keys, out_values, out_runs
 
 
-def trainer_steps(frame: pd.DataFrame) -> tuple[np.ndarray, str, int]:
+_INT64_MIN, _INT64_MAX = -(2 ** 63), 2 ** 63 - 1
+
+
+def _exact_step(value) -> int | None:
+    """One step as an exact int, None for what is no integral step in int64 range."""
+    if isinstance(value, (bool, np.bool_)) or value is None:
+        return None
+    if isinstance(value, (str, bytes)):
+        text = value.strip()
+        try:
+            value = int(text)
+        except ValueError:
+            try:
+                value = float(text)
+            except ValueError:
+                return None
+    if isinstance(value, (float, np.floating)):
+        if not np.isfinite(value) or value != np.floor(value):
+            return None
+        value = int(value)
+    if isinstance(value, (int, np.integer)):
+        value = int(value)
+        return value if _INT64_MIN <= value <= _INT64_MAX else None
+    return None
+
+
+def exact_steps(values) -> pd.Series:
+    """Steps as nullable ``Int64``, exactly.
+
+    Integers keep every digit: a round trip through float64 merges ``2**62`` and
+    ``2**62 + 1`` and turns ``2**63 - 1`` into ``-2**63``. Integral floats and numeric text
+    convert; fractions, text, booleans and values outside int64 become missing.
+    """
+    series = values if isinstance(values, pd.Series) else pd.Series(values, dtype=object)
+    if pd.api.types.is_integer_dtype(series.dtype) and not \
+            pd.api.types.is_unsigned_integer_dtype(series.dtype):
+        return series.astype("Int64")
+    if pd.api.types.is_float_dtype(series.dtype):
+        numbers = series.to_numpy(float, na_value=np.nan)
+        with np.errstate(invalid="ignore"):
+            ok = np.isfinite(numbers) & (numbers == np.floor(numbers)) \
+                & (np.abs(numbers) < 2.0 ** 63)
+        exact = pd.array(np.where(ok, numbers, 0).astype(np.int64), dtype="Int64")
+        exact[~ok] = pd.NA
+        return pd.Series(exact, index=series.index)
+    return pd.Series([_exact_step(v) for v in series], index=series.index, dtype="Int64")
+
+
+def trainer_steps(frame: pd.DataFrame) -> tuple[pd.Series, str, int]:
     """The trainer step of each row of a tracker history.
 
     The first of :data:`STEP_KEYS` logged on a row is its step; rows without one (an eval
@@ -135,26 +183,26 @@ def trainer_steps(frame: pd.DataFrame) -> tuple[np.ndarray, str, int]:
 
     Returns
     -------
-    steps : ndarray of float
-        NaN for rows before the first known step.
+    steps : pandas.Series of Int64
+        Exact steps (:func:`exact_steps`); missing for rows before the first known step.
     source : str
         The column(s) the steps came from.
     filled : int
         Rows whose step was carried forward.
     """
     present = [key for key in STEP_KEYS if key in frame.columns]
-    numeric = {key: pd.to_numeric(frame[key], errors="coerce") for key in present}
+    numeric = {key: exact_steps(frame[key]) for key in present}
     present = [key for key in present if numeric[key].notna().any()]
     if not present:
         if "_step" in frame.columns:
-            return pd.to_numeric(frame["_step"], errors="coerce").to_numpy(float), "_step", 0
-        return np.full(len(frame), np.nan), "", 0
+            return exact_steps(frame["_step"]), "_step", 0
+        return pd.Series(pd.NA, index=frame.index, dtype="Int64"), "", 0
     steps = numeric[present[0]].copy()
     for key in present[1:]:
         steps = steps.fillna(numeric[key])
     known = steps.notna()
     filled = steps.ffill()
-    return filled.to_numpy(float), "+".join(present), int((~known & filled.notna()).sum())
+    return filled, "+".join(present), int((~known & filled.notna()).sum())
 
 
 def metric_table(steps: Sequence, keys: Sequence[str], values: Sequence, *, path: Path,
@@ -184,8 +232,11 @@ def metric_table(steps: Sequence, keys: Sequence[str], values: Sequence, *, path
     """
     user = dict(ctx.options.aliases) if ctx is not None else {}
     extra = {**(aliases or {}), **user}
+    step_array = np.asarray(steps) if len(steps) else np.zeros(0, np.int64)
     frame = pd.DataFrame({
-        "step": pd.to_numeric(pd.Series(steps, dtype=object), errors="coerce"),
+        # exact integers: a float64 round trip would merge steps above 2**53
+        "step": pd.Series(step_array, dtype="Int64") if step_array.dtype.kind == "i"
+        else exact_steps(pd.Series(list(steps), dtype=object)),
         "key": pd.Series(keys, dtype=object).astype(str),
         "value": pd.to_numeric(pd.Series(values, dtype=object), errors="coerce"),
         "run": pd.Series(runs if runs is not None else [None] * len(keys), dtype=object),

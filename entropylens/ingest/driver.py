@@ -8,9 +8,9 @@ folder created by this call is removed again.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
-import shutil
 import sys
 import time
 from contextlib import contextmanager
@@ -18,16 +18,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..errors import EntropylensError, FormatError, StoreError
 from ..schema import SENTINEL_LOGPROB
-from ..store import RunWriter, Store, validate_run_name
+from ..store import RunWriter, Store, commit_runs, validate_run_name
 from . import registry
 from ._io import ProgressReader, open_binary, sha256_file
 
 ON_ERROR = ("stop", "skip")
+#: The largest float32: logprobs and entropies are stored as float32.
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 LOGPROB_BASES = ("tempered", "raw", "unknown")
 #: File stems too generic to name a run: the parent folder names it instead.
 _GENERIC_STEMS = {"tokens", "sequences", "metrics", "history", "logging", "log", "train",
@@ -208,7 +211,9 @@ def _clean_tokens(table: pa.Table) -> tuple[pa.Table, dict[str, int]]:
         column = table.column(name)
         if not pa.types.is_floating(column.type):
             column = column.cast(pa.float64())
-        bad = pc.invert(pc.is_finite(column))
+        # beyond float32's range a value would be stored as an infinity
+        bad = pc.or_(pc.invert(pc.is_finite(column)),
+                     pc.greater(pc.abs(column), _FLOAT32_MAX))
         if low is not None:
             bad = pc.or_(bad, pc.less_equal(column, low))
         if name == "entropy":
@@ -226,7 +231,8 @@ def _clean_tokens(table: pa.Table) -> tuple[pa.Table, dict[str, int]]:
             values = column.flatten()
             if not pa.types.is_floating(values.type):
                 values = values.cast(pa.float64())
-            bad = pc.fill_null(pc.or_(pc.invert(pc.is_finite(values)),
+            bad = pc.fill_null(pc.or_(pc.or_(pc.invert(pc.is_finite(values)),
+                                             pc.greater(pc.abs(values), _FLOAT32_MAX)),
                                       pc.less_equal(values, SENTINEL_LOGPROB)), False)
             n = pc.sum(bad).as_py() or 0
             if n:
@@ -240,23 +246,42 @@ def _clean_tokens(table: pa.Table) -> tuple[pa.Table, dict[str, int]]:
     return table, counts
 
 
-def _split_runs(data: pa.Table, base: str | None, explicit: bool) -> Iterator[tuple[str | None, pa.Table]]:
-    """Split rows by a ``_run`` column into (run name, rows); None means the default run."""
+def _split_runs(data: pa.Table, base: str | None, explicit: bool,
+                names: dict[str, str]) -> Iterator[tuple[str | None, str | None, pa.Table]]:
+    """Split rows by a ``_run`` column into (run name, source run, rows); a None name means
+    the default run.
+
+    ``names`` maps each source run seen so far in this ingest to its run name, so that two
+    source runs whose safe folder names coincide (``exp/1`` and ``exp:1`` both make
+    ``exp-1``) stay two runs: the later one gets a suffix from a hash of its name.
+    """
     if "_run" not in data.column_names:
-        yield None, data
+        yield None, None, data
         return
     keys = data.column("_run")
     for key in pc.unique(keys).to_pylist():
         rows = data.filter(pc.equal(keys, key) if key is not None else pc.is_null(keys))
         rows = rows.drop_columns(["_run"])
         if key is None:
-            yield None, rows
+            yield None, None, rows
             continue
-        sub = re.sub(r"[^A-Za-z0-9._+=@-]+", "-", str(key)).strip("-.") or "run"
-        name = f"{base}-{sub}" if explicit and base else sub
-        if not name[0].isalnum():
-            name = "run-" + name
-        yield name[:200], rows
+        key = str(key)
+        if key not in names:
+            names[key] = _unique_run_name(key, base, explicit, set(names.values()))
+        yield names[key], key, rows
+
+
+def _unique_run_name(key: str, base: str | None, explicit: bool, taken: set[str]) -> str:
+    """A safe run name for source run ``key`` that no other source run of the call has."""
+    sub = re.sub(r"[^A-Za-z0-9._+=@-]+", "-", key).strip("-.") or "run"
+    name = f"{base}-{sub}" if explicit and base else sub
+    if not name[0].isalnum():
+        name = "run-" + name
+    name = name[:200]
+    if name in taken:
+        digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+        name = f"{name[:191]}-{digest}"
+    return name
 
 
 def ingest(sources: str | Path | Sequence[str | Path], out: str | Path | Store, *,
@@ -329,10 +354,10 @@ def ingest(sources: str | Path | Sequence[str | Path], out: str | Path | Store, 
     if isinstance(out, Store):
         store = out
     else:
-        out = Path(out)
-        created_store = not (out / "store.json").exists()
         store = Store.create(out)
+        created_store = True  # discard_if_unused knows whether this call made it
     writers: dict[str, RunWriter] = {}
+    run_names: dict[str, str] = {}
     show = sys.stderr.isatty() if progress is None else progress
     bar = _Progress() if show else None
 
@@ -353,9 +378,12 @@ def ingest(sources: str | Path | Sequence[str | Path], out: str | Path | Store, 
                 data = chunk.data
                 if isinstance(data, pa.RecordBatch):
                     data = pa.Table.from_batches([data])
-                for name, rows in _split_runs(data, base, run is not None):
+                for name, source_run, rows in _split_runs(data, base, run is not None,
+                                                          run_names):
                     writer = writer_for(name)
                     used.add(writer.name)
+                    if source_run is not None:  # the run's name in the file, unsanitised
+                        writer.manifest.setdefault("source_run", source_run)
                     if chunk.kind == "tokens":
                         rows, sentinels = _clean_tokens(rows)
                         counts = writer.manifest["counts"]
@@ -387,12 +415,13 @@ def ingest(sources: str | Path | Sequence[str | Path], out: str | Path | Store, 
             if writer.final.exists() and not replace:
                 raise StoreError(f"run {writer.name!r} already exists (use --replace)",
                                  path=store.path)
-        for writer in writers.values():
-            writer.commit()
+        # all runs of one call appear together or not at all
+        commit_runs(list(writers.values()))
     except BaseException:
         for writer in writers.values():
             writer.abort()
-        _cleanup(store, created_store)
+        if created_store:
+            store.discard_if_unused()
         raise
     finally:
         if bar is not None:
@@ -412,7 +441,10 @@ def _read_chunks(fmt: registry.Format, path: Path, ctx: IngestContext) -> Iterat
     :class:`FormatError` naming the file (readers name the line where they can)."""
     try:
         yield from fmt.read(path, ctx)
-    except EntropylensError:
+    except EntropylensError as exc:
+        if exc.path is None:  # shared helpers (line limits) know the line, not the file
+            exc.path = str(path)
+            exc.args = (str(exc),)
         raise
     except FileNotFoundError as exc:
         raise FormatError(f"cannot read: {exc.strerror or exc}", path=path) from None
@@ -449,9 +481,3 @@ def _finish_provenance(writer: RunWriter, options: IngestOptions, temperature, v
         writer.manifest["logprob_basis"] = logprob_basis
     if options.mapping:
         writer.manifest["mapping"] = dict(options.mapping)
-
-
-def _cleanup(store: Store, created: bool) -> None:
-    """Remove a store folder this call created when it ends up holding nothing."""
-    if created and not store.runs():
-        shutil.rmtree(store.path, ignore_errors=True)

@@ -28,7 +28,7 @@ from typing import Iterator
 
 from ..aliases import canonical_metric
 from ..errors import FormatError
-from ._io import iter_lines
+from ._io import iter_lines, read_document
 from ._tracking import metric_table, python_literal, text_lines, to_float
 from .registry import Chunk, Format, Sample, register
 
@@ -112,7 +112,7 @@ def sniff_state(sample: Sample) -> float:
 def read_state(path: Path, ctx) -> Iterator[Chunk]:
     try:
         with ctx.open() as fh:
-            data = json.load(fh)
+            data = json.loads(read_document(fh))
     except (ValueError, UnicodeDecodeError) as exc:
         raise FormatError(f"not valid JSON: {exc}", path=path,
                           line=getattr(exc, "lineno", None)) from None

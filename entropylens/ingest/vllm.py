@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
 from ..errors import EntropylensError, FormatError
+from ._io import numbered_lines
 from ._records import (SequenceRows, TokenColumns, first_mapping, first_record,
                        head_json_prefix, iter_json_records)
 from .registry import Chunk, Format, Sample, read_sample, register
@@ -198,7 +199,7 @@ def _repr_records(path: Path, ctx) -> Iterator[Chunk]:
     sequences = SequenceRows()
     ks: set[int] = set()
     with ctx.open() as fh:
-        for number, line in enumerate(fh, start=1):
+        for number, line in numbered_lines(fh):
             text = line.decode("utf-8", errors="replace").strip()
             if not text or text.startswith("#"):
                 continue

@@ -25,10 +25,13 @@ from typing import Iterator
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import FormatError
-from ._tracking import melt, metric_table, trainer_steps
+from ._io import iter_lines, read_document
+from ._records import loads
+from ._tracking import STEP_KEYS, exact_steps, melt, metric_table, trainer_steps
 from .registry import Chunk, Format, Sample, register
 
 _W_AND_B_COLUMNS = ("_step", "_runtime", "_timestamp")
@@ -54,19 +57,37 @@ def sniff_history(sample: Sample) -> float:
     return 0.95 if any(name in names for name in _W_AND_B_COLUMNS[1:]) else 0.8
 
 
+#: Columns read as exact integers (never through float64, which merges steps above 2**53).
+_STEP_COLUMNS = (*STEP_KEYS, "_step")
+
+
 def _read_frame(path: Path, ctx) -> pd.DataFrame:
     sample_suffix = Sample(path).suffix
     try:
         with ctx.open() as fh:
             head = fh.peek(4)[:4] if hasattr(fh, "peek") else b""
             if head == b"PAR1" or sample_suffix == ".parquet":
-                return pq.read_table(io.BytesIO(fh.read())).to_pandas()
+                table = pq.read_table(io.BytesIO(fh.read()))
+                return table.to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)
             if sample_suffix in (".csv", ".tsv"):
                 return pd.read_csv(fh, sep="\t" if sample_suffix == ".tsv" else ",",
-                                   low_memory=False)
+                                   low_memory=False,
+                                   dtype={key: object for key in _STEP_COLUMNS})
             if sample_suffix in (".jsonl", ".ndjson"):
-                return pd.read_json(fh, lines=True, dtype=False, precise_float=True)
-            data = json.load(fh)
+                records = []
+                for number, line in iter_lines(fh):
+                    try:
+                        record = loads(line)
+                    except ValueError as exc:
+                        ctx.reject(number, f"not valid JSON: {str(exc).splitlines()[0][:120]}")
+                        continue
+                    if not isinstance(record, dict):
+                        ctx.reject(number, f"expected a history row (an object), got "
+                                           f"{type(record).__name__}")
+                        continue
+                    records.append(record)
+                return _frame_from_records(records)
+            data = json.loads(read_document(fh))
     except (ValueError, OSError, pd.errors.ParserError) as exc:
         raise FormatError(f"cannot read as a W&B history export: "
                           f"{str(exc).splitlines()[0]}", path=path) from None
@@ -74,7 +95,22 @@ def _read_frame(path: Path, ctx) -> pd.DataFrame:
         data = [data]
     if not isinstance(data, list) or not all(isinstance(row, dict) for row in data):
         raise FormatError("expected a list of history rows", path=path)
-    return pd.DataFrame.from_records(data)
+    return _frame_from_records(data)
+
+
+def _frame_from_records(records: list[dict]) -> pd.DataFrame:
+    """History rows to a frame whose step columns keep the integers exactly as parsed."""
+    frame = pd.DataFrame.from_records(records)
+    for key in _STEP_COLUMNS:
+        if key in frame.columns:
+            frame[key] = pd.Series([row.get(key) for row in records], index=frame.index,
+                                   dtype=object)
+    return frame
+
+
+def _is_text(series: pd.Series) -> bool:
+    """Whether a column holds text: ``object`` under pandas 2, ``str`` under pandas 3."""
+    return series.dtype == object or isinstance(series.dtype, pd.StringDtype)
 
 
 def _prime_rl_role(columns) -> str | None:
@@ -92,18 +128,20 @@ def read_history(path: Path, ctx) -> Iterator[Chunk]:
         raise FormatError("the history export has no rows", path=path)
     frame.columns = [str(c) for c in frame.columns]
     if "_step" in frame.columns:  # carrying steps forward needs rows in logging order
-        frame = frame.sort_values("_step", kind="stable", na_position="last")
+        order = exact_steps(frame["_step"]).reset_index(drop=True) \
+            .sort_values(kind="stable", na_position="last").index
+        frame = frame.iloc[order]
     steps, step_source, filled = trainer_steps(frame)
-    keep = np.isfinite(steps)
+    keep = steps.notna().to_numpy()
     dropped = int((~keep).sum())
     runs = None
     run_column = next((c for c in _RUN_COLUMNS if c in frame.columns
-                       and frame[c].dtype == object), None)
+                       and _is_text(frame[c])), None)
     if run_column is not None and frame[run_column].nunique(dropna=True) > 1:
         runs = frame[run_column].astype(object).where(frame[run_column].notna(), None) \
             .to_numpy()[keep]
     frame = frame[keep]
-    steps = steps[keep].astype("int64")
+    steps = steps[keep].to_numpy("int64")
     skip = {*_W_AND_B_COLUMNS, *step_source.split("+"), *_RUN_COLUMNS}
     columns = [c for c in frame.columns if c not in skip and not c.startswith("_")
                and not _INDEX_COLUMNS.match(c)]
@@ -157,9 +195,9 @@ def read_panel(path: Path, ctx) -> Iterator[Chunk]:
     if columns is None:
         raise FormatError("expected '<run> - <metric>' columns after the step column",
                           path=path)
-    steps = pd.to_numeric(frame[x_axis], errors="coerce").to_numpy(float)
-    keep = np.isfinite(steps)
-    frame, steps = frame[keep], steps[keep].astype("int64")
+    steps = exact_steps(frame[x_axis])
+    keep = steps.notna().to_numpy()
+    frame, steps = frame[keep], steps[keep].to_numpy("int64")
     several = len({run for _, run, _ in columns}) > 1
     point_steps, keys, values, runs = [], [], [], []
     for column, run, metric in columns:

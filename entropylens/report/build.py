@@ -15,7 +15,7 @@ import pandas as pd
 
 from .. import __version__
 from ..errors import EntropylensError
-from ..store import Store, _finite, _json_default
+from ..store import Store, _finite, _json_default, write_file_atomic, writing
 from .collect import Part, RunResults, analysis, collect
 from .figures import FigureFile, compare_figure, role_phases, run_figures, write_figures
 from .render import render_html, render_markdown
@@ -275,12 +275,17 @@ def build_report(store: Store | str, out: str | Path, runs: str | Sequence[str] 
     model["unavailable"] = _unavailable(model)
     model = _finite(json.loads(json.dumps(model, default=_json_default)))
 
-    out.mkdir(parents=True, exist_ok=True)
-    write_figures(figures, out)
+    with writing(out):
+        out.mkdir(parents=True, exist_ok=True)
+        write_figures(figures, out)
     html_path, md_path, json_path = out / "index.html", out / "report.md", out / "report.json"
-    html_path.write_text(render_html(model, {f.id: f.data_uri for f in figures}),
-                         encoding="utf-8")
-    md_path.write_text(render_markdown(model), encoding="utf-8")
-    json_path.write_text(json.dumps(model, indent=1, allow_nan=False), encoding="utf-8")
+    # each file replaces what is there (a planted symbolic link too) instead of writing
+    # through it
+    with writing(out):
+        write_file_atomic(html_path, render_html(
+            model, {f.id: f.data_uri for f in figures}).encode("utf-8"))
+        write_file_atomic(md_path, render_markdown(model).encode("utf-8"))
+        write_file_atomic(json_path,
+                          json.dumps(model, indent=1, allow_nan=False).encode("utf-8"))
     return Report(out=out, html=html_path, markdown=md_path, json=json_path,
                   figures=[out / f.file for f in figures], model=model)

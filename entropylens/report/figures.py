@@ -16,6 +16,7 @@ import seaborn as sns
 from matplotlib.figure import Figure
 
 from .. import plots
+from ..store import real_folder, write_file_atomic
 from .collect import Results, RunResults
 
 DPI = 110
@@ -151,6 +152,6 @@ def compare_figure(results: Results) -> FigureFile | None:
 
 def write_figures(figures: list[FigureFile], folder: Path) -> None:
     """Write every figure to ``folder/figures/<id>.png``."""
-    (folder / "figures").mkdir(parents=True, exist_ok=True)
+    real_folder(folder / "figures")
     for figure in figures:
-        (folder / figure.file).write_bytes(figure.png)
+        write_file_atomic(folder / figure.file, figure.png)
