@@ -62,6 +62,7 @@ import pandas as pd
 from ..errors import EntropylensError
 from ..store import Store
 from .curves import open_store, performance, policy_entropy
+from .noise import residual_scatter
 
 PHASE_LABELS = ("rapid_collapse", "slow_decline", "plateau", "rise")
 SEGMENT_COLUMNS = ["start_step", "end_step", "label", "start_entropy", "end_entropy", "slope"]
@@ -193,16 +194,10 @@ def _plain(row: dict) -> dict:
 def noise_scale(values: np.ndarray) -> float:
     """Robust noise scale of a curve (see the module docstring); 0 for a constant curve."""
     values = np.asarray(values, dtype=float)
-    n = len(values)
-    spread = float(values.max() - values.min()) if n else 0.0
-    if n < 2 or spread == 0:
+    spread = float(values.max() - values.min()) if len(values) else 0.0
+    if len(values) < 2 or spread == 0:
         return 0.0
-    by_difference = np.median(np.abs(np.diff(values))) / (0.6745 * math.sqrt(2))
-    window = max(5, (n // 10) | 1)
-    smooth = pd.Series(values).rolling(window, center=True, min_periods=1).median().to_numpy()
-    residual = values - smooth
-    by_residual = 1.4826 * np.median(np.abs(residual - np.median(residual)))
-    return float(max(by_difference, by_residual, 0.01 * spread))
+    return max(residual_scatter(values), 0.01 * spread)
 
 
 def change_points(steps: np.ndarray, values: np.ndarray, sigma: float) -> list[int]:
