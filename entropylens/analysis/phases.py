@@ -33,6 +33,18 @@ more than ``2 sigma`` and 25% of ``R`` (a fall faster than the minimum segment l
 jump becomes a segment of its own, from the last step of one to the first step of the next,
 labelled by the same rule. Adjacent segments with the same label are merged and refitted.
 
+Then:
+
+- a ``plateau`` whose own line changes by more than twice its standard error
+  (``sigma / sqrt(Sxx) * length``) and by at least half its starting level is a ``rise`` or a
+  ``slow_decline`` after all (a sustained late trend is kept even when it is small against
+  the run's range);
+- a falling segment that starts at three times the curve's starting level or more is a
+  ``recovery`` (the way down from an entropy explosion), not a collapse;
+- segments share no step (a jump takes the touching points of its neighbours), and each
+  segment's ``start_entropy`` and ``end_entropy`` are **observed**: the median of its first and
+  last three points, never a value of the fitted line.
+
 Summary numbers
 ---------------
 - ``start_entropy``: the first point of the curve; ``floor``: the mean of its last
@@ -64,7 +76,7 @@ from ..store import Store
 from .curves import open_store, performance, policy_entropy
 from .noise import residual_scatter
 
-PHASE_LABELS = ("rapid_collapse", "slow_decline", "plateau", "rise")
+PHASE_LABELS = ("rapid_collapse", "slow_decline", "plateau", "rise", "recovery")
 SEGMENT_COLUMNS = ["start_step", "end_step", "label", "start_entropy", "end_entropy", "slope"]
 #: Fewer points than this give no segmentation (a line needs a residual to judge noise).
 MIN_POINTS = 3
@@ -83,6 +95,16 @@ ARRIVAL_BAND = 0.1
 COLLAPSED_SHARE = 0.25
 #: Performance has plateaued when its recent trend gains less than this share of its range.
 PLATEAU_GAIN = 0.05
+#: A segment's start and end entropies are the median of this many observed points at each
+#: end (robust to one noisy step, and never a fitted value below zero).
+ROBUST_POINTS = 3
+#: A flat-looking segment is kept as a trend when its fitted change is beyond twice its
+#: standard error and at least this share of its own starting level (a late rise from 0.054
+#: to 0.118 nats is small against the run's range but doubles the entropy).
+SUSTAINED_SHARE = 0.5
+#: A fall that starts this many times above the curve's starting level is the way down from
+#: an explosion (``recovery``), not a collapse.
+RECOVERY_FACTOR = 3.0
 
 
 @dataclass
@@ -94,7 +116,9 @@ class RunPhases:
     run : str
     segments : pandas.DataFrame
         ``start_step, end_step, label, start_entropy, end_entropy, slope`` (slope in nats per
-        step; start/end entropy from the segment's fitted line).
+        step, of the segment's fitted line; start/end entropy observed: the median of the
+        first and last :data:`ROBUST_POINTS` points of the segment). Segments share no
+        step.
     early_drop_fraction, arrival_step, floor, start_entropy, total_drop
     alarm : bool
     alarm_message : str
@@ -294,11 +318,52 @@ def label_segments(steps: np.ndarray, values: np.ndarray, bounds: Sequence[int],
         if seg["label"] == "rapid_collapse" and \
                 seg["first"] - seg["last"] < COLLAPSE_DROP * extent:
             seg["label"] = "slow_decline"
+        _keep_sustained(seg, steps, values, sigma)
+    start_level = float(np.median(values[:ROBUST_POINTS]))
+    for seg in segments:
+        if seg["label"] in ("rapid_collapse", "slow_decline") and start_level > 0 and \
+                seg["first"] >= RECOVERY_FACTOR * start_level:
+            seg["label"] = "recovery"
     segments = _merge_same(steps, values, segments)
-    return pd.DataFrame(
-        [{"start_step": int(steps[s["i0"]]), "end_step": int(steps[s["i1"] - 1]),
-          "label": s["label"], "start_entropy": s["first"], "end_entropy": s["last"],
-          "slope": s["slope"]} for s in segments], columns=SEGMENT_COLUMNS)
+    return pd.DataFrame([_observed(s, steps, values) for s in _disjoint(segments)],
+                        columns=SEGMENT_COLUMNS)
+
+
+def _keep_sustained(seg: dict, steps, values, sigma: float) -> None:
+    """Relabel a plateau whose own trend is real and large for its level (module docstring
+    of :data:`SUSTAINED_SHARE`)."""
+    if seg["label"] != "plateau" or seg.get("jump") or sigma == 0:
+        return
+    x = steps[seg["i0"]:seg["i1"]].astype(float)
+    if len(x) < MIN_POINTS or x[-1] == x[0]:
+        return
+    se = sigma / math.sqrt(float(((x - x.mean()) ** 2).sum())) * (x[-1] - x[0])
+    change = seg["last"] - seg["first"]
+    level = float(np.median(values[seg["i0"]:seg["i0"] + ROBUST_POINTS]))
+    if abs(change) > 2 * se and level > 0 and abs(change) >= SUSTAINED_SHARE * level:
+        seg["label"] = "rise" if change > 0 else "slow_decline"
+
+
+def _disjoint(segments: list[dict]) -> list[dict]:
+    """Segments that share no point: a jump between two segments takes their touching
+    points, and the neighbours give them up (each keeps at least one point)."""
+    out = [dict(s) for s in segments]
+    for k in range(1, len(out)):
+        left, right = out[k - 1], out[k]
+        if right["i0"] < left["i1"]:
+            if left["i1"] - 1 > left["i0"] and (right.get("jump") or not left.get("jump")):
+                left["i1"] = right["i0"]
+            else:
+                right["i0"] = left["i1"]
+    return [s for s in out if s["i1"] > s["i0"]]
+
+
+def _observed(seg: dict, steps, values) -> dict:
+    """A segment's row: observed (median) entropies at its ends, the fitted slope."""
+    part = values[seg["i0"]:seg["i1"]]
+    return {"start_step": int(steps[seg["i0"]]), "end_step": int(steps[seg["i1"] - 1]),
+            "label": seg["label"], "start_entropy": float(np.median(part[:ROBUST_POINTS])),
+            "end_entropy": float(np.median(part[-ROBUST_POINTS:])), "slope": seg["slope"]}
 
 
 # -- summary numbers -------------------------------------------------------------------------
