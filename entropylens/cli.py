@@ -282,9 +282,16 @@ def fit(
         typer.echo(f"  a = {_num(item.a, 4)} [{_num(a_ci[0])}, {_num(a_ci[1])}]   "
                    f"b = {_num(item.b, 4)} [{_num(b_ci[0])}, {_num(b_ci[1])}]   "
                    f"R^2 = {_num(item.r2)}")
-        typer.echo(f"  ceiling b - a = {_num(item.ceiling, 4)} [{_num(c_ci[0])}, "
-                   f"{_num(c_ci[1])}]   early prediction (first {item.early.get('n_fit')} "
-                   f"points) RMSE = {_num(item.early.get('rmse'))}")
+        if item.ceiling is None:
+            typer.echo(f"  no ceiling: {item.ceiling_reason}")
+        else:
+            typer.echo(f"  fitted performance at zero entropy (ceiling b - a) = "
+                       f"{_num(item.ceiling, 4)} [{_num(c_ci[0])}, {_num(c_ci[1])}]; "
+                       f"{item.above_ceiling} of {item.n} observations above it")
+        share = item.early.get("rmse_share_of_range")
+        typer.echo(f"  early prediction (first {item.early.get('n_fit')} points) RMSE = "
+                   f"{_num(item.early.get('rmse'))}"
+                   + (f" ({share:.1%} of the metric's range)" if share is not None else ""))
         for note in item.notes:
             typer.echo(f"  note: {note}")
 

@@ -34,8 +34,10 @@ Events
   :data:`EXPLOSION_FACTOR` times its lowest level before the peak, by more than
   :data:`EXPLOSION_SIGMAS` noise units; it starts at the last point before the peak at most
   10% of the rise above that low and ends at the peak (``peak`` is the observed maximum).
-- ``recovery``: after an explosion, the first step back within :data:`RECOVERY_BAND` of the
-  rise above the pre-explosion low (none when it never gets back).
+- ``recovery``: after an explosion, down to the first step back within :data:`RECOVERY_BAND`
+  of the rise above the pre-explosion low (``complete``: true), or, when it never gets back
+  but falls at least half way, down to its lowest point after the peak (``complete``: false;
+  the run still counts as exploded).
 - ``collapse``: each ``rapid_collapse`` segment of the phases (``peak``: its start entropy).
 
 Healthy versus frontier collapse (runs with token entropies)
@@ -357,10 +359,16 @@ def entropy_events(steps, values, segments: pd.DataFrame | None = None) -> list[
                            "end_step": int(steps[peak_at]), "peak": float(values[peak_at]),
                            "low": low})
             back = np.flatnonzero(smooth[top:] <= low + RECOVERY_BAND * rise)
+            lowest = top + int(np.argmin(smooth[top:]))
             if len(back):
                 events.append({"kind": "recovery", "start_step": int(steps[peak_at]),
                                "end_step": int(steps[top + int(back[0])]),
-                               "peak": float(values[peak_at])})
+                               "peak": float(values[peak_at]), "complete": True})
+            elif smooth[lowest] <= smooth[top] - 0.5 * rise:
+                # half way down or more, but still far above the pre-explosion level
+                events.append({"kind": "recovery", "start_step": int(steps[peak_at]),
+                               "end_step": int(steps[lowest]), "peak": float(values[peak_at]),
+                               "complete": False, "level": float(smooth[lowest])})
     if segments is not None:
         for seg in segments.itertuples(index=False):
             if seg.label == "rapid_collapse":
@@ -444,7 +452,7 @@ def diagnose_curves(curve: pd.DataFrame | None, perf: pd.DataFrame | None, *, ru
         -h_recent.estimate >= COLLAPSING_DROP * window_start
 
     explosion = next((e for e in events if e["kind"] == "explosion"), None)
-    recovered = any(e["kind"] == "recovery" for e in events)
+    recovered = any(e["kind"] == "recovery" and e["complete"] for e in events)
     has_perf = perf is not None and len(perf) >= MIN_POINTS
     if has_perf:
         perf = perf.sort_values("step").reset_index(drop=True)
@@ -547,7 +555,7 @@ def _explain(d: RunDiagnosis, h_recent: Change, level: Change | None, recent: Ch
     elif status == "collapsed_plateau":
         evidence.append(f"entropy collapsed ({_f(e['start'])} -> floor {_f(e['floor'])} nats, "
                         f"within 10% of it from step {e['arrival_step']}) while "
-                        f"{p['metric']} stays flat within noise ({recent_text})")
+                        f"{p['metric']} has stopped improving ({recent_text})")
         causes.append("entropy is exhausted: the saturation law R = −a·exp(H) + b "
                       f"({REFERENCES['saturation']}) leaves little gain at H near 0")
         _collapse_actions(act, applied)

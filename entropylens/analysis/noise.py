@@ -163,9 +163,11 @@ def metric_range(values, metric: str | None = None) -> float:
 
 def judge(estimate: float, se: float, margin: float) -> str:
     """``rise``, ``fall``, ``flat`` or ``inconclusive`` (see the module docstring)."""
-    if estimate - Z * se > 0:
+    # rounding error of a noiseless curve is no change
+    tiny = 1e-9 * max(1.0, abs(margin))
+    if estimate - Z * se > tiny:
         return "rise"
-    if estimate + Z * se < 0:
+    if estimate + Z * se < -tiny:
         return "fall"
     if abs(estimate) + Z * se <= margin:
         return "flat"

@@ -56,10 +56,11 @@ Summary numbers
 - ``arrival_step``: the first step whose entropy is at most ``floor + 0.1 * total_drop``
   ("within 10% of the total drop above the floor"); None when there is no drop.
 - ``alarm``: True when entropy has collapsed (an ``arrival_step`` exists and the floor is at
-  most 25% of the starting entropy) while performance has plateaued: a line fitted to the last
-  ``max(3, ceil(m/4))`` of the ``m`` performance points (validation accuracy, else mean
-  reward) gains less than 5% of the performance range over those points. The message says why
-  in either case.
+  most 25% of the starting entropy) while performance has plateaued beyond its noise: the
+  line over the last ``max(4, ceil(m/4))`` of the ``m`` performance points (validation
+  accuracy, else mean reward) provably moves less than 5% of the metric's range
+  (:mod:`entropylens.analysis.noise`: flat, not merely inconclusive). The message says why
+  in either case; ``entropylens diagnose`` gives the full judgement.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ import pandas as pd
 from ..errors import EntropylensError
 from ..store import Store
 from .curves import open_store, performance, policy_entropy
-from .noise import residual_scatter
+from .noise import curve_noise, metric_range, residual_scatter, trend_change
 
 PHASE_LABELS = ("rapid_collapse", "slow_decline", "plateau", "rise", "recovery")
 SEGMENT_COLUMNS = ["start_step", "end_step", "label", "start_entropy", "end_entropy", "slope"]
@@ -368,20 +369,24 @@ def _observed(seg: dict, steps, values) -> dict:
 
 # -- summary numbers -------------------------------------------------------------------------
 def _performance_plateau(perf: pd.DataFrame | None) -> tuple[bool | None, str]:
-    """Whether performance has plateaued (None when it cannot be judged) and why."""
+    """Whether performance has plateaued beyond its noise (None when it cannot be judged or
+    the noise is too large to tell) and why (:func:`entropylens.analysis.noise.trend_change`
+    over the recent window, residual-scatter noise, flat within PLATEAU_GAIN of the
+    metric's range)."""
     if perf is None or len(perf) < MIN_POINTS:
         return None, "no reward or accuracy curve with 3 or more points"
     name = perf["metric"].iloc[0]
-    tail = perf.tail(max(MIN_POINTS, math.ceil(len(perf) / 4)))
-    steps = tail["step"].to_numpy(dtype=float)
-    values = tail["value"].to_numpy(dtype=float)
-    slope, first, last = _line(steps, values)
-    gain = last - first
-    extent = float(perf["value"].max() - perf["value"].min())
-    flat = gain < PLATEAU_GAIN * extent if extent > 0 else True
-    text = (f"{name} changed by {gain:+.3f} over its last {len(tail)} points "
-            f"(steps {int(steps[0])}-{int(steps[-1])}; range over the run {extent:.3f})")
-    return flat, text
+    values = perf["value"].to_numpy(dtype=float)
+    noise = curve_noise(values)
+    change = trend_change(perf["step"].to_numpy(), values, noise,
+                          PLATEAU_GAIN * metric_range(values))
+    text = (f"{name} changed by {change.estimate:+.3f} ± {2 * change.se:.3f} over steps "
+            f"{change.start_step}-{change.end_step} ({noise.describe()}): "
+            f"{change.verdict}")
+    if change.verdict == "inconclusive":
+        return None, text
+    # falling is no better than flat for the alarm: no gain left from the collapsed entropy
+    return change.verdict in ("flat", "fall"), text
 
 
 def _empty(run: str | None, note: str, *, start: float | None = None,
