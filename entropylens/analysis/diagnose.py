@@ -576,9 +576,9 @@ def _explain(d: RunDiagnosis, h_recent: Change, level: Change | None, recent: Ch
             causes.append(f"{p['metric']} started at {_f(p['start'])}: little room left to "
                           "improve on this task")
         if "top20" in applied:
-            causes.append("the run already restricts the policy gradient to the top-20% "
-                          "entropy tokens; with a model this size that leaves too little "
-                          "gradient to learn from")
+            causes.append(f"the run already restricts the policy gradient to the top-20% "
+                          f"entropy tokens (config mode {settings.get('mode')!r}): the other "
+                          "80% of tokens get no gradient")
             act("compare with the plain policy gradient (all tokens) or raise the share of "
                 "tokens the gradient flows through", "top20")
         if not e["collapsed"] and (e.get("drop_fraction") or 0) < 0.1:
