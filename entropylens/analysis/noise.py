@@ -20,10 +20,11 @@ Judging a change
 ----------------
 A change with estimate ``d`` and standard error ``se`` is
 
-- ``rise`` when ``d - Z se > 0`` and ``fall`` when ``d + Z se < 0`` (``Z`` = 2: about 95%
-  two-sided);
 - ``flat`` when the whole interval ``d ± Z se`` lies within ``± margin`` (an equivalence
-  test: flat is claimed only when the data rule out a change larger than ``margin``);
+  test: flat is claimed only when the data rule out a change larger than ``margin``; a
+  change that is real but smaller than that is still flat in practice);
+- else ``rise`` when ``d - Z se > 0`` and ``fall`` when ``d + Z se < 0`` (``Z`` = 2: about
+  95% two-sided);
 - ``inconclusive`` otherwise: the noise is too large to tell.
 
 Two changes are measured: the **level change** (mean of the last ``k`` points minus mean of
@@ -165,12 +166,12 @@ def judge(estimate: float, se: float, margin: float) -> str:
     """``rise``, ``fall``, ``flat`` or ``inconclusive`` (see the module docstring)."""
     # rounding error of a noiseless curve is no change
     tiny = 1e-9 * max(1.0, abs(margin))
+    if abs(estimate) + Z * se <= margin + tiny:
+        return "flat"
     if estimate - Z * se > tiny:
         return "rise"
     if estimate + Z * se < -tiny:
         return "fall"
-    if abs(estimate) + Z * se <= margin:
-        return "flat"
     return "inconclusive"
 
 
