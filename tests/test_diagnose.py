@@ -277,3 +277,27 @@ def test_report_hooks(shared_diagnosis):
     assert len(fig.axes) >= 2   # entropy and performance on a twin axis
     plt.close(fig)
     assert math.isfinite(section["entropy"]["start"])
+
+
+# -- both policy-entropy definitions -------------------------------------------------------
+def test_both_entropy_definitions_in_curves_phases_fit_and_diagnosis(shared_store, shared_run):
+    curve = policy_entropy(shared_store, "vanilla")
+    tokens = pd.read_parquet(shared_run / "vanilla" / "tokens.parquet",
+                             columns=["step", "prompt_idx", "sample_idx", "entropy"])
+    per_sequence = tokens.groupby(["step", "prompt_idx", "sample_idx"])["entropy"].mean()
+    expected = per_sequence.groupby("step").mean()
+    assert np.allclose(curve.set_index("step")["entropy_seq_mean"], expected, rtol=1e-5)
+    assert np.allclose(curve.set_index("step")["entropy"],
+                       tokens.groupby("step")["entropy"].mean(), rtol=1e-5)
+    phases = el.phases(shared_store, "vanilla").to_dict()["runs"][0]
+    assert phases["entropy_definition"].startswith("entropy_token_mean")
+    assert phases["entropy_seq_mean"]["start_entropy"] == pytest.approx(expected.iloc[0],
+                                                                        rel=1e-5)
+    fit = el.fit_saturation(shared_store, "vanilla").to_dict()
+    assert fit["x_definition"].startswith("entropy_token_mean")
+    assert fit["entropy_seq_mean_fit"]["x_definition"].startswith("entropy_seq_mean")
+    assert fit["entropy_seq_mean_fit"]["r2"] > 0.5
+    item = el.diagnose(shared_store, "vanilla", workers=1).runs[0]
+    assert item.entropy["definition"].startswith("token mean")
+    assert item.entropy["definitions"]["entropy_seq_mean"]["start"] == pytest.approx(
+        float(np.median(expected.iloc[:3])), rel=1e-5)

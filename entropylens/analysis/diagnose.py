@@ -68,7 +68,6 @@ from ..estimators import best_entropy_source, token_entropy
 from ..store import Store
 from .curves import (TrainTokens, _metric_series, entropy_label, open_store, performance,
                      policy_entropy_plan)
-from .distribution import StepStats
 from .noise import (Change, Noise, curve_noise, level_change, level_window, metric_range,
                     residual_scatter, trend_change, VAL_SIZE_KEYS)
 from .phases import COLLAPSED_SHARE, analyse_curve
@@ -565,6 +564,11 @@ def _explain(d: RunDiagnosis, h_recent: Change, level: Change | None, recent: Ch
             causes.append(f"entropy has collapsed (floor {_f(e['floor'])} nats) while "
                           "performance still rises: gains will slow as entropy runs out")
             _collapse_actions(act, applied)
+        elif recent.verdict in ("flat", "fall"):
+            causes.append(f"{p['metric']} has not risen over its last points ({recent_text}) "
+                          f"but entropy has not collapsed (floor {_f(e['floor'])} nats, "
+                          f"{1 - (e['drop_fraction'] or 0):.0%} of its start): not the "
+                          "saturation regime; more steps or a harder task may still help")
     elif status == "not_learning":
         evidence.append(f"{p['metric']} did not rise beyond its noise: {perf_text}")
         if p["end"] <= 0.05 * p["range"]:
@@ -709,10 +713,9 @@ def diagnose_plan(store: Store, run: str, *, val_size: int | None = None,
             extras["length"] = length
     source = best_entropy_source(manifest) if manifest.get("counts", {}).get("tokens") \
         else None
+    if curve is not None and "entropy_seq_mean" in curve:
+        extras["seq_curve"] = curve.dropna(subset=["entropy_seq_mean"])
     if source is not None:
-        stats = (yield {"steps": TrainTokens(StepStats(
-            source, quantiles=(), vocab_size=manifest.get("vocab_size")))})["steps"]
-        extras["seq_curve"] = stats.dropna(subset=["step", "entropy_seq_mean"])
         if "length" not in extras and manifest.get("counts", {}).get("sequences"):
             lengths = store.read_sequences(run, columns=["step", "num_tokens"]).to_pandas()
             lengths = lengths.dropna().groupby("step", as_index=False)["num_tokens"].mean()

@@ -83,6 +83,8 @@ SEGMENT_COLUMNS = ["start_step", "end_step", "label", "start_entropy", "end_entr
 MIN_POINTS = 3
 #: Longer curves consider change points only every ceil(n / MAX_POINTS) points.
 MAX_POINTS = 400
+#: Which policy entropy the segments, summary numbers and alarm use.
+ENTROPY_DEFINITION = "entropy_token_mean: token mean per training step"
 #: Thresholds of the labelling rule (see the module docstring).
 PLATEAU_RATE = 0.5
 PLATEAU_CHANGE = 0.1
@@ -131,6 +133,10 @@ class RunPhases:
         Steps that begin a new segment before labels were merged.
     performance_metric : str or None
     note : str or None
+    seq_mean : dict or None
+        The same summary numbers (``start_entropy, floor, total_drop, early_drop_fraction,
+        arrival_step``) of the other definition, the sequence mean (arXiv 2505.22617, Eq. 5),
+        where the run has tokens; segments and alarm use the token mean.
     """
 
     run: str | None
@@ -147,6 +153,7 @@ class RunPhases:
     change_points: list[int] = field(default_factory=list)
     performance_metric: str | None = None
     note: str | None = None
+    seq_mean: dict | None = None
 
     @property
     def collapse(self) -> dict | None:
@@ -178,6 +185,8 @@ class RunPhases:
             "change_points": list(self.change_points),
             "method": "PELT, piecewise-linear least squares, BIC penalty 3*sigma^2*log(n)",
             "note": self.note,
+            "entropy_definition": ENTROPY_DEFINITION,
+            "entropy_seq_mean": self.seq_mean,
         }
 
 
@@ -470,6 +479,22 @@ def analyse_curve(steps: Sequence[float], entropy: Sequence[float], *,
                      change_points=change, performance_metric=metric, note=note)
 
 
+def seq_mean_summary(curve: pd.DataFrame) -> dict | None:
+    """Summary numbers of a curve's ``entropy_seq_mean`` (None without that definition)."""
+    if "entropy_seq_mean" not in curve:
+        return None
+    seq = curve.dropna(subset=["entropy_seq_mean"])
+    if len(seq) < MIN_POINTS:
+        return None
+    other = analyse_curve(seq["step"], seq["entropy_seq_mean"])
+    return {"definition": "entropy_seq_mean: mean over sequences of each sequence's token "
+                          "mean (arXiv 2505.22617, Eq. 5)",
+            "start_entropy": _num(other.start_entropy), "floor": _num(other.floor),
+            "total_drop": _num(other.total_drop),
+            "early_drop_fraction": _num(other.early_drop_fraction),
+            "arrival_step": other.arrival_step}
+
+
 def phases(store: Store | str, runs: str | Sequence[str] | None = None, *,
            engine: str = "local", **engine_options) -> Phases:
     """Collapse phases of each run's policy-entropy curve.
@@ -503,6 +528,8 @@ def phases(store: Store | str, runs: str | Sequence[str] | None = None, *,
             perf = performance(store, run)
         except EntropylensError:
             perf = None
-        results.append(analyse_curve(curve["step"], curve["entropy"], perf=perf, run=run,
-                                     source=str(curve["source"].iloc[0])))
+        item = analyse_curve(curve["step"], curve["entropy"], perf=perf, run=run,
+                             source=str(curve["source"].iloc[0]))
+        item.seq_mean = seq_mean_summary(curve)
+        results.append(item)
     return Phases(runs=results)

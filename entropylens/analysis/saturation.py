@@ -65,6 +65,10 @@ MIN_R2 = 0.5
 MIN_FIT_POINTS = 5
 #: The early prediction is "good" when its RMSE is within this share of the metric's range.
 EARLY_GOOD_SHARE = 0.05
+#: The entropy H of the fit (the sequence-mean fit is reported beside it).
+X_DEFINITION = "entropy_token_mean: token mean per training step"
+SEQ_DEFINITION = ("entropy_seq_mean: mean over sequences of each sequence's token mean "
+                  "(arXiv 2505.22617, Eq. 5)")
 CEILING_MEANING = "fitted performance at zero entropy (b - a), an extrapolation of the law"
 EARLY_FRACTION = 0.15
 BOOTSTRAP = 1000
@@ -121,6 +125,7 @@ class SaturationFit:
     error: str | None = None
     ceiling_reason: str | None = None
     above_ceiling: int | None = None
+    seq_mean_fit: dict | None = None
 
     def predict(self, h) -> np.ndarray | float:
         """Predicted performance at entropy ``h`` (a number or an array)."""
@@ -139,7 +144,8 @@ class SaturationFit:
                          for k, v in self.early.items()},
                "join": dict(self.join), "notes": list(self.notes),
                "ceiling_reason": self.ceiling_reason, "ceiling_meaning": CEILING_MEANING,
-               "above_ceiling": self.above_ceiling}
+               "above_ceiling": self.above_ceiling, "x_definition": X_DEFINITION,
+               "entropy_seq_mean_fit": self.seq_mean_fit}
         if self.error is not None:
             out["error"] = self.error
         return out
@@ -345,7 +351,27 @@ def fit_curves(curve: pd.DataFrame, perf: pd.DataFrame, *, run: str | None = Non
     fit.y = perf.attrs["metric"] + (" (percent / 100)" if perf.attrs.get("scaled") else "")
     fit.join = counts
     fit.notes = notes
+    fit.seq_mean_fit = _seq_mean_fit(curve, perf, bootstrap=bootstrap, seed=seed,
+                                     early_fraction=early_fraction)
     return fit
+
+
+def _seq_mean_fit(curve: pd.DataFrame, perf: pd.DataFrame, **options) -> dict | None:
+    """The law fitted with the other definition of H, the sequence mean (arXiv 2505.22617,
+    Eq. 5), under the same quality gate; None when the curve does not have it."""
+    if "entropy_seq_mean" not in curve:
+        return None
+    seq = curve.dropna(subset=["entropy_seq_mean"])
+    if len(seq) < MIN_POINTS:
+        return None
+    data, _ = join_curves(seq.assign(entropy=seq["entropy_seq_mean"]), perf)
+    try:
+        other = fit_arrays(data["H"], data["R"], steps=data["step"], **options)
+    except EntropylensError as exc:
+        return {"x_definition": SEQ_DEFINITION, "error": exc.message}
+    return {"x_definition": SEQ_DEFINITION, "a": _num(other.a), "b": _num(other.b),
+            "ceiling": _num(other.ceiling), "ceiling_reason": other.ceiling_reason,
+            "r2": _num(other.r2), "n": other.n, "above_ceiling": other.above_ceiling}
 
 
 def fit_saturation(store: Store | str, run: str | Sequence[str] | None = None, *,
