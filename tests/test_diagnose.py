@@ -301,3 +301,36 @@ def test_both_entropy_definitions_in_curves_phases_fit_and_diagnosis(shared_stor
     assert item.entropy["definition"].startswith("token mean")
     assert item.entropy["definitions"]["entropy_seq_mean"]["start"] == pytest.approx(
         float(np.median(expected.iloc[:3])), rel=1e-5)
+
+
+def _render_block(section: dict, run: str, markdown: bool) -> str:
+    from markupsafe import Markup
+
+    from entropylens.report.render import environment
+
+    env = environment(markdown)
+    template = env.get_template(f"sections/diagnose.{'md' if markdown else 'html'}.j2")
+
+    def figure(f):
+        return Markup(f'<figure id="{f["id"]}"></figure>')
+
+    return template.render(s=section, r={"run": run, "slug": "x"}, figures={}, figure=figure,
+                           md_figure=lambda f: "")
+
+
+def test_headline_blocks_render_and_escape(shared_diagnosis):
+    from entropylens.analysis import registry
+
+    analysis = registry.get("diagnose")
+    section = dict(analysis.section(shared_diagnosis, "vanilla"), available=True, reason=None,
+                   figures=[{"id": "diagnose-x", "title": "t", "caption": "c",
+                             "file": "figures/diagnose-x.png"}])
+    page = _render_block(section, "vanilla", markdown=False)
+    assert "COLLAPSED PLATEAU" in page.upper() and 'id="diagnose-x"' in page
+    assert "arXiv 2505.22617" in page and "frontier collapse" in page
+    hostile = dict(section, evidence=["<script>alert(1)</script> *x*"] + section["evidence"])
+    page = _render_block(hostile, "<b>run</b>", markdown=False)
+    assert "<script>" not in page and "&lt;script&gt;" in page and "<b>run" not in page
+    text = _render_block(hostile, "<b>run</b>", markdown=True)
+    assert "<script>" not in text and r"\*x\*" in text
+    assert "collapsed plateau".upper() in text
