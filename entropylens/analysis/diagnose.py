@@ -106,7 +106,6 @@ REFERENCES = {
     "entropy_bonus": "arXiv 1707.06347 (PPO entropy bonus)",
     "top20": "arXiv 2506.01939 (top-20% high-entropy tokens)",
     "hicra": "arXiv 2509.03646 (HICRA)",
-    "saturation": "arXiv 2505.22617 (R = -a exp(H) + b)",
     "dapo_dynamic": "arXiv 2503.14476 (DAPO dynamic sampling)",
 }
 
@@ -556,7 +555,7 @@ def _explain(d: RunDiagnosis, h_recent: Change, level: Change | None, recent: Ch
                         f"within 10% of it from step {e['arrival_step']}) while "
                         f"{p['metric']} has stopped improving ({recent_text})")
         causes.append("entropy is exhausted: the saturation law R = −a·exp(H) + b "
-                      f"({REFERENCES['saturation']}) leaves little gain at H near 0")
+                      "(arXiv 2505.22617) leaves little gain at H near 0")
         _collapse_actions(act, applied)
     elif status == "learning":
         evidence.append(f"{p['metric']} rose beyond its noise: {perf_text}")
