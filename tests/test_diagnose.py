@@ -202,8 +202,9 @@ def test_phases_of_the_explosion_run(real_store, shared_samples):
     assert (segments["start_step"].to_numpy()[1:] > segments["end_step"].to_numpy()[:-1]).all()
     for seg in segments.itertuples():
         part = by_step.loc[seg.start_step:seg.end_step].to_numpy()
-        assert seg.start_entropy == pytest.approx(np.median(part[:3]), rel=1e-5)
-        assert seg.end_entropy == pytest.approx(np.median(part[-3:]), rel=1e-5)
+        k = max(1, min(3, len(part) // 2))
+        assert seg.start_entropy == pytest.approx(np.median(part[:k]), rel=1e-5)
+        assert seg.end_entropy == pytest.approx(np.median(part[-k:]), rel=1e-5)
     late = segments[segments["start_step"] >= 170]
     assert "rapid_collapse" not in set(late["label"])
     assert "recovery" in set(late["label"])

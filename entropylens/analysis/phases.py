@@ -43,7 +43,8 @@ Then:
   ``recovery`` (the way down from an entropy explosion), not a collapse;
 - segments share no step (a jump takes the touching points of its neighbours), and each
   segment's ``start_entropy`` and ``end_entropy`` are **observed**: the median of its first and
-  last three points, never a value of the fitted line.
+  last three points (of its first and last half when it has fewer than six), never a value
+  of the fitted line.
 
 Summary numbers
 ---------------
@@ -371,9 +372,11 @@ def _disjoint(segments: list[dict]) -> list[dict]:
 def _observed(seg: dict, steps, values) -> dict:
     """A segment's row: observed (median) entropies at its ends, the fitted slope."""
     part = values[seg["i0"]:seg["i1"]]
+    # a short segment's ends must not share points: at most half of it at each end
+    k = max(1, min(ROBUST_POINTS, len(part) // 2))
     return {"start_step": int(steps[seg["i0"]]), "end_step": int(steps[seg["i1"] - 1]),
-            "label": seg["label"], "start_entropy": float(np.median(part[:ROBUST_POINTS])),
-            "end_entropy": float(np.median(part[-ROBUST_POINTS:])), "slope": seg["slope"]}
+            "label": seg["label"], "start_entropy": float(np.median(part[:k])),
+            "end_entropy": float(np.median(part[-k:])), "slope": seg["slope"]}
 
 
 # -- summary numbers -------------------------------------------------------------------------
