@@ -335,3 +335,34 @@ def test_headline_blocks_render_and_escape(shared_diagnosis):
     text = _render_block(hostile, "<b>run</b>", markdown=True)
     assert "<script>" not in text and r"\*x\*" in text
     assert "collapsed plateau".upper() in text
+
+
+def test_sustained_late_rise_is_kept():
+    """Entropy collapses from 2 nats to 0.054, sits, then doubles to 0.118 over the last
+    third: small against the run's range, but a real trend at its own level."""
+    rng = np.random.default_rng(5)
+    steps = np.arange(150)
+    curve = np.where(steps < 20, 2.0 - 0.097 * steps, 0.054)
+    curve = np.where(steps >= 100, 0.054 + 0.064 * (steps - 100) / 49, curve)
+    curve = curve + rng.normal(0, 0.004, len(steps))
+    segments = el.analysis.phases.analyse_curve(steps, curve).segments
+    last = segments.iloc[-1]
+    assert last["label"] == "rise" and last["start_step"] >= 90
+    assert last["end_entropy"] == pytest.approx(np.median(curve[-3:]))
+    assert (segments["start_step"].to_numpy()[1:] > segments["end_step"].to_numpy()[:-1]).all()
+
+
+def test_saturation_figure_draws_no_ceiling_below_the_gate(real_store):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from entropylens.plots import saturation_fit
+
+    weak = el.fit_saturation(real_store, "rho10_seed44")
+    fig, ax = plt.subplots()
+    saturation_fit(weak, ax=ax)
+    assert not [line for line in ax.lines if line.get_gid() == "ceiling"]
+    assert "no ceiling" in ax.get_title(loc="left")
+    plt.close(fig)

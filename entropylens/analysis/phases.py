@@ -323,6 +323,7 @@ def label_segments(steps: np.ndarray, values: np.ndarray, bounds: Sequence[int],
             if jump["label"] != "plateau":
                 segments.append(jump)
         seg["label"] = _label(seg, extent, span, sigma)
+        _keep_sustained(seg, steps, values, sigma)   # before merging plateaus together
         segments.append(seg)
     segments = _merge_same(steps, values, segments)
     for seg in segments:
