@@ -330,7 +330,6 @@ def label_segments(steps: np.ndarray, values: np.ndarray, bounds: Sequence[int],
         if seg["label"] == "rapid_collapse" and \
                 seg["first"] - seg["last"] < COLLAPSE_DROP * extent:
             seg["label"] = "slow_decline"
-        _keep_sustained(seg, steps, values, sigma)
     start_level = float(np.median(values[:ROBUST_POINTS]))
     for seg in segments:
         if seg["label"] in ("rapid_collapse", "slow_decline") and start_level > 0 and \
