@@ -64,7 +64,7 @@ import pyarrow as pa
 
 from ..engine import Aggregator, Plan
 from ..errors import EntropylensError
-from ..estimators import best_entropy_source, token_entropy
+from ..estimators import best_entropy_source, columns_for, token_entropy
 from ..store import Store
 from .curves import (TrainTokens, _metric_series, entropy_label, open_store, performance,
                      policy_entropy_plan)
@@ -279,8 +279,7 @@ class DecisionSplit(Aggregator):
     def __init__(self, source: str, thresholds, *, vocab_size=None, top_k=None):
         self.source, self.thresholds = source, thresholds
         self.options = {"vocab_size": vocab_size, "top_k": top_k}
-        self.columns = tuple(sorted({"step", "sample_id", "position",
-                                     *token_columns(source)}))
+        self.columns = tuple(sorted({"step", "sample_id", "position", *columns_for(source)}))
 
     def start(self) -> list:
         return []
@@ -310,12 +309,6 @@ class DecisionSplit(Aggregator):
                             "decision_entropy": mean.get(True, np.nan).to_numpy(float),
                             "routine_entropy": mean.get(False, np.nan).to_numpy(float)})
         return out.sort_values("step").reset_index(drop=True)
-
-
-def token_columns(source: str) -> tuple[str, ...]:
-    from ..estimators import columns_for
-
-    return tuple(columns_for(source))
 
 
 def _classify(frame: pd.DataFrame, decision: str, routine: str, label: str) -> dict | None:
@@ -587,7 +580,8 @@ def _explain(d: RunDiagnosis, h_recent: Change, level: Change | None, recent: Ch
         if not e["collapsed"] and (e.get("drop_fraction") or 0) < 0.1:
             causes.append("entropy did not fall either: the policy is not being moved")
     else:
-        causes.append(d.causes.pop() if d.causes else "not enough data to judge")
+        if not causes:
+            causes.append("not enough data to judge")
         if not p:
             evidence.append(entropy_text)
             causes.append("no performance curve (validation accuracy or mean reward) with "
