@@ -52,3 +52,9 @@ from .api import (RecordResult, RescoreResult, from_hf_generate,  # noqa: E402
 
 __all__ += ["RecordResult", "RescoreResult", "from_hf_generate", "record_generate", "rescore"]
 # -- end record --
+
+# -- diagnosis: one status per run --
+from .api import Diagnosis, RunDiagnosis, diagnose  # noqa: E402
+
+__all__ += ["Diagnosis", "RunDiagnosis", "diagnose"]
+# -- end diagnosis --

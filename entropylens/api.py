@@ -124,3 +124,9 @@ def report(store: Store | str | Path, out: str | Path, runs: str | Sequence[str]
 
 __all__ += ["report"]
 # -- end report --
+
+# -- diagnosis: one status per run --
+from .analysis.diagnose import Diagnosis, RunDiagnosis, diagnose  # noqa: E402
+
+__all__ += ["diagnose", "Diagnosis", "RunDiagnosis"]
+# -- end diagnosis --

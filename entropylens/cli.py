@@ -288,9 +288,16 @@ def fit(
         typer.echo(f"  a = {_num(item.a, 4)} [{_num(a_ci[0])}, {_num(a_ci[1])}]   "
                    f"b = {_num(item.b, 4)} [{_num(b_ci[0])}, {_num(b_ci[1])}]   "
                    f"R^2 = {_num(item.r2)}")
-        typer.echo(f"  ceiling b - a = {_num(item.ceiling, 4)} [{_num(c_ci[0])}, "
-                   f"{_num(c_ci[1])}]   early prediction (first {item.early.get('n_fit')} "
-                   f"points) RMSE = {_num(item.early.get('rmse'))}")
+        if item.ceiling is None:
+            typer.echo(f"  no ceiling: {item.ceiling_reason}")
+        else:
+            typer.echo(f"  fitted performance at zero entropy (ceiling b - a) = "
+                       f"{_num(item.ceiling, 4)} [{_num(c_ci[0])}, {_num(c_ci[1])}]; "
+                       f"{item.above_ceiling} of {item.n} observations above it")
+        share = item.early.get("rmse_share_of_range")
+        typer.echo(f"  early prediction (first {item.early.get('n_fit')} points) RMSE = "
+                   f"{_num(item.early.get('rmse'))}"
+                   + (f" ({share:.1%} of the metric's range)" if share is not None else ""))
         for note in item.notes:
             typer.echo(f"  note: {plain(note)}")
 
@@ -654,6 +661,75 @@ def rescore(
                f"on {result.device} ({result.tokens_per_second:.0f} tokens/s){skipped}{note} "
                f"-> {out}", err=True)
 # -- end rescore -------------------------------------------------------------------------------
+
+
+# -- diagnosis: one status per run ----------------------------------------------------------
+#: Exit code of ``diagnose --fail-on`` when a run has one of the named statuses.
+FAIL_ON_EXIT = 3
+
+
+def _statuses(text: Optional[str]) -> set[str]:
+    from .analysis.diagnose import STATUSES
+
+    wanted = {s.strip() for s in (text or "").split(",") if s.strip()}
+    unknown = sorted(wanted - set(STATUSES))
+    if unknown:
+        raise typer.BadParameter(f"unknown status {', '.join(unknown)} (known: "
+                                 f"{', '.join(STATUSES)})", param_hint="--fail-on")
+    return wanted
+
+
+@app.command()
+def diagnose(
+    store: Path = typer.Argument(..., help="Store folder."),
+    run: Optional[List[str]] = RunOption,
+    fail_on: Optional[str] = typer.Option(
+        None, "--fail-on", help="Comma-separated statuses (e.g. collapsed_plateau,"
+        "entropy_explosion): exit 3 when a run has one, so a script or CI job can stop it."),
+    val_size: Optional[int] = typer.Option(
+        None, "--val-size", min=1, help="Validation prompts behind each accuracy point "
+        "(binomial noise; default: from the run's config, else the curve's scatter)."),
+    reward: Optional[str] = typer.Option(None, "--reward", help="Performance metric "
+                                         "(default: val_accuracy, else reward_mean)."),
+    engine: Engine = EngineOption,
+    ray_address: Optional[str] = RayAddressOption,
+    workers: Optional[int] = WorkersOption,
+    as_json: bool = JsonOption,
+):
+    """One status per run (learning, collapsing, collapsed_plateau, entropy_explosion,
+    not_learning, insufficient_data) with evidence, causes and actions."""
+    failing = _statuses(fail_on)
+    with _user_errors():
+        result = api.diagnose(store, run or None, val_size=val_size, reward=reward,
+                              engine=_engine(engine, ray_address, workers))
+    if as_json:
+        _emit_json(result.to_dict())
+    else:
+        from rich.console import Console
+        from rich.markup import escape
+
+        console = Console(highlight=False)
+        colours = {"learning": "green", "collapsing": "yellow", "collapsed_plateau": "red",
+                   "entropy_explosion": "red", "not_learning": "red",
+                   "insufficient_data": "dim"}
+        for item in result.runs:
+            console.print(f"[bold]{escape(item.run)}[/bold]: [{colours[item.status]}]"
+                          f"{item.status}[/{colours[item.status]}]")
+            for line in item.evidence:
+                console.print(f"  evidence: {escape(line)}")
+            for line in item.causes:
+                console.print(f"  cause: {escape(line)}")
+            for action in item.actions:
+                console.print(f"  try: {escape(action['text'])} ({escape(action['reference'])})")
+        for reason in result.skipped:
+            console.print(f"skipped: {escape(reason)}")
+    hit = sorted({item.status for item in result.runs} & failing)
+    if hit:
+        if not as_json:
+            typer.echo(f"failing: {', '.join(hit)}", err=True)
+        raise typer.Exit(code=FAIL_ON_EXIT)
+# -- end diagnosis ---------------------------------------------------------------------------
+
 
 def main() -> None:  # pragma: no cover - console entry point
     app()

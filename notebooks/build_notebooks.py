@@ -118,6 +118,15 @@ sorted(p.name for p in report.path.parent.iterdir())'''),
 for verdict in report.model["verdicts"]:
     print(f"{verdict['run'] or 'all runs':>8} [{verdict['severity']}] {verdict['text'][:150]}")'''),
     ("md", '''\
+## The diagnosis
+
+`el.diagnose` gives each run one status (learning, collapsing, collapsed_plateau,
+entropy_explosion, not_learning, insufficient_data), judged beyond the sampling noise of its
+performance, with the evidence, the likely causes and what to try.'''),
+    ("code", '''\
+for item in el.diagnose(store).runs:
+    print(f"{item.run:>8} [{item.status}] {item.headline[:150]}")'''),
+    ("md", '''\
 The same from a shell:
 
 ```bash

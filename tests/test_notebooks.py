@@ -107,8 +107,8 @@ def test_quickstart_writes_the_report(executed):
     assert "report/index.html" in shown
     for expected in ("figures", "index.html", "report.json", "report.md"):
         assert f"'{expected}'" in shown
-    # the verdict cell prints the vanilla alarm computed from the real run
-    assert "vanilla [alarm] ALARM" in shown
+    # the diagnosis cell prints each run's status computed from the real run
+    assert "vanilla [collapsed_plateau]" in shown and "top20 [not_learning]" in shown
 
 
 def test_early_prediction_check_agrees(executed):

@@ -39,7 +39,9 @@ def test_shared_vanilla_collapses_between_steps_8_and_30(shared_store, shared_ru
     assert len(rapid) >= 1
     assert rapid["start_step"].min() >= 8 and rapid["end_step"].max() <= 30
     assert vanilla.collapse["drop"] > 1.0
-    assert vanilla.segments["label"].iloc[-1] == "plateau"
+    # after the collapse the tail declines slowly into its floor: observed, not fitted, ends
+    last = vanilla.segments.iloc[-1]
+    assert last["label"] in ("plateau", "slow_decline") and 0 < last["end_entropy"] < 0.1
     # the same numbers computed plainly from the trainer's logged curve
     logged = pd.read_csv(shared_run / "vanilla" / "metrics.csv").dropna(subset=["entropy"])
     early, arrival, floor = _numpy_summary(logged["step"], logged["entropy"])

@@ -27,7 +27,7 @@ from ..estimators import best_entropy_source
 from ..store import Store
 from .distribution import StepStats
 
-ENTROPY_COLUMNS = ["step", "entropy", "source", "tokens"]
+ENTROPY_COLUMNS = ["step", "entropy", "source", "tokens", "entropy_seq_mean"]
 PERFORMANCE_COLUMNS = ["step", "value", "metric"]
 #: Token splits that count as training tokens (null: the source did not say).
 TRAIN_SPLITS = ("train",)
@@ -127,11 +127,14 @@ def policy_entropy(store: Store | str, run: str, *, engine: str = "local",
     Returns
     -------
     pandas.DataFrame
-        ``step, entropy, source, tokens``: one row per training step, sorted by step.
-        ``entropy`` is the mean over the step's training tokens (nats) with ``source`` the
-        token entropy source (``exact``, ``topk`` or ``surprisal``), or the logged
-        ``policy_entropy`` metric with ``source`` = ``"metric"`` and ``tokens`` = 0 when the
-        run has no training tokens. ``attrs["raw_key"]`` names the metric's raw key.
+        ``step, entropy, source, tokens, entropy_seq_mean``: one row per training step,
+        sorted by step. ``entropy`` is the token mean over the step's training tokens (nats,
+        ``entropy_token_mean``: what the trend analyses and the diagnosis use) with
+        ``source`` the token entropy source (``exact``, ``topk`` or ``surprisal``), or the
+        logged ``policy_entropy`` metric with ``source`` = ``"metric"`` and ``tokens`` = 0
+        when the run has no training tokens. ``entropy_seq_mean`` is the other definition,
+        the mean over sequences of each sequence's token mean (arXiv 2505.22617, Eq. 5;
+        NaN for a logged metric). ``attrs["raw_key"]`` names the metric's raw key.
 
     Raises
     ------
@@ -179,7 +182,10 @@ def _policy_entropy(store: Store, run: str, manifest: dict) -> Plan:
             frame = pd.DataFrame({"step": stats["step"].astype("int64").to_numpy(),
                                   "entropy": stats["entropy_token_mean"].astype(float).to_numpy(),
                                   "source": source,
-                                  "tokens": stats["tokens"].astype("int64").to_numpy()})
+                                  "tokens": stats["tokens"].astype("int64").to_numpy(),
+                                  # the other definition (2505.22617 Eq. 5), same scan
+                                  "entropy_seq_mean":
+                                      stats["entropy_seq_mean"].astype(float).to_numpy()})
             frame = frame.sort_values("step").reset_index(drop=True)
             frame.attrs["raw_key"] = None
             return frame
@@ -190,7 +196,8 @@ def _policy_entropy(store: Store, run: str, manifest: dict) -> Plan:
             "and no 'policy_entropy' metric (map the trainer's key with --alias KEY="
             "policy_entropy at ingest)", path=store.run_dir(run))
     frame = pd.DataFrame({"step": series["step"].to_numpy(), "entropy": series["value"].to_numpy(),
-                          "source": "metric", "tokens": np.zeros(len(series), dtype="int64")})
+                          "source": "metric", "tokens": np.zeros(len(series), dtype="int64"),
+                          "entropy_seq_mean": np.nan})
     frame.attrs["raw_key"] = raw_key
     return frame
 

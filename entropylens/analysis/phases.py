@@ -33,6 +33,19 @@ more than ``2 sigma`` and 25% of ``R`` (a fall faster than the minimum segment l
 jump becomes a segment of its own, from the last step of one to the first step of the next,
 labelled by the same rule. Adjacent segments with the same label are merged and refitted.
 
+Then:
+
+- a ``plateau`` whose own line changes by more than twice its standard error
+  (``sigma / sqrt(Sxx) * length``) and by at least half its starting level is a ``rise`` or a
+  ``slow_decline`` after all (a sustained late trend is kept even when it is small against
+  the run's range);
+- a falling segment that starts at three times the curve's starting level or more is a
+  ``recovery`` (the way down from an entropy explosion), not a collapse;
+- segments share no step (a jump takes the touching points of its neighbours), and each
+  segment's ``start_entropy`` and ``end_entropy`` are **observed**: the median of its first and
+  last three points (of its first and last half when it has fewer than six), never a value
+  of the fitted line.
+
 Summary numbers
 ---------------
 - ``start_entropy``: the first point of the curve; ``floor``: the mean of its last
@@ -44,10 +57,11 @@ Summary numbers
 - ``arrival_step``: the first step whose entropy is at most ``floor + 0.1 * total_drop``
   ("within 10% of the total drop above the floor"); None when there is no drop.
 - ``alarm``: True when entropy has collapsed (an ``arrival_step`` exists and the floor is at
-  most 25% of the starting entropy) while performance has plateaued: a line fitted to the last
-  ``max(3, ceil(m/4))`` of the ``m`` performance points (validation accuracy, else mean
-  reward) gains less than 5% of the performance range over those points. The message says why
-  in either case.
+  most 25% of the starting entropy) while performance has plateaued beyond its noise: the
+  line over the last ``max(4, ceil(m/4))`` of the ``m`` performance points (validation
+  accuracy, else mean reward) provably moves less than 5% of the metric's range
+  (:mod:`entropylens.analysis.noise`: flat, not merely inconclusive). The message says why
+  in either case; ``entropylens diagnose`` gives the full judgement.
 """
 
 from __future__ import annotations
@@ -62,13 +76,16 @@ import pandas as pd
 from ..errors import EntropylensError
 from ..store import Store
 from .curves import open_store, performance, policy_entropy
+from .noise import curve_noise, metric_range, residual_scatter, trend_change
 
-PHASE_LABELS = ("rapid_collapse", "slow_decline", "plateau", "rise")
+PHASE_LABELS = ("rapid_collapse", "slow_decline", "plateau", "rise", "recovery")
 SEGMENT_COLUMNS = ["start_step", "end_step", "label", "start_entropy", "end_entropy", "slope"]
 #: Fewer points than this give no segmentation (a line needs a residual to judge noise).
 MIN_POINTS = 3
 #: Longer curves consider change points only every ceil(n / MAX_POINTS) points.
 MAX_POINTS = 400
+#: Which policy entropy the segments, summary numbers and alarm use.
+ENTROPY_DEFINITION = "entropy_token_mean: token mean per training step"
 #: Thresholds of the labelling rule (see the module docstring).
 PLATEAU_RATE = 0.5
 PLATEAU_CHANGE = 0.1
@@ -82,6 +99,16 @@ ARRIVAL_BAND = 0.1
 COLLAPSED_SHARE = 0.25
 #: Performance has plateaued when its recent trend gains less than this share of its range.
 PLATEAU_GAIN = 0.05
+#: A segment's start and end entropies are the median of this many observed points at each
+#: end (robust to one noisy step, and never a fitted value below zero).
+ROBUST_POINTS = 3
+#: A flat-looking segment is kept as a trend when its fitted change is beyond twice its
+#: standard error and at least this share of its own starting level (a late rise from 0.054
+#: to 0.118 nats is small against the run's range but doubles the entropy).
+SUSTAINED_SHARE = 0.5
+#: A fall that starts this many times above the curve's starting level is the way down from
+#: an explosion (``recovery``), not a collapse.
+RECOVERY_FACTOR = 3.0
 
 
 @dataclass
@@ -93,7 +120,9 @@ class RunPhases:
     run : str
     segments : pandas.DataFrame
         ``start_step, end_step, label, start_entropy, end_entropy, slope`` (slope in nats per
-        step; start/end entropy from the segment's fitted line).
+        step, of the segment's fitted line; start/end entropy observed: the median of the
+        first and last :data:`ROBUST_POINTS` points of the segment). Segments share no
+        step.
     early_drop_fraction, arrival_step, floor, start_entropy, total_drop
     alarm : bool
     alarm_message : str
@@ -105,6 +134,10 @@ class RunPhases:
         Steps that begin a new segment before labels were merged.
     performance_metric : str or None
     note : str or None
+    seq_mean : dict or None
+        The same summary numbers (``start_entropy, floor, total_drop, early_drop_fraction,
+        arrival_step``) of the other definition, the sequence mean (arXiv 2505.22617, Eq. 5),
+        where the run has tokens; segments and alarm use the token mean.
     """
 
     run: str | None
@@ -121,6 +154,7 @@ class RunPhases:
     change_points: list[int] = field(default_factory=list)
     performance_metric: str | None = None
     note: str | None = None
+    seq_mean: dict | None = None
 
     @property
     def collapse(self) -> dict | None:
@@ -152,6 +186,8 @@ class RunPhases:
             "change_points": list(self.change_points),
             "method": "PELT, piecewise-linear least squares, BIC penalty 3*sigma^2*log(n)",
             "note": self.note,
+            "entropy_definition": ENTROPY_DEFINITION,
+            "entropy_seq_mean": self.seq_mean,
         }
 
 
@@ -193,16 +229,10 @@ def _plain(row: dict) -> dict:
 def noise_scale(values: np.ndarray) -> float:
     """Robust noise scale of a curve (see the module docstring); 0 for a constant curve."""
     values = np.asarray(values, dtype=float)
-    n = len(values)
-    spread = float(values.max() - values.min()) if n else 0.0
-    if n < 2 or spread == 0:
+    spread = float(values.max() - values.min()) if len(values) else 0.0
+    if len(values) < 2 or spread == 0:
         return 0.0
-    by_difference = np.median(np.abs(np.diff(values))) / (0.6745 * math.sqrt(2))
-    window = max(5, (n // 10) | 1)
-    smooth = pd.Series(values).rolling(window, center=True, min_periods=1).median().to_numpy()
-    residual = values - smooth
-    by_residual = 1.4826 * np.median(np.abs(residual - np.median(residual)))
-    return float(max(by_difference, by_residual, 0.01 * spread))
+    return max(residual_scatter(values), 0.01 * spread)
 
 
 def change_points(steps: np.ndarray, values: np.ndarray, sigma: float) -> list[int]:
@@ -293,35 +323,82 @@ def label_segments(steps: np.ndarray, values: np.ndarray, bounds: Sequence[int],
             if jump["label"] != "plateau":
                 segments.append(jump)
         seg["label"] = _label(seg, extent, span, sigma)
+        _keep_sustained(seg, steps, values, sigma)   # before merging plateaus together
         segments.append(seg)
     segments = _merge_same(steps, values, segments)
     for seg in segments:
         if seg["label"] == "rapid_collapse" and \
                 seg["first"] - seg["last"] < COLLAPSE_DROP * extent:
             seg["label"] = "slow_decline"
+    start_level = float(np.median(values[:ROBUST_POINTS]))
+    for seg in segments:
+        if seg["label"] in ("rapid_collapse", "slow_decline") and start_level > 0 and \
+                seg["first"] >= RECOVERY_FACTOR * start_level:
+            seg["label"] = "recovery"
     segments = _merge_same(steps, values, segments)
-    return pd.DataFrame(
-        [{"start_step": int(steps[s["i0"]]), "end_step": int(steps[s["i1"] - 1]),
-          "label": s["label"], "start_entropy": s["first"], "end_entropy": s["last"],
-          "slope": s["slope"]} for s in segments], columns=SEGMENT_COLUMNS)
+    return pd.DataFrame([_observed(s, steps, values) for s in _disjoint(segments)],
+                        columns=SEGMENT_COLUMNS)
+
+
+def _keep_sustained(seg: dict, steps, values, sigma: float) -> None:
+    """Relabel a plateau whose own trend is real and large for its level (module docstring
+    of :data:`SUSTAINED_SHARE`)."""
+    if seg["label"] != "plateau" or seg.get("jump") or sigma == 0:
+        return
+    x = steps[seg["i0"]:seg["i1"]].astype(float)
+    if len(x) < MIN_POINTS or x[-1] == x[0]:
+        return
+    se = sigma / math.sqrt(float(((x - x.mean()) ** 2).sum())) * (x[-1] - x[0])
+    change = seg["last"] - seg["first"]
+    level = float(np.median(values[seg["i0"]:seg["i0"] + ROBUST_POINTS]))
+    if abs(change) > 2 * se and level > 0 and abs(change) >= SUSTAINED_SHARE * level:
+        seg["label"] = "rise" if change > 0 else "slow_decline"
+
+
+def _disjoint(segments: list[dict]) -> list[dict]:
+    """Segments that share no point: a jump between two segments takes their touching
+    points, and the neighbours give them up (each keeps at least one point)."""
+    out = [dict(s) for s in segments]
+    for k in range(1, len(out)):
+        left, right = out[k - 1], out[k]
+        if right["i0"] < left["i1"]:
+            if left["i1"] - 1 > left["i0"] and (right.get("jump") or not left.get("jump")):
+                left["i1"] = right["i0"]
+            else:
+                right["i0"] = left["i1"]
+    return [s for s in out if s["i1"] > s["i0"]]
+
+
+def _observed(seg: dict, steps, values) -> dict:
+    """A segment's row: observed (median) entropies at its ends, the fitted slope."""
+    part = values[seg["i0"]:seg["i1"]]
+    # a short segment's ends must not share points: at most half of it at each end
+    k = max(1, min(ROBUST_POINTS, len(part) // 2))
+    return {"start_step": int(steps[seg["i0"]]), "end_step": int(steps[seg["i1"] - 1]),
+            "label": seg["label"], "start_entropy": float(np.median(part[:k])),
+            "end_entropy": float(np.median(part[-k:])), "slope": seg["slope"]}
 
 
 # -- summary numbers -------------------------------------------------------------------------
 def _performance_plateau(perf: pd.DataFrame | None) -> tuple[bool | None, str]:
-    """Whether performance has plateaued (None when it cannot be judged) and why."""
+    """Whether performance has plateaued beyond its noise (None when it cannot be judged or
+    the noise is too large to tell) and why (:func:`entropylens.analysis.noise.trend_change`
+    over the recent window, residual-scatter noise, flat within PLATEAU_GAIN of the
+    metric's range)."""
     if perf is None or len(perf) < MIN_POINTS:
         return None, "no reward or accuracy curve with 3 or more points"
     name = perf["metric"].iloc[0]
-    tail = perf.tail(max(MIN_POINTS, math.ceil(len(perf) / 4)))
-    steps = tail["step"].to_numpy(dtype=float)
-    values = tail["value"].to_numpy(dtype=float)
-    slope, first, last = _line(steps, values)
-    gain = last - first
-    extent = float(perf["value"].max() - perf["value"].min())
-    flat = gain < PLATEAU_GAIN * extent if extent > 0 else True
-    text = (f"{name} changed by {gain:+.3f} over its last {len(tail)} points "
-            f"(steps {int(steps[0])}-{int(steps[-1])}; range over the run {extent:.3f})")
-    return flat, text
+    values = perf["value"].to_numpy(dtype=float)
+    noise = curve_noise(values)
+    change = trend_change(perf["step"].to_numpy(), values, noise,
+                          PLATEAU_GAIN * metric_range(values))
+    text = (f"{name} changed by {change.estimate:+.3f} ± {2 * change.se:.3f} over steps "
+            f"{change.start_step}-{change.end_step} ({noise.describe()}): "
+            f"{change.verdict}")
+    if change.verdict == "inconclusive":
+        return None, text
+    # falling is no better than flat for the alarm: no gain left from the collapsed entropy
+    return change.verdict in ("flat", "fall"), text
 
 
 def _empty(run: str | None, note: str, *, start: float | None = None,
@@ -405,6 +482,22 @@ def analyse_curve(steps: Sequence[float], entropy: Sequence[float], *,
                      change_points=change, performance_metric=metric, note=note)
 
 
+def seq_mean_summary(curve: pd.DataFrame) -> dict | None:
+    """Summary numbers of a curve's ``entropy_seq_mean`` (None without that definition)."""
+    if "entropy_seq_mean" not in curve:
+        return None
+    seq = curve.dropna(subset=["entropy_seq_mean"])
+    if len(seq) < MIN_POINTS:
+        return None
+    other = analyse_curve(seq["step"], seq["entropy_seq_mean"])
+    return {"definition": "entropy_seq_mean: mean over sequences of each sequence's token "
+                          "mean (arXiv 2505.22617, Eq. 5)",
+            "start_entropy": _num(other.start_entropy), "floor": _num(other.floor),
+            "total_drop": _num(other.total_drop),
+            "early_drop_fraction": _num(other.early_drop_fraction),
+            "arrival_step": other.arrival_step}
+
+
 def phases(store: Store | str, runs: str | Sequence[str] | None = None, *,
            engine: str = "local", **engine_options) -> Phases:
     """Collapse phases of each run's policy-entropy curve.
@@ -438,6 +531,8 @@ def phases(store: Store | str, runs: str | Sequence[str] | None = None, *,
             perf = performance(store, run)
         except EntropylensError:
             perf = None
-        results.append(analyse_curve(curve["step"], curve["entropy"], perf=perf, run=run,
-                                     source=str(curve["source"].iloc[0])))
+        item = analyse_curve(curve["step"], curve["entropy"], perf=perf, run=run,
+                             source=str(curve["source"].iloc[0]))
+        item.seq_mean = seq_mean_summary(curve)
+        results.append(item)
     return Phases(runs=results)

@@ -23,6 +23,16 @@ performance point at step ``s`` takes:
 
 The result's ``join`` counts each case.
 
+Quality gate
+------------
+The ceiling ``b - a`` is stated only when the fit passes every test: R² at least
+:data:`MIN_R2`, ``a > 0`` (performance falls as entropy rises), at least
+:data:`MIN_FIT_POINTS` points, and ``a`` and ``b`` identified: the bootstrap interval of ``a``
+excludes 0 and the ceiling's interval is narrower than the metric's range (1 for a fraction,
+else the range it covered). Otherwise ``ceiling`` is None everywhere (JSON ``null``) and
+``ceiling_reason`` says why. ``above_ceiling`` counts the observations above a stated
+ceiling. The early prediction's RMSE is also given as a share of the metric's range.
+
 Uncertainty and early prediction
 --------------------------------
 ``a_ci``, ``b_ci`` and ``ceiling_ci`` are bootstrap 95% percentile intervals: the points
@@ -44,9 +54,22 @@ import pandas as pd
 from ..errors import EntropylensError
 from ..store import Store
 from .curves import entropy_label, open_store, performance, policy_entropy
+from .noise import metric_range
 
 #: Fewer points than this cannot be fitted with a residual left to judge the fit.
 MIN_POINTS = 3
+#: The quality gate (one for the CLI, JSON, figures and report): below it no ceiling is
+#: stated anywhere. A fit explaining less than half the variance describes noise ...
+MIN_R2 = 0.5
+#: ... and five points leave two degrees of freedom after a and b plus a residual to judge.
+MIN_FIT_POINTS = 5
+#: The early prediction is "good" when its RMSE is within this share of the metric's range.
+EARLY_GOOD_SHARE = 0.05
+#: The entropy H of the fit (the sequence-mean fit is reported beside it).
+X_DEFINITION = "entropy_token_mean: token mean per training step"
+SEQ_DEFINITION = ("entropy_seq_mean: mean over sequences of each sequence's token mean "
+                  "(arXiv 2505.22617, Eq. 5)")
+CEILING_MEANING = "fitted performance at zero entropy (b - a), an extrapolation of the law"
 EARLY_FRACTION = 0.15
 BOOTSTRAP = 1000
 
@@ -100,6 +123,9 @@ class SaturationFit:
     data: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["step", "H", "R"]))
     notes: list[str] = field(default_factory=list)
     error: str | None = None
+    ceiling_reason: str | None = None
+    above_ceiling: int | None = None
+    seq_mean_fit: dict | None = None
 
     def predict(self, h) -> np.ndarray | float:
         """Predicted performance at entropy ``h`` (a number or an array)."""
@@ -116,7 +142,10 @@ class SaturationFit:
                "ceiling_ci": _pair(self.ceiling_ci), "rmse": _num(self.rmse),
                "early": {k: (_num(v) if isinstance(v, float) else v)
                          for k, v in self.early.items()},
-               "join": dict(self.join), "notes": list(self.notes)}
+               "join": dict(self.join), "notes": list(self.notes),
+               "ceiling_reason": self.ceiling_reason, "ceiling_meaning": CEILING_MEANING,
+               "above_ceiling": self.above_ceiling, "x_definition": X_DEFINITION,
+               "entropy_seq_mean_fit": self.seq_mean_fit}
         if self.error is not None:
             out["error"] = self.error
         return out
@@ -220,10 +249,40 @@ def fit_arrays(h: Sequence[float], r: Sequence[float], *, steps: Sequence[int] |
             early.update(rmse=float(np.sqrt(np.mean(rest ** 2))), a=ea, b=eb)
         except EntropylensError as exc:
             early["reason"] = exc.message
-    return SaturationFit(run=None, x=None, y=None, a=a, b=b, ceiling=b - a, r2=r2, n=len(h),
-                         a_ci=a_ci, b_ci=b_ci, ceiling_ci=ceiling_ci,
-                         rmse=float(np.sqrt(np.mean(residual ** 2))), early=early,
-                         data=pd.DataFrame({"step": steps.astype("int64"), "H": h, "R": r}))
+    scale = metric_range(r)
+    if early.get("rmse") is not None and scale > 0:
+        early.update(range=scale, rmse_share_of_range=early["rmse"] / scale,
+                     good=early["rmse"] / scale <= EARLY_GOOD_SHARE)
+    fit = SaturationFit(run=None, x=None, y=None, a=a, b=b, ceiling=b - a, r2=r2, n=len(h),
+                        a_ci=a_ci, b_ci=b_ci, ceiling_ci=ceiling_ci,
+                        rmse=float(np.sqrt(np.mean(residual ** 2))), early=early,
+                        data=pd.DataFrame({"step": steps.astype("int64"), "H": h, "R": r}))
+    reason = ceiling_gate(fit, scale)
+    if reason is not None:
+        fit.ceiling = fit.ceiling_ci = None
+        fit.ceiling_reason = reason
+    else:
+        fit.above_ceiling = int((r > fit.ceiling).sum())
+    return fit
+
+
+def ceiling_gate(fit: SaturationFit, scale: float) -> str | None:
+    """Why the fit states no ceiling (the quality gate of the module docstring), or None."""
+    reasons = []
+    if fit.n < MIN_FIT_POINTS:
+        reasons.append(f"{fit.n} points (at least {MIN_FIT_POINTS})")
+    if fit.r2 is None or fit.r2 < MIN_R2:
+        reasons.append("R² " + ("undefined" if fit.r2 is None else f"{fit.r2:.3g}")
+                       + f" < {MIN_R2}")
+    if fit.a is None or fit.a <= 0:
+        reasons.append("a ≤ 0: performance does not fall as entropy rises")
+    elif fit.a_ci is not None and fit.a_ci[0] <= 0:
+        reasons.append(f"a's 95% interval [{fit.a_ci[0]:.3g}, {fit.a_ci[1]:.3g}] includes 0: "
+                       "a and b are not identified")
+    if fit.ceiling_ci is not None and scale > 0 and \
+            fit.ceiling_ci[1] - fit.ceiling_ci[0] > scale:
+        reasons.append("the ceiling's 95% interval is wider than the metric's range")
+    return "; ".join(reasons) or None
 
 
 # -- joining a run's curves ------------------------------------------------------------------
@@ -292,7 +351,27 @@ def fit_curves(curve: pd.DataFrame, perf: pd.DataFrame, *, run: str | None = Non
     fit.y = perf.attrs["metric"] + (" (percent / 100)" if perf.attrs.get("scaled") else "")
     fit.join = counts
     fit.notes = notes
+    fit.seq_mean_fit = _seq_mean_fit(curve, perf, bootstrap=bootstrap, seed=seed,
+                                     early_fraction=early_fraction)
     return fit
+
+
+def _seq_mean_fit(curve: pd.DataFrame, perf: pd.DataFrame, **options) -> dict | None:
+    """The law fitted with the other definition of H, the sequence mean (arXiv 2505.22617,
+    Eq. 5), under the same quality gate; None when the curve does not have it."""
+    if "entropy_seq_mean" not in curve:
+        return None
+    seq = curve.dropna(subset=["entropy_seq_mean"])
+    if len(seq) < MIN_POINTS:
+        return None
+    data, _ = join_curves(seq.assign(entropy=seq["entropy_seq_mean"]), perf)
+    try:
+        other = fit_arrays(data["H"], data["R"], steps=data["step"], **options)
+    except EntropylensError as exc:
+        return {"x_definition": SEQ_DEFINITION, "error": exc.message}
+    return {"x_definition": SEQ_DEFINITION, "a": _num(other.a), "b": _num(other.b),
+            "ceiling": _num(other.ceiling), "ceiling_reason": other.ceiling_reason,
+            "r2": _num(other.r2), "n": other.n, "above_ceiling": other.above_ceiling}
 
 
 def fit_saturation(store: Store | str, run: str | Sequence[str] | None = None, *,

@@ -13,6 +13,7 @@ PHASE_COLORS = {
     "slow_decline": "#ff9896",
     "plateau": "#c7c7c7",
     "rise": "#98df8a",
+    "recovery": "#c5b0d5",
 }
 ENTROPY_COLOR = "#1f4e79"
 PERFORMANCE_COLOR = "#2ca02c"

@@ -75,14 +75,18 @@ def saturation_fit(fit, *, band: bool = True, color=None, ax=None):
                             label="interval band", gid="band")
     ax.plot(grid, np.asarray(fit.predict(grid), dtype=float), color=color, lw=1.8,
             label=f"{law_label(fit.a, fit.b)}  (R² {_r2(fit.r2)})", gid="law")
-    ax.axhline(fit.ceiling, color="#d62728", ls="--", lw=1.1, gid="ceiling",
-               label=f"predicted ceiling at H = 0: {fit.ceiling:.3g}")
-    ax.plot([0.0], [fit.ceiling], marker="*", ms=12, color="#d62728", zorder=4)
+    if fit.ceiling is not None:   # None: the fit failed its quality gate (ceiling_reason)
+        ax.axhline(fit.ceiling, color="#d62728", ls="--", lw=1.1, gid="ceiling",
+                   label=f"fitted performance at H = 0: {fit.ceiling:.3g}")
+        ax.plot([0.0], [fit.ceiling], marker="*", ms=12, color="#d62728", zorder=4)
+    else:
+        ax.set_title(f"no ceiling: {fit.ceiling_reason}", fontsize=8, loc="left")
     ax.set_xlabel(f"H: {fit.x}" if getattr(fit, "x", None) else "policy entropy H")
     ax.set_ylabel(f"R: {fit.y}" if getattr(fit, "y", None) else "performance R")
     ax.set_xlim(left=0)
     # frame the measured points and the ceiling; the band may run far beyond them
-    shown = np.concatenate([data["R"].to_numpy(dtype=float), [float(fit.ceiling)]])
+    ceiling = [] if fit.ceiling is None else [float(fit.ceiling)]
+    shown = np.concatenate([data["R"].to_numpy(dtype=float), ceiling])
     shown = shown[np.isfinite(shown)]
     if len(shown):
         low, high = float(shown.min()), float(shown.max())

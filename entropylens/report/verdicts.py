@@ -7,8 +7,10 @@ Rules (the thresholds are the phases analysis's where it has them):
   the arrival step, the share in the first twelfth of training and the fastest-falling
   segment.
 - **declined**: the curve falls by more than twice its noise but does not collapse.
-- **rose**: the floor is more than 10% above the start; **held steady** otherwise.
-- the saturation law predicts a ceiling only when it fits (R² ≥ 0.5 and a > 0);
+- the saturation law predicts a ceiling only when the fit passes its quality gate
+  (:func:`entropylens.analysis.saturation.ceiling_gate`);
+- whether the run learns, has plateaued or exploded is the diagnosis' (its ``findings()``,
+  :mod:`entropylens.analysis.diagnose`), judged beyond noise: no rule here says it.
 - the forking tokens, planning/execution, covariance, run comparison and
   data-quality checks each give one sentence when their analysis is available.
 """
@@ -25,12 +27,9 @@ from ..plots._display import token_label
 from .collect import Results, RunResults
 
 COLLAPSED_SHARE = 0.25
-RISE_SHARE = 0.10
 EARLY_FRACTION = 1 / 12
 #: Verdicts that answer the report's first questions; shown before the figures.
 KEY_KINDS = ("alarm", "entropy", "fit", "forking", "compare")
-#: Below this R² (or with a ≤ 0) the saturation law is said not to describe the run.
-MIN_R2 = 0.5
 #: Verdicts listed from data-quality checks before the rest are counted.
 MAX_QUALITY = 5
 
@@ -65,7 +64,7 @@ def _f(value, digits: int = 2) -> str:
 
 
 def entropy_verdict(entry: RunResults, anchor: str) -> Verdict | None:
-    """Collapsed, declined, rose or held steady, with when and how fast."""
+    """Collapsed or declined, with when and how fast (None otherwise: the diagnosis says)."""
     curve_part, phases_part = entry.part("curve"), entry.part("phases")
     if not curve_part.ok:
         return None
@@ -111,19 +110,10 @@ def entropy_verdict(entry: RunResults, anchor: str) -> Verdict | None:
                 f"lower) without collapsing")
         if arrival is not None:
             text += f"; within 10% of its floor from step {arrival}"
-    elif start > 0 and floor > (1 + RISE_SHARE) * start:
-        text = f"entropy rose from {_f(start)} to {_f(floor)} nats"
     else:
-        text = f"entropy held steady: {_f(start)} nats at the start, {_f(floor)} at the end"
-    return Verdict(text, anchor, entry.run, "entropy", "info", numbers)
-
-
-def alarm_verdict(entry: RunResults, anchor: str) -> Verdict | None:
-    part = entry.part("phases")
-    if not part.ok or not getattr(part.value, "alarm", False):
+        # a rise or a steady entropy is the diagnosis' to judge (explosion, not learning)
         return None
-    return Verdict(part.value.alarm_message, anchor, entry.run, "alarm", "alarm",
-                   {"floor": part.value.floor, "arrival_step": part.value.arrival_step})
+    return Verdict(text, anchor, entry.run, "entropy", "info", numbers)
 
 
 def fit_verdict(entry: RunResults, anchor: str) -> Verdict | None:
@@ -131,19 +121,17 @@ def fit_verdict(entry: RunResults, anchor: str) -> Verdict | None:
     if not part.ok:
         return None
     fit = part.value
-    if not _finite(fit.ceiling):
-        return None
     numbers = {"a": fit.a, "b": fit.b, "ceiling": fit.ceiling, "r2": fit.r2, "n": fit.n,
-               "performance": fit.y}
-    if not _finite(fit.r2) or fit.r2 < MIN_R2 or fit.a <= 0:
-        why = (f"R² {_f(fit.r2)}" if _finite(fit.r2) else "no R²") + \
-            (f", a = {fit.a:.3g} ≤ 0: performance does not fall as entropy rises"
-             if fit.a <= 0 else "")
-        text = (f"the saturation law R = −a·exp(H) + b does not describe this run ({why}, "
-                f"{fit.n} points): no ceiling is predicted")
+               "performance": fit.y, "ceiling_reason": getattr(fit, "ceiling_reason", None)}
+    if not _finite(fit.ceiling):
+        # the fit's own quality gate (analysis.saturation.ceiling_gate) refused a ceiling
+        text = (f"the saturation law R = −a·exp(H) + b does not describe this run "
+                f"({getattr(fit, 'ceiling_reason', None) or 'no fit'}, {fit.n} points): no "
+                "ceiling is predicted")
         return Verdict(text, anchor, entry.run, "fit", "info", numbers)
     text = (f"the fitted saturation law R = −a·exp(H) + b predicts a ceiling of "
-            f"{_f(fit.ceiling)} {fit.y} at zero entropy (R² {_f(fit.r2)}, {fit.n} points)")
+            f"{_f(fit.ceiling)} {fit.y} (the fitted performance at zero entropy; R² "
+            f"{_f(fit.r2)}, {fit.n} points, {fit.above_ceiling} observations above it)")
     observed = fit.data["R"].dropna()
     if len(observed):
         best = float(observed.max())
@@ -292,7 +280,7 @@ def verdicts(results: Results, anchors: dict) -> list[Verdict]:
     out: list[Verdict] = []
     for entry in results.runs:
         a = anchors[entry.run]
-        for make, kind in ((alarm_verdict, "entropy"), (entropy_verdict, "entropy"),
+        for make, kind in ((entropy_verdict, "entropy"),
                            (fit_verdict, "fit"), (forking_verdict, "forking"),
                            (roles_verdict, "roles"), (covariance_verdict, "covariance")):
             verdict = make(entry, a[kind])
