@@ -174,7 +174,9 @@ def _print_summary(result) -> None:
             table.add_column(column, justify="right")
         steps = result.steps[result.steps["run"] == row.run]
         for step in steps.itertuples():
-            table.add_row(*[_fmt(v) for v in (step.step, step.tokens, step.entropy_token_mean,
+            # a run without training steps is one "step" of inference: labelled so
+            label = "inference" if _fmt(step.step) == "-" else step.step
+            table.add_row(*[_fmt(v) for v in (label, step.tokens, step.entropy_token_mean,
                                               step.entropy_seq_mean, step.p50, step.p80,
                                               step.frac_below_0_01)])
         console.print(table)

@@ -31,6 +31,10 @@ SAMPLES = {
         "verl_console",
     "real_runs/verl_gsm8k_ppo/gemma-2-2b-it-ppo-bsz512_4-prompt1024-resp-512-0.640.log":
         "verl_console",
+    "wild/deepclima_logging.jsonl": "ms_swift",
+    "wild/tangbinghao_swift_logging.jsonl": "ms_swift",
+    **{f"wild/tbreducer_duplicate_steps/run_{i + 1}/events.out.tfevents.1622966509."
+       f"janoshs-mbp.lan.86059.{i}": "tensorboard" for i in range(3)},
 }
 
 FIXTURE_FORMATS = {

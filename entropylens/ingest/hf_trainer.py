@@ -15,8 +15,14 @@ otherwise dicts are numbered 1, 2, 3... and the manifest says so
 ``'global_step/max_steps': 'N/M'``, which gives the step directly. Dict lines cut short are
 skipped and counted (``notes.malformed_lines``).
 
-``ms_swift`` reads ms-swift's ``logging.jsonl``: TRL-compatible keys plus
-``global_step/max_steps`` (``"2/4389"``), ``percentage``, ``elapsed_time`` and friends.
+``ms_swift`` reads ms-swift's ``logging.jsonl``, 3.x and 2.x. 3.x records hold TRL-compatible
+keys plus ``global_step/max_steps`` (``"2/4389"``), ``percentage``, ``elapsed_time`` and
+friends; 2.x records hold an integer ``global_step`` and are each written twice (the copies
+differ only in timing keys such as ``train_speed(iter/s)``), so a record repeating the
+previous one of its step is counted (``notes.duplicate_records``) and kept once. Both end
+with a summary record (``last_model_checkpoint``, ``best_metric``, the whole
+``log_history`` again): its scalar fields become run metadata (``notes.swift_summary``),
+its log history is not read a second time.
 """
 
 from __future__ import annotations
@@ -55,6 +61,8 @@ def _step_of(record: dict) -> int | None:
     step = to_float(record.get("step"))
     if step is not None:
         return int(step)
+    if isinstance(record.get("global_step"), int):  # ms-swift 2.x
+        return record["global_step"]
     swift = record.get(_SWIFT_STEP)
     if isinstance(swift, str) and "/" in swift:
         step = to_float(swift.split("/", 1)[0])
@@ -66,7 +74,7 @@ def _points(records: list[tuple[int, dict]]) -> tuple[list, list, list]:
     steps, keys, values = [], [], []
     for step, record in records:
         for key, value in record.items():
-            if key in ("step", _SWIFT_STEP):
+            if key in ("step", "global_step", _SWIFT_STEP):
                 continue
             number = to_float(value)
             if number is not None:
@@ -215,13 +223,41 @@ def read_console(path: Path, ctx) -> Iterator[Chunk]:
 
 
 # -- ms-swift logging.jsonl -----------------------------------------------------------------
+def _is_swift_record(record) -> bool:
+    """A 3.x record (``global_step/max_steps``) or a 2.x one (integer ``global_step``)."""
+    if not isinstance(record, dict):
+        return False
+    if _SWIFT_STEP in record:
+        return True
+    # a flat record: trainer_state.json also has an integer global_step, beside its lists
+    flat = all(not isinstance(v, (list, dict)) for v in record.values())
+    return (flat and isinstance(record.get("global_step"), int) and not isinstance(
+        record.get("global_step"), bool) and "step" not in record and _is_record(record))
+
+
 def sniff_swift(sample: Sample) -> float:
     record = sample.first_json()
-    return 0.95 if isinstance(record, dict) and _SWIFT_STEP in record else 0.0
+    if not _is_swift_record(record):
+        return 0.0
+    return 0.95 if _SWIFT_STEP in record else 0.9
+
+
+#: Keys that differ between the two copies of one ms-swift 2.x record.
+_TIMING = re.compile(r"(speed|runtime|per_second|elapsed|remaining|memory|percentage)",
+                     re.IGNORECASE)
+
+
+def _same_record(a: dict, b: dict) -> bool:
+    """Whether two records of one step agree on every key but timings."""
+    if set(a) != set(b):
+        return False
+    return all(a[k] == b[k] for k in a if not _TIMING.search(str(k)))
 
 
 def read_swift(path: Path, ctx) -> Iterator[Chunk]:
     records = []
+    last_of_step: dict[tuple, dict] = {}
+    duplicates = 0
     with ctx.open() as fh:
         for number, line in iter_lines(fh):
             try:
@@ -229,12 +265,26 @@ def read_swift(path: Path, ctx) -> Iterator[Chunk]:
             except ValueError:
                 ctx.reject(number, "not a JSON record (a line cut short?)")
                 continue
+            if isinstance(record, dict) and isinstance(record.get("log_history"), list):
+                # the end-of-training summary: run metadata, its history already read
+                ctx.note(swift_summary={k: v for k, v in record.items()
+                                        if k != "log_history" and (v is None or isinstance(
+                                            v, (str, int, float, bool)))})
+                continue
             step = _step_of(record) if isinstance(record, dict) else None
             if step is None:
-                ctx.reject(number, "no 'global_step/max_steps' (N/M) in the record",
-                           field=_SWIFT_STEP)
+                ctx.reject(number, "no 'global_step/max_steps' (N/M) or integer "
+                           "'global_step' in the record", field=_SWIFT_STEP)
                 continue
+            key = (step, frozenset(record))
+            previous = last_of_step.get(key)
+            if previous is not None and _same_record(previous, record):
+                duplicates += 1  # ms-swift 2.x writes every record twice
+                continue
+            last_of_step[key] = record
             records.append((step, record))
+    if duplicates:
+        ctx.note(duplicate_records=duplicates)
     ctx.note(framework="ms-swift", step_source="logged")
     steps, keys, values = _points(records)
     yield Chunk("metrics", metric_table(steps, keys, values, path=path, ctx=ctx))
@@ -259,7 +309,8 @@ register(Format(
 
 register(Format(
     name="ms_swift",
-    description="ms-swift logging.jsonl (global_step/max_steps records): step metrics",
+    description="ms-swift 2.x/3.x logging.jsonl (global_step or global_step/max_steps "
+                "records): step metrics",
     sniff=sniff_swift,
     read=read_swift,
     produces=("metrics",),

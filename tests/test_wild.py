@@ -1,0 +1,153 @@
+"""Real files from public repositories that broke entropylens (``../shared/samples/wild``),
+checked against an independent parse of the same file (``tests/fixtures/wild`` holds copies)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+import entropylens as el
+from entropylens.cli import app
+from entropylens.ingest.openai import _most_likely_first
+
+WILD = Path(__file__).resolve().parent / "fixtures" / "wild"
+runner = CliRunner()
+
+
+def _ingest(source, tmp_path, **options):
+    store = tmp_path / "store"
+    runs = el.ingest(source, store, progress=False, **options)
+    return el.open(store), runs
+
+
+# -- vLLM chat response without training step (gonka) --------------------------------------
+def test_vllm_rows_of_k_keep_every_alternative(tmp_path):
+    source = WILD / "gonka_inference_response.json"
+    store, (run,) = _ingest(source, tmp_path)
+    tokens = store.read_tokens(run).to_pandas().sort_values("position")
+    content = json.loads(source.read_text())["choices"][0]["logprobs"]["content"]
+    assert len(tokens) == len(content) == 100
+    for row, c in zip(tokens.itertuples(), content):
+        pairs = sorted(((a["logprob"], a["token"]) for a in c["top_logprobs"]),
+                       key=lambda p: -p[0])
+        # every row holds k = 3 entries, so the sampled token listed first is a real one
+        assert len(row.top_logprobs) == 3
+        np.testing.assert_allclose(row.top_logprobs, [p[0] for p in pairs], rtol=1e-6)
+        assert sorted(row.top_tokens) == sorted(p[1] for p in pairs)
+    manifest = store.manifest(run)
+    assert manifest["top_k"] == 3
+    assert "dropped_sampled_alternatives" not in manifest.get("notes", {})
+    # position 2 (' the', itself the third most likely) keeps its tail mass at 0.02
+    tail = 1 - np.exp(tokens.iloc[2].top_logprobs).sum()
+    assert tail == pytest.approx(1 - sum(math.exp(a["logprob"])
+                                         for a in content[2]["top_logprobs"]), abs=1e-6)
+    assert tail < 0.05
+
+
+def test_sampled_token_added_beyond_k_is_dropped():
+    # a row of k + 1 entries: the sampled token, listed first, lies outside the top k
+    logprobs, tokens = _most_likely_first([-5.0, -0.1, -1.0, -2.0], ["s", "a", "b", "c"],
+                                          "s", 3)
+    assert tokens == ["a", "b", "c"] and logprobs == [-0.1, -1.0, -2.0]
+    # a row of k entries: the sampled token is one of the top k and stays, in order
+    logprobs, tokens = _most_likely_first([-1.5, -0.1, -1.0], ["s", "a", "b"], "s", 3)
+    assert tokens == ["a", "b", "s"]
+
+
+def test_inference_only_run_summary_forks_roles_and_report(tmp_path):
+    store, (run,) = _ingest(WILD / "gonka_inference_response.json", tmp_path)
+    path = str(store.path)
+    summary = runner.invoke(app, ["summary", path, "--json"])
+    assert summary.exit_code == 0, summary.output
+    steps = json.loads(summary.stdout)["steps"]
+    assert len(steps) == 1 and steps[0]["step"] is None and steps[0]["tokens"] == 100
+    shown = runner.invoke(app, ["summary", path])
+    assert "inference" in shown.stdout
+    for command in (["forks", path, "--json"], ["roles", path, "--json"]):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 0, result.output
+    report = runner.invoke(app, ["report", path, "--out", str(tmp_path / "report")])
+    assert report.exit_code == 0, report.output
+    assert (tmp_path / "report" / "index.html").is_file()
+    # the quantiles figure that used to crash on a run without steps is drawn
+    figures = sorted(p.name for p in (tmp_path / "report" / "figures").iterdir())
+    assert any(name.startswith("quantiles-") for name in figures), figures
+
+
+@pytest.mark.parametrize("command", ["fit", "phases"])
+def test_inference_only_run_step_commands_say_why_in_one_line(tmp_path, command):
+    store, _ = _ingest(WILD / "gonka_inference_response.json", tmp_path)
+    result = runner.invoke(app, [command, str(store.path)])
+    assert result.exit_code == 1
+    message = result.output.strip()
+    assert "\n" not in message and "inference tokens only" in message
+    assert "training steps" in message and "--alias" not in message
+
+
+# -- ms-swift 3.x and 2.x -------------------------------------------------------------------
+def _swift_truth(path: Path):
+    """Independent parse: (step, key) -> value of the numeric fields, summary record apart."""
+    points, summary = {}, None
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        if "log_history" in record:
+            summary = record
+            continue
+        step = record.get("global_step")
+        if not isinstance(step, int):
+            step = int(record["global_step/max_steps"].split("/")[0])
+        for key, value in record.items():
+            if isinstance(value, (int, float)) and key != "global_step":
+                points[(step, key)] = value  # the last logged wins, as in the store
+    return points, summary
+
+
+def _stored_points(store, run):
+    metrics = store.read_metrics(run)
+    return {(int(r.step), r.raw_key): r.value for r in metrics.itertuples()}
+
+
+def test_swift_3x_reads_every_record_and_keeps_the_summary(tmp_path):
+    source = WILD / "deepclima_logging.jsonl"
+    store, (run,) = _ingest(source, tmp_path)
+    truth, summary = _swift_truth(source)
+    stored = _stored_points(store, run)
+    # the last record per (step, key) wins in the store; the 3.x file has no repeats
+    assert set(stored) == set(truth)
+    for key, value in truth.items():
+        assert stored[key] == pytest.approx(value, rel=1e-9)
+    manifest = store.manifest(run)
+    assert manifest["sources"][0]["format"] == "ms_swift"
+    kept = manifest["notes"]["swift_summary"]
+    assert kept["best_metric"] == summary["best_metric"]
+    assert kept["last_model_checkpoint"] == summary["last_model_checkpoint"]
+    assert manifest["rejected"]["count"] == 0
+    assert max(s for s, _ in stored) == 438
+
+
+def test_swift_2x_integer_global_step_records_once(tmp_path, shared_samples):
+    source = shared_samples / "wild" / "tangbinghao_swift_logging.jsonl"
+    store, (run,) = _ingest(source, tmp_path)
+    lines = source.read_text().splitlines()
+    truth, summary = _swift_truth(source)
+    stored = _stored_points(store, run)
+    assert set(stored) == set(truth)
+    for key, value in truth.items():
+        if "speed" not in key[1] and "runtime" not in key[1] and "per_second" not in key[1]:
+            assert stored[key] == pytest.approx(value, rel=1e-9)
+    manifest = store.manifest(run)
+    assert manifest["sources"][0]["format"] == "ms_swift"
+    # every record but the two last-step ones is written twice
+    records = [json.loads(line) for line in lines[:-1]]
+    assert manifest["notes"]["duplicate_records"] == len(records) - len(
+        {(r["global_step"], tuple(sorted(r))) for r in records}) == 2958
+    assert manifest["notes"]["swift_summary"]["global_step"] == summary["global_step"]
+    assert manifest["counts"]["metrics"] == len(truth)
+    forced = el.ingest(source, tmp_path / "forced", format="ms_swift", progress=False)
+    assert forced == [run]
