@@ -151,3 +151,70 @@ def test_swift_2x_integer_global_step_records_once(tmp_path, shared_samples):
     assert manifest["counts"]["metrics"] == len(truth)
     forced = el.ingest(source, tmp_path / "forced", format="ms_swift", progress=False)
     assert forced == [run]
+
+
+# -- TRL console output (juncylu): steps from the progress bar ------------------------------
+JUNCYLU = WILD / "juncylu_run_terminal_20251022_181457.md"
+
+
+def _console_dicts(text: str) -> list[dict]:
+    """Independent parse: every printed metrics dict, in file order."""
+    import ast
+    import re
+    return [ast.literal_eval(m.group(0)) for m in re.finditer(r"\{'loss'[^\n]*?\}(?=\s)", text)]
+
+
+def _points_of(dicts, steps):
+    return {(step, key): float(value) for d, step in zip(dicts, steps)
+            for key, value in d.items() if isinstance(value, (int, float))}
+
+
+def test_trl_console_steps_come_from_the_progress_bar(tmp_path):
+    text = JUNCYLU.read_bytes().decode("utf-8", "replace")
+    dicts = _console_dicts(text)
+    assert len(dicts) == 3
+    store, (run,) = _ingest(JUNCYLU, tmp_path)
+    # logging_steps=10: the bar after each dict reads 10/43, 20/43, 30/43
+    assert _stored_points(store, run) == _points_of(dicts, [10, 20, 30])
+    assert store.manifest(run)["notes"]["step_source"] == "progress_bar"
+    entropy = store.read_metrics(run, pivot=True)["policy_entropy"]
+    assert entropy.index.tolist() == [10, 20, 30]
+    assert entropy.tolist() == [d["entropy"] for d in dicts]
+
+
+def test_trl_console_dict_wrapped_over_lines_is_joined(tmp_path):
+    raw = JUNCYLU.read_bytes()
+    start = raw.index(b"{'loss'")
+    cut = raw.index(b"'entropy'", start)
+    wrapped = tmp_path / "wrapped.log"
+    wrapped.write_bytes(raw[:cut] + b"\n" + raw[cut:])
+    store, (run,) = _ingest(wrapped, tmp_path)
+    dicts = _console_dicts(JUNCYLU.read_bytes().decode("utf-8", "replace"))
+    assert _stored_points(store, run) == _points_of(dicts, [10, 20, 30])
+    notes = store.manifest(run)["notes"]
+    assert notes["joined_wrapped_dicts"] == 1 and "malformed_lines" not in notes
+
+
+def test_trl_console_appended_runs_become_runs_of_their_own(tmp_path):
+    appended = tmp_path / "twice.log"
+    appended.write_bytes(JUNCYLU.read_bytes() + b"\n" + JUNCYLU.read_bytes())
+    store, runs = _ingest(appended, tmp_path)
+    assert runs == ["twice", "twice-2"]
+    dicts = _console_dicts(JUNCYLU.read_bytes().decode("utf-8", "replace"))
+    for run in runs:
+        assert _stored_points(store, run) == _points_of(dicts, [10, 20, 30])
+    notes = store.manifest("twice")["notes"]
+    lines = appended.read_bytes().count(b"\n", 0, appended.read_bytes().rindex(b"# Training"))
+    assert [r["run"] for r in notes["appended_runs"]] == [1, 2]
+    assert notes["appended_runs"][1]["first_line"] > lines
+
+
+def test_trl_console_without_a_bar_uses_logging_steps(tmp_path):
+    dicts = _console_dicts(JUNCYLU.read_bytes().decode("utf-8", "replace"))
+    source = tmp_path / "dicts.log"
+    source.write_text("TrainingArguments(\nlogging_steps=10,\n)\n"
+                      + "\n".join(repr(d) for d in dicts) + "\n")
+    store, (run,) = _ingest(source, tmp_path)
+    assert _stored_points(store, run) == _points_of(dicts, [10, 20, 30])
+    notes = store.manifest(run)["notes"]
+    assert notes["step_source"] == "logging_steps" and notes["trainer_logging_steps"] == 10

@@ -252,6 +252,10 @@ def _split_runs(data: pa.Table, base: str | None, explicit: bool) -> Iterator[tu
         if key is None:
             yield None, rows
             continue
+        if str(key).startswith(registry.APPENDED_RUN):
+            # a run appended to the same log as the default run: NAME-2, NAME-3...
+            yield f"{(base or 'run')[:190]}-{str(key)[len(registry.APPENDED_RUN):]}", rows
+            continue
         sub = re.sub(r"[^A-Za-z0-9._+=@-]+", "-", str(key)).strip("-.") or "run"
         name = f"{base}-{sub}" if explicit and base else sub
         if not name[0].isalnum():

@@ -36,7 +36,7 @@ from ..aliases import canonical_metric
 from ..errors import FormatError
 from ._io import iter_lines
 from ._tracking import metric_table, python_literal, text_lines, to_float
-from .registry import Chunk, Format, Sample, register
+from .registry import Chunk, Format, Sample, appended_run, register
 
 #: Keys that make a dict a Trainer log record.
 _TRAINER_KEYS = {"loss", "learning_rate", "grad_norm", "epoch", "eval_loss", "train_runtime",
@@ -171,15 +171,74 @@ def sniff_console(sample: Sample) -> float:
     return 0.0
 
 
+#: A tqdm bar position (``10/43 [``) and tqdm clearing its bar to print a message.
+_BAR_OR_CLEAR = re.compile(r"(?P<n>\d+)/(?P<total>\d+) \[|(?P<clear>\r[ \t]+\r)")
+#: ``logging_steps`` as printed with the training arguments (``logging_steps=10``).
+_LOGGING_STEPS = re.compile(r"""\blogging_steps['"]?\s*[=:]\s*(\d+)""")
+#: How many lines a dict wrapped over several lines may span.
+_WRAP_LINES = 20
+
+
+def _bar_clears(line: str, last_bar: int | None) -> tuple[list[int], int | None]:
+    """Bar positions at which tqdm cleared its bar on this line: each clear is at the bar's
+    last position shown before it, on this line or an earlier one (a script's own prints
+    may come between the bar and the clear)."""
+    clears = []
+    for match in _BAR_OR_CLEAR.finditer(line):
+        if match.group("clear"):
+            if last_bar is not None:
+                clears.append(last_bar)
+        else:
+            last_bar = int(match.group("n"))
+    return clears, last_bar
+
+
 def read_console(path: Path, ctx) -> Iterator[Chunk]:
-    records: list[tuple[int | None, dict]] = []
+    records: list[tuple[int | None, dict, int]] = []
     clears: list[int] = []
-    malformed, examples = 0, []
+    last_bar: int | None = None
+    logging_steps: int | None = None
+    malformed, examples, joined = 0, [], 0
+    pending: tuple[int, str, int] | None = None   # a dict cut by a line break: start, text
+
+    def bad(number: int, text: str) -> None:
+        nonlocal malformed
+        malformed += 1
+        if len(examples) < _EXAMPLES:
+            examples.append({"line": number, "text": text[:120]})
+
     with ctx.open() as fh:
-        for number, raw in iter_lines(fh):
-            line = raw.decode("utf-8", errors="replace")
-            if "\r" in line:
-                clears.extend(int(m.group(1)) for m in _TQDM_CLEAR.finditer(line))
+        # lines unstripped: tqdm's clear (\r, blanks, \r) often opens the dict's line
+        for number, raw in enumerate(fh, start=1):
+            line = raw.decode("utf-8", errors="replace").rstrip("\n")
+            if not line.strip():
+                continue
+            if logging_steps is None and "logging_steps" in line:
+                found = _LOGGING_STEPS.search(line)
+                logging_steps = int(found.group(1)) if found and int(found.group(1)) else None
+            if pending is not None and (_DICT_LINE.match(line.strip("\r \t"))
+                                        or _BAR_OR_CLEAR.search(line)):
+                bad(pending[0], pending[1])  # a new dict or the bar: the old one was cut
+                pending = None
+            if pending is not None:
+                # a dict wrapped over lines: join until it parses
+                start, text, lines = pending
+                text += line.strip()
+                try:
+                    record = python_literal(text[:text.rfind("}") + 1])
+                except ValueError:
+                    pending = (start, text, lines + 1) if lines + 1 < _WRAP_LINES else None
+                    if pending is None:
+                        bad(start, text)
+                    continue
+                pending = None
+                if _is_record(record):
+                    joined += 1
+                    records.append((_step_of(record), record, start))
+                continue
+            if "\r" in line or "/" in line:
+                found, last_bar = _bar_clears(line, last_bar)
+                clears.extend(found)
             if "{'" not in line:
                 continue
             for text in _dict_candidates(line):
@@ -187,39 +246,81 @@ def read_console(path: Path, ctx) -> Iterator[Chunk]:
                     record = python_literal(text)
                 except ValueError:
                     if _DICT_LINE.match(text):
-                        malformed += 1
-                        if len(examples) < _EXAMPLES:
-                            examples.append({"line": number, "text": text[:120]})
+                        if "}" not in text:
+                            pending = (number, text, 1)
+                        else:
+                            bad(number, text)
                     continue
                 if _is_record(record):
-                    records.append((_step_of(record), record))
+                    records.append((_step_of(record), record, number))
+    if pending is not None:
+        bad(pending[0], pending[1])
     if not records:
         raise FormatError("no Trainer log dicts ({'loss': ..., 'epoch': ...}) found",
                           path=path)
-    stepless = [i for i, (step, record) in enumerate(records)
+    stepless = [i for i, (step, record, _) in enumerate(records)
                 if step is None and _SUMMARY_KEY not in record]
+    # the summary record is printed through the bar too, in some logs with its own clear
+    written = [i for i, (step, _, _) in enumerate(records) if step is None]
     if not stepless:
         source = "logged"
-    elif len(clears) == len(stepless):
+    elif len(clears) in (len(stepless), len(written)):
         source = "progress_bar"
-        for i, step in zip(stepless, clears):
-            records[i] = (step, records[i][1])
+        for i, step in zip(stepless if len(clears) == len(stepless) else written, clears):
+            records[i] = (step, *records[i][1:])
+    elif logging_steps is not None:
+        source = "logging_steps"
+        for n, i in enumerate(stepless, start=1):
+            records[i] = (n * logging_steps, *records[i][1:])
     else:
         source = "record_index"
         for n, i in enumerate(stepless, start=1):
-            records[i] = (n, records[i][1])
+            records[i] = (n, *records[i][1:])
     # the summary record closes training: the step of the record before it
     last = 0
-    for i, (step, record) in enumerate(records):
+    for i, (step, record, number) in enumerate(records):
         if step is None:
-            records[i] = (last, record)
+            records[i] = (last, record, number)
         else:
             last = step
+    segments = _restarts(records)
     if malformed:
         ctx.note(malformed_lines=malformed, malformed_examples=examples)
+    if joined:
+        ctx.note(joined_wrapped_dicts=joined)
+    if len(segments) > 1:
+        ctx.note(appended_runs=[{"run": k + 1, "first_line": records[start][2]}
+                                for k, start in enumerate(segments)])
     ctx.note(framework="hf-trainer", step_source=source)
-    steps, keys, values = _points(records)
-    yield Chunk("metrics", metric_table(steps, keys, values, path=path, ctx=ctx))
+    if logging_steps is not None:
+        ctx.note(trainer_logging_steps=logging_steps)
+    steps, keys, values, runs = [], [], [], []
+    bounds = segments[1:] + [len(records)]
+    for k, (start, end) in enumerate(zip(segments, bounds)):
+        part = [(step, record) for step, record, _ in records[start:end]]
+        s, key, value = _points(part)
+        steps += s
+        keys += key
+        values += value
+        # later runs appended to the same log become runs of their own: NAME-2, NAME-3...
+        runs += [None if k == 0 else appended_run(k + 1)] * len(s)
+    yield Chunk("metrics", metric_table(steps, keys, values, path=path, ctx=ctx,
+                                        runs=runs if len(segments) > 1 else None))
+
+
+def _restarts(records: list[tuple[int, dict, int]]) -> list[int]:
+    """Indices where a run appended to the same log starts: training steps go back (the
+    progress bar or the step count restarted). The summary record, which repeats the last
+    step, ends a run rather than starting one."""
+    starts = [0]
+    previous = None
+    for i, (step, record, _) in enumerate(records):
+        if _SUMMARY_KEY in record:
+            continue
+        if previous is not None and step < previous:
+            starts.append(i)
+        previous = step
+    return starts
 
 
 # -- ms-swift logging.jsonl -----------------------------------------------------------------
