@@ -218,3 +218,31 @@ def test_trl_console_without_a_bar_uses_logging_steps(tmp_path):
     assert _stored_points(store, run) == _points_of(dicts, [10, 20, 30])
     notes = store.manifest(run)["notes"]
     assert notes["step_source"] == "logging_steps" and notes["trainer_logging_steps"] == 10
+
+
+# -- TensorBoard: a resumed run wrote steps twice (tensorboard-reducer's test runs) --------
+def test_tensorboard_repeated_steps_keep_the_later_value_and_are_told(tmp_path):
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.util import tensor_util
+
+    folder = WILD / "tbreducer_duplicate_steps"
+    store, runs = _ingest(folder, tmp_path)
+    assert runs == ["run_1", "run_2", "run_3"]
+    for run in runs:
+        (file,) = (folder / run).iterdir()
+        truth, repeated, logged = {}, 0, 0
+        for event in EventFileLoader(str(file)).Load():
+            for value in event.summary.value if event.HasField("summary") else ():
+                key = (event.step, value.tag)
+                repeated += key in truth
+                logged += 1
+                number = (value.simple_value if value.WhichOneof("value") == "simple_value"
+                          else float(tensor_util.make_ndarray(value.tensor)))
+                truth[key] = number  # the later value wins
+        assert repeated and logged == len(truth) + repeated
+        stored = _stored_points(store, run)
+        assert stored.keys() == truth.keys()
+        for key, value in truth.items():
+            assert stored[key] == pytest.approx(value, rel=1e-6)
+        notes = store.manifest(run)["notes"]["repeated_steps"]
+        assert notes[run]["points"] == repeated and notes[run]["kept"] == "later"
