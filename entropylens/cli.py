@@ -29,6 +29,12 @@ class OnError(str, Enum):
     skip = "skip"
 
 
+class OnDuplicate(str, Enum):
+    error = "error"
+    keep_first = "keep-first"
+    keep_last = "keep-last"
+
+
 class Engine(str, Enum):
     local = "local"
     ray = "ray"
@@ -112,6 +118,10 @@ def ingest(
     on_error: OnError = typer.Option(OnError.stop, "--on-error",
                                      help="Stop at the first bad record or skip bad records."),
     replace: bool = typer.Option(False, "--replace", help="Overwrite a run that exists."),
+    on_duplicate: OnDuplicate = typer.Option(
+        OnDuplicate.error, "--on-duplicate",
+        help="Token rows repeating a (step, sample, position) of the run: an error, or keep "
+             "the first or last ingested."),
     alias: Optional[List[str]] = typer.Option(None, "--alias",
                                               help="Metric alias RAW_KEY=CANONICAL."),
     aliases_file: Optional[Path] = typer.Option(
@@ -126,7 +136,7 @@ def ingest(
         runs = api.ingest(sources, out, run=run, format=format, mapping=_pairs(map, "--map"),
                           temperature=temperature, vocab_size=vocab_size,
                           on_error=on_error.value, replace=replace,
-                          aliases=aliases)
+                          aliases=aliases, on_duplicate=on_duplicate.value)
     store = api.open(out)
     for name in runs:
         manifest = store.manifest(name)

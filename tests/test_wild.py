@@ -246,3 +246,74 @@ def test_tensorboard_repeated_steps_keep_the_later_value_and_are_told(tmp_path):
             assert stored[key] == pytest.approx(value, rel=1e-6)
         notes = store.manifest(run)["notes"]["repeated_steps"]
         assert notes[run]["points"] == repeated and notes[run]["kept"] == "later"
+
+
+# -- one run per run -----------------------------------------------------------------------
+SAMPLE_LOGS = Path(__file__).resolve().parents[1] / "sample_logs"
+
+
+def test_folder_of_runs_becomes_one_run_per_subfolder(tmp_path):
+    store, runs = _ingest(SAMPLE_LOGS, tmp_path)
+    assert runs == ["top20", "vanilla"]
+    for run in runs:
+        truth = pd.read_parquet(SAMPLE_LOGS / run / "tokens.parquet")
+        manifest = store.manifest(run)
+        assert manifest["counts"]["tokens"] == len(truth)
+        assert manifest["counts"]["duplicate_tokens"] == 0
+        assert {Path(s["path"]).parent.name for s in manifest["sources"]} == {run}
+    named = el.ingest(SAMPLE_LOGS, tmp_path / "named", run="exp", progress=False)
+    assert named == ["exp-top20", "exp-vanilla"]
+
+
+def test_folder_with_runs_and_loose_files_is_refused(tmp_path):
+    folder = tmp_path / "logs"
+    for run in ("a", "b"):
+        (folder / run).mkdir(parents=True)
+        (folder / run / "metrics.csv").write_bytes((SAMPLE_LOGS / "vanilla" / "metrics.csv")
+                                                   .read_bytes())
+    (folder / "metrics.csv").write_bytes((SAMPLE_LOGS / "top20" / "metrics.csv").read_bytes())
+    result = runner.invoke(app, ["ingest", str(folder), "--out", str(tmp_path / "s")])
+    assert result.exit_code == 1
+    assert "subfolders (a, b)" in result.output and "metrics.csv" in result.output
+    assert not (tmp_path / "s").exists()
+
+
+def test_two_runs_given_as_one_are_refused_across_files(tmp_path):
+    truth = pd.concat([pd.read_parquet(SAMPLE_LOGS / r / "tokens.parquet")
+                       for r in ("vanilla", "top20")])
+    key = ["step", "prompt_idx", "sample_idx", "position"]
+    repeated = int(truth.duplicated(key).sum())
+    assert repeated == 16635
+    result = runner.invoke(app, ["ingest", str(SAMPLE_LOGS / "vanilla"),
+                                 str(SAMPLE_LOGS / "top20"), "--run", "both",
+                                 "--out", str(tmp_path / "s")])
+    assert result.exit_code == 1
+    line = result.output.strip()
+    assert f"{repeated} token rows repeat" in line and "tokens.parquet" in line
+    assert "--on-duplicate" in line and "\n" not in line
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("keep", ["first", "last"])
+def test_duplicates_across_part_files_keep_first_or_last(tmp_path, monkeypatch, keep):
+    """Small part files: the repeated keys of the second run lie in other parts than the
+    first run's, so the whole-run check (not the per-part one) must find them."""
+    import entropylens.store as store_module
+    monkeypatch.setattr(store_module, "ROWS_PER_PART", 4000)
+    sources = [SAMPLE_LOGS / "vanilla" / "tokens.parquet", SAMPLE_LOGS / "top20" / "tokens.parquet"]
+    runs = el.ingest(sources, tmp_path / "s", run="both", on_duplicate=f"keep-{keep}",
+                     progress=False)
+    store = el.open(tmp_path / "s")
+    assert len(list((store.run_dir("both") / "tokens").iterdir())) >= 2
+    frames = [pd.read_parquet(p) for p in sources]
+    truth = pd.concat(frames)
+    key = ["step", "prompt_idx", "sample_idx", "position"]
+    kept = truth.drop_duplicates(key, keep=keep)
+    stored = store.read_tokens(runs[0]).to_pandas()
+    manifest = store.manifest("both")
+    assert len(stored) == len(kept) == manifest["counts"]["tokens"]
+    assert manifest["counts"]["duplicates_dropped"] == len(truth) - len(kept) == 16635
+    assert not stored.duplicated(["step", "sample_id", "position"]).any()
+    assert manifest["counts"]["tokens_with_entropy"] == kept["entropy"].notna().sum()
+    np.testing.assert_allclose(np.sort(stored["entropy"].to_numpy()),
+                               np.sort(kept["entropy"].to_numpy(dtype="float32")), rtol=1e-6)

@@ -28,11 +28,18 @@ from . import registry
 from ._io import ProgressReader, open_binary, sha256_file
 
 ON_ERROR = ("stop", "skip")
+#: What to do with token rows repeating a (step, sample_id, position) of the same run.
+ON_DUPLICATE = ("error", "keep-first", "keep-last")
 LOGPROB_BASES = ("tempered", "raw", "unknown")
 #: File stems too generic to name a run: the parent folder names it instead.
 _GENERIC_STEMS = {"tokens", "sequences", "metrics", "history", "logging", "log", "train",
                   "events", "events.out", "trainer_state", "step_logs", "output", "outputs", "data",
                   "completions", "responses", "results"}
+#: Subfolders that hold one part or split of a run (verl's ``rollout/`` and ``validation/``
+#: dumps), never a run of their own.
+_PART_FOLDERS = _GENERIC_STEMS | {"rollout", "rollouts", "validation", "val", "eval",
+                                  "evaluation", "test", "inference", "generations", "parts",
+                                  "chunks", "shards"}
 #: Files inside a folder that are never data.
 _SKIP_NAMES = re.compile(r"^(readme.*|license.*|\..*|.*\.(md|py|sh|yaml|yml|toml|png|jpg|pdf))$",
                          re.IGNORECASE)
@@ -168,7 +175,16 @@ def resolve_sources(sources: Sequence[str | Path], format: str | None = None,
     otherwise its files are taken one by one, skipping files no format recognises.
     Files named explicitly must be recognised.
     """
-    resolved: list[tuple[Path, registry.Format]] = []
+    return [(path, fmt) for path, fmt, _ in _resolve(sources, format, mapping)]
+
+
+def _resolve(sources: Sequence[str | Path], format: str | None = None,
+             mapping: Mapping[str, str] | None = None
+             ) -> list[tuple[Path, registry.Format, str | None]]:
+    """:func:`resolve_sources` with the run folder of each file: in a folder of runs (files
+    in two or more subfolders, as ``sample_logs/`` holds ``vanilla/`` and ``top20/``), each
+    subfolder is a run of its own, named after it; None means the default run."""
+    resolved: list[tuple[Path, registry.Format, str | None]] = []
     forced = registry.get_format(format) if format else None
     for source in sources:
         path = Path(source)
@@ -176,27 +192,57 @@ def resolve_sources(sources: Sequence[str | Path], format: str | None = None,
             raise FormatError("no such file or folder", path=path)
         if path.is_dir():
             if forced is not None and forced.folders:
-                resolved.append((path, forced))
+                resolved.append((path, forced, None))
                 continue
             if forced is None:
                 fmt = registry.detect(path, required=False, mapping=mapping)
                 if fmt is not None:
-                    resolved.append((path, fmt))
+                    resolved.append((path, fmt, None))
                     continue
-            found = False
+            found = []
             for child in sorted(p for p in path.rglob("*") if p.is_file()):
                 if any(part.startswith(".") for part in child.relative_to(path).parts) \
                         or _SKIP_NAMES.match(child.name):
                     continue
                 fmt = forced or registry.detect(child, required=False, mapping=mapping)
                 if fmt is not None:
-                    resolved.append((child, fmt))
-                    found = True
+                    found.append((child, fmt))
             if not found:
                 raise FormatError("no file in this folder is in a known format", path=path)
+            resolved.extend(_run_folders(path, found))
         else:
-            resolved.append((path, forced or registry.detect(path, mapping=mapping)))
+            resolved.append((path, forced or registry.detect(path, mapping=mapping), None))
     return resolved
+
+
+def _run_folders(folder: Path, found: list[tuple[Path, registry.Format]]
+                 ) -> list[tuple[Path, registry.Format, str | None]]:
+    """Files of one folder with their run: one run per subfolder when two or more
+    subfolders hold data (subfolders named like a table, ``tokens/``, ``metrics/``, are
+    parts of one run); files both at the top and in such subfolders are refused."""
+    def top(child: Path) -> str | None:
+        parts = child.relative_to(folder).parts
+        return parts[0] if len(parts) > 1 else None
+
+    subfolders = sorted({top(c) for c, _ in found} - {None})
+    if len(subfolders) < 2 or any(name.lower() in _PART_FOLDERS
+                                   or re.fullmatch(r"(part|rank|shard|step)?[-_]?\d+",
+                                                   name.lower()) for name in subfolders):
+        return [(child, fmt, None) for child, fmt in found]
+    loose = [child.name for child, _ in found if top(child) is None]
+    if loose:
+        raise FormatError(
+            f"holds runs in subfolders ({', '.join(subfolders[:4])}"
+            f"{', ...' if len(subfolders) > 4 else ''}) and files beside them "
+            f"({', '.join(loose[:3])}); ingest each run folder on its own", path=folder)
+    return [(child, fmt, top(child)) for child, fmt in found]
+
+
+def _run_folder_name(folder: str, run: str | None) -> str:
+    name = re.sub(r"[^A-Za-z0-9._+=@-]+", "-", folder).strip("-.") or "run"
+    if not name[0].isalnum():
+        name = "run-" + name
+    return f"{run}-{name}"[:200] if run else name[:200]
 
 
 def _clean_tokens(table: pa.Table) -> tuple[pa.Table, dict[str, int]]:
@@ -268,7 +314,8 @@ def ingest(sources: str | Path | Sequence[str | Path], out: str | Path | Store, 
            mapping: Mapping[str, str] | None = None, temperature: float | None = None,
            vocab_size: int | None = None, logprob_basis: str | None = None,
            on_error: str = "stop", replace: bool = False,
-           aliases: Mapping[str, str] | None = None, progress: bool | None = None) -> list[str]:
+           aliases: Mapping[str, str] | None = None, progress: bool | None = None,
+           on_duplicate: str = "error") -> list[str]:
     """Read log files into a store.
 
     Parameters
@@ -298,6 +345,10 @@ def ingest(sources: str | Path | Sequence[str | Path], out: str | Path | Store, 
         Extra metric aliases ``{raw_key: canonical}``.
     progress : bool, optional
         Show progress bars (default: when stderr is a terminal).
+    on_duplicate : {"error", "keep-first", "keep-last"}
+        Token rows repeating a (step, sample_id, position) anywhere in one run (two runs
+        given as one, a record logged twice) are an error, or keep the row ingested first
+        or last; the manifest counts the rows dropped (``counts.duplicates_dropped``).
 
     Returns
     -------
@@ -315,6 +366,8 @@ def ingest(sources: str | Path | Sequence[str | Path], out: str | Path | Store, 
         raise EntropylensError("no sources given")
     if on_error not in ON_ERROR:
         raise EntropylensError(f"--on-error must be one of {', '.join(ON_ERROR)}")
+    if on_duplicate not in ON_DUPLICATE:
+        raise EntropylensError(f"--on-duplicate must be one of {', '.join(ON_DUPLICATE)}")
     if logprob_basis is not None and logprob_basis not in LOGPROB_BASES:
         raise EntropylensError(f"logprob basis must be one of {', '.join(LOGPROB_BASES)}")
     if temperature is not None and not (math.isfinite(temperature) and temperature > 0):
@@ -323,7 +376,7 @@ def ingest(sources: str | Path | Sequence[str | Path], out: str | Path | Store, 
         raise EntropylensError(f"vocabulary size must be above 1, got {vocab_size}")
     if run is not None:
         validate_run_name(run)
-    resolved = resolve_sources(sources, format, mapping)
+    resolved = _resolve(sources, format, mapping)
     base = run or _default_run_name(Path(sources[0]))
     options = IngestOptions(mapping=dict(mapping or {}), temperature=temperature,
                             vocab_size=vocab_size, on_error=on_error,
@@ -340,25 +393,27 @@ def ingest(sources: str | Path | Sequence[str | Path], out: str | Path | Store, 
     show = sys.stderr.isatty() if progress is None else progress
     bar = _Progress() if show else None
 
-    def writer_for(name: str | None) -> RunWriter:
-        name = name or base
+    def writer_for(name: str | None, default: str = base) -> RunWriter:
+        name = name or default
         if name not in writers:
             writers[name] = store.write_run(name, replace=replace)
         return writers[name]
 
     try:
         contexts = []
-        for path, fmt in resolved:
+        for path, fmt, run_folder in resolved:
             ctx = IngestContext(path, options, fmt.name, bar)
             contexts.append(ctx)
             used: set[str] = set()
+            # a subfolder of a folder of runs is a run of its own: <run>-<folder> or <folder>
+            default = base if run_folder is None else _run_folder_name(run_folder, run)
             for chunk in _read_chunks(fmt, path, ctx):
                 chunk = registry.Chunk(*chunk) if not isinstance(chunk, registry.Chunk) else chunk
                 data = chunk.data
                 if isinstance(data, pa.RecordBatch):
                     data = pa.Table.from_batches([data])
-                for name, rows in _split_runs(data, base, run is not None):
-                    writer = writer_for(name)
+                for name, rows in _split_runs(data, default, run is not None):
+                    writer = writer_for(name, default)
                     used.add(writer.name)
                     if chunk.kind == "tokens":
                         rows, sentinels = _clean_tokens(rows)
@@ -374,12 +429,13 @@ def ingest(sources: str | Path | Sequence[str | Path], out: str | Path | Store, 
                         raise FormatError(f"reader yielded unknown table kind {chunk.kind!r}",
                                           path=path)
             if not used:
-                used.add(writer_for(None).name)
+                used.add(writer_for(None, default).name)
             for name in used:
                 _stamp(writers[name], path, fmt, ctx)
         if not writers:
             raise FormatError("no data found", path=resolved[0][0])
         for writer in writers.values():
+            _resolve_duplicates(writer, on_duplicate)
             _finish_provenance(writer, options, temperature, vocab_size, logprob_basis)
             if not any(writer.counts[k] for k in ("tokens", "sequences", "metrics")):
                 files = [s["path"] for s in writer.manifest["sources"]]
@@ -441,6 +497,36 @@ def _stamp(writer: RunWriter, path: Path, fmt: registry.Format, ctx: IngestConte
                 writer.manifest[key] = value
         else:
             writer.manifest.setdefault("notes", {}).setdefault(key, value)
+
+
+def _resolve_duplicates(writer: RunWriter, on_duplicate: str) -> None:
+    """Refuse, or resolve, token keys repeated anywhere in the run (across files and parts)."""
+    found, first = writer.find_duplicates()
+    if not found:
+        return
+    # the files that gave tokens: a run's metrics file cannot hold a repeated token
+    sources = [s for s in writer.manifest["sources"]
+               if "tokens" in registry.get_format(s["format"]).produces] \
+        or writer.manifest["sources"]
+    files = [Path(s["path"]).name for s in sources]
+    if on_duplicate == "error":
+        where = (f"first at step {_step_text(first.get('step'))}, sample "
+                 f"{first.get('sample_id')!r}, position {first.get('position')}") if first \
+            else ""
+        raise FormatError(
+            f"run {writer.name!r}: {found} token rows repeat a (step, sample_id, position) "
+            f"already read, {where} (read from {', '.join(files[:4])}"
+            f"{', ...' if len(files) > 4 else ''}); ingest separate runs separately, or pass "
+            "--on-duplicate keep-last or keep-first",
+            path=sources[0]["path"] if sources else None)
+    dropped = writer.drop_duplicates(on_duplicate.split("-", 1)[1])
+    counts = writer.manifest["counts"]
+    counts["duplicates_dropped"] = counts.get("duplicates_dropped", 0) + dropped
+    writer.manifest["on_duplicate"] = on_duplicate
+
+
+def _step_text(step) -> str:
+    return "none (inference)" if step is None else str(step)
 
 
 def _finish_provenance(writer: RunWriter, options: IngestOptions, temperature, vocab_size,

@@ -40,6 +40,7 @@ from typing import Any, Iterator
 
 import msgspec
 
+from ..errors import FormatError
 from ._records import (SequenceRows, TokenColumns, decode_bytes, first_mapping, first_record,
                        head_json_prefix, iter_raw_records, standard_json, validation_field)
 from .registry import Chunk, Format, Sample, register
@@ -197,6 +198,13 @@ def _most_likely_first(logprobs: list, tokens: list, sampled_token, k: int):
     return [logprobs[i] for i in order], [tokens[i] for i in order]
 
 
+def _require_logprobs(tokens: TokenColumns, path: Path) -> None:
+    """Refuse responses none of which carries logprobs: 0 tokens is not a result."""
+    if not tokens.emitted + tokens.rows:
+        raise FormatError("no response carries logprobs ('logprobs': null or missing): ask "
+                          "the server for them (logprobs=true, top_logprobs=k)", path=path)
+
+
 # -- chat completions ------------------------------------------------------------------------
 
 class _Stream:
@@ -345,6 +353,7 @@ def read_chat(path: Path, ctx) -> Iterator[Chunk]:
                       extra={"index": index, "streamed": True, "unfinished": True})
     if stats["dropped_sampled_alternatives"]:
         ctx.note(dropped_sampled_alternatives=stats["dropped_sampled_alternatives"])
+    _require_logprobs(tokens, path)
     for builder, kind in ((tokens, "tokens"), (sequences, "sequences")):
         taken = builder.take()
         if taken is not None:
@@ -438,6 +447,7 @@ def read_completion(path: Path, ctx) -> Iterator[Chunk]:
                 yield Chunk("sequences", *sequences.take())
     if dropped_prompt:
         ctx.note(echoed_prompt_tokens_dropped=dropped_prompt)
+    _require_logprobs(tokens, path)
     for builder, kind in ((tokens, "tokens"), (sequences, "sequences")):
         taken = builder.take()
         if taken is not None:
