@@ -137,14 +137,13 @@ def ingest(
                           temperature=temperature, vocab_size=vocab_size,
                           on_error=on_error.value, replace=replace,
                           aliases=aliases, on_duplicate=on_duplicate.value)
+    from .ingest.driver import ingest_report
     store = api.open(out)
     for name in runs:
-        manifest = store.manifest(name)
-        counts = manifest["counts"]
-        rejected = manifest["rejected"]["count"]
-        note = f", {rejected} bad records skipped" if rejected else ""
-        typer.echo(f"{name}: {counts['tokens']} tokens, {counts['sequences']} sequences, "
-                   f"{counts['metrics']} metric points{note} -> {out}", err=True)
+        lines = ingest_report(store, name)
+        typer.echo(f"{lines[0]} -> {out}", err=True)
+        for line in lines[1:]:
+            typer.echo(line, err=True)
 
 
 @app.command("formats")

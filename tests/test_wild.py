@@ -317,3 +317,50 @@ def test_duplicates_across_part_files_keep_first_or_last(tmp_path, monkeypatch, 
     assert manifest["counts"]["tokens_with_entropy"] == kept["entropy"].notna().sum()
     np.testing.assert_allclose(np.sort(stored["entropy"].to_numpy()),
                                np.sort(kept["entropy"].to_numpy(dtype="float32")), rtol=1e-6)
+
+
+# -- ingest prints what it did; empty results exit 1 ---------------------------------------
+def test_ingest_prints_format_mapping_and_guessed_steps(tmp_path):
+    result = runner.invoke(app, ["ingest", str(JUNCYLU), "--out", str(tmp_path / "s")])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "as hf_console: detected (hf_console 0.85" in out
+    assert "entropy -> policy_entropy" in out and "reward -> reward_mean" in out
+    assert "kept under their raw names (39): attention/all/aei_text" in out
+    assert "steps not in the records: from the progress bar" in out
+    swift = runner.invoke(app, ["ingest", str(WILD / "deepclima_logging.jsonl"),
+                                "--out", str(tmp_path / "s2")])
+    assert "eval_loss -> val_loss" in swift.output
+    assert "summary record kept as run metadata" in swift.output
+
+
+def test_ingest_report_escapes_control_characters(tmp_path):
+    source = tmp_path / "metrics.csv"
+    source.write_text("step,entropy,\x1b[31mred\n1,0.5,1\n2,0.4,2\n")
+    result = runner.invoke(app, ["ingest", str(source), "--out", str(tmp_path / "s")])
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.output and "\\x1b[31mred" in result.output
+
+
+def test_csv_of_unknown_columns_exits_1_with_the_reason(tmp_path):
+    source = tmp_path / "unknown.csv"
+    source.write_text("step,foo,bar\n1,1,2\n2,3,4\n")
+    result = runner.invoke(app, ["ingest", str(source), "--out", str(tmp_path / "s")])
+    assert result.exit_code == 1
+    assert "no metric entropylens knows among the columns (bar, foo)" in result.output
+    assert "--alias" in result.output and not (tmp_path / "s").exists()
+    named = runner.invoke(app, ["ingest", str(source), "--out", str(tmp_path / "s"),
+                                "--alias", "foo=policy_entropy"])
+    assert named.exit_code == 0, named.output
+    assert "foo -> policy_entropy" in named.output
+
+
+def test_responses_without_logprobs_exit_1_with_the_reason(tmp_path, shared_samples):
+    response = json.loads((shared_samples / "openai_chat_completion_logprobs.json").read_text())
+    response["choices"][0]["logprobs"] = None
+    source = tmp_path / "no_logprobs.json"
+    source.write_text(json.dumps(response))
+    result = runner.invoke(app, ["ingest", str(source), "--out", str(tmp_path / "s")])
+    assert result.exit_code == 1
+    assert "no response carries logprobs" in result.output and str(source) in result.output
+    assert not (tmp_path / "s").exists()

@@ -403,6 +403,7 @@ def ingest(sources: str | Path | Sequence[str | Path], out: str | Path | Store, 
         contexts = []
         for path, fmt, run_folder in resolved:
             ctx = IngestContext(path, options, fmt.name, bar)
+            ctx.note(format_reason=_format_reason(path, fmt, format, mapping))
             contexts.append(ctx)
             used: set[str] = set()
             # a subfolder of a folder of runs is a run of its own: <run>-<folder> or <folder>
@@ -435,6 +436,7 @@ def ingest(sources: str | Path | Sequence[str | Path], out: str | Path | Store, 
         if not writers:
             raise FormatError("no data found", path=resolved[0][0])
         for writer in writers.values():
+            _require_known_metrics(writer, options)
             _resolve_duplicates(writer, on_duplicate)
             _finish_provenance(writer, options, temperature, vocab_size, logprob_basis)
             if not any(writer.counts[k] for k in ("tokens", "sequences", "metrics")):
@@ -484,19 +486,57 @@ def _read_chunks(fmt: registry.Format, path: Path, ctx: IngestContext) -> Iterat
 
 def _stamp(writer: RunWriter, path: Path, fmt: registry.Format, ctx: IngestContext) -> None:
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    reason = ctx.notes.get("format_reason")
     for file in files:
         writer.add_source(file.resolve(), format=fmt.name, size=file.stat().st_size,
-                          sha256=sha256_file(file))
+                          sha256=sha256_file(file), **({"reason": reason} if reason else {}))
     for example in ctx.rejected:
         writer.reject(path=example["file"], line=example["line"], message=example["message"])
     # the manifest counts every rejected record, not only the kept examples
     writer.manifest["rejected"]["count"] += ctx.rejected_count - len(ctx.rejected)
     for key, value in ctx.notes.items():
+        if key == "format_reason":
+            continue  # kept on each source
         if key in ("temperature", "logprob_basis", "vocab_size", "top_k"):
             if writer.manifest.get(key) in (None, "unknown"):
                 writer.manifest[key] = value
         else:
             writer.manifest.setdefault("notes", {}).setdefault(key, value)
+
+
+#: Formats that take any column: a run of theirs needs at least one metric entropylens knows.
+_GENERIC_FORMATS = {"table"}
+
+
+def _format_reason(path: Path, fmt: registry.Format, forced: str | None, mapping) -> str:
+    """Why ``fmt`` reads ``path``: the user's ``--format``, or the sniffers' scores."""
+    if forced:
+        return "--format"
+    ranked = [(score, other.name) for score, other in registry.scores(path, mapping)
+              if other.name != fmt.name]
+    mine = next((score for score, other in registry.scores(path, mapping)
+                 if other.name == fmt.name), None)
+    text = f"detected ({fmt.name} {mine:.2f}" if mine is not None else "detected ("
+    return text + (f", next {ranked[0][1]} {ranked[0][0]:.2f})" if ranked else ")")
+
+
+def _require_known_metrics(writer: RunWriter, options: IngestOptions) -> None:
+    """Refuse a metrics-only run from a generic table none of whose columns is a metric
+    entropylens knows: "1 metric points" of unknown columns is not a result."""
+    counts = writer.counts
+    formats = {s["format"] for s in writer.manifest["sources"]}
+    if counts["tokens"] or counts["sequences"] or not formats <= _GENERIC_FORMATS:
+        return
+    from ..aliases import canonical_metric
+    keys = sorted({key for table in writer._metrics
+                   for key in pc.unique(table.column("raw_key")).to_pylist() if key})
+    if any(canonical_metric(key, options.aliases).priority < (1 << 30) for key in keys):
+        return
+    raise FormatError(
+        f"no metric entropylens knows among the columns ({', '.join(keys[:6])}"
+        f"{', ...' if len(keys) > 6 else ''}): name one with --alias KEY=CANONICAL, e.g. "
+        f"--alias {keys[0] if keys else 'KEY'}=policy_entropy",
+        path=writer.manifest["sources"][0]["path"] if writer.manifest["sources"] else None)
 
 
 def _resolve_duplicates(writer: RunWriter, on_duplicate: str) -> None:
@@ -545,3 +585,87 @@ def _cleanup(store: Store, created: bool) -> None:
     """Remove a store folder this call created when it ends up holding nothing."""
     if created and not store.runs():
         shutil.rmtree(store.path, ignore_errors=True)
+
+
+def ingest_report(store: Store, run: str) -> list[str]:
+    """What one ingest did to ``run``, as lines for the terminal: the format of each source
+    and why, the metric keys mapped (raw -> canonical) and those left unmapped, how steps
+    were found where the source did not state them, and what was cleaned, merged or
+    dropped. Control characters from the data are escaped."""
+    from ..aliases import canonical_metric
+
+    manifest = store.manifest(run)
+    counts, notes = manifest["counts"], manifest.get("notes", {})
+    lines = [f"{run}: {counts['tokens']} tokens, {counts['sequences']} sequences, "
+             f"{counts['metrics']} metric points"]
+    by_format: dict[tuple, list[str]] = {}
+    for source in manifest["sources"]:
+        by_format.setdefault((source["format"], source.get("reason", "")), []).append(
+            Path(source["path"]).name)
+    for (name, reason), files in by_format.items():
+        shown = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+        lines.append(f"  read {shown} as {name}" + (f": {reason}" if reason else ""))
+    if counts["metrics"]:
+        metrics = store.read_metrics(run)
+        pairs = metrics[["raw_key", "metric"]].drop_duplicates()
+        mapped = [f"{r.raw_key} -> {r.metric}" for r in pairs.itertuples()
+                  if r.raw_key and (r.raw_key != r.metric or canonical_metric(
+                      r.raw_key).priority < (1 << 30))]
+        unmapped = [r.raw_key for r in pairs.itertuples() if r.raw_key
+                    and r.raw_key == r.metric
+                    and canonical_metric(r.raw_key).priority >= (1 << 30)]
+        lines.append(f"  metrics mapped ({len(mapped)}): "
+                     + (_listed(sorted(mapped)) if mapped else "none"))
+        if unmapped:
+            lines.append(f"  kept under their raw names ({len(unmapped)}): "
+                         + _listed(sorted(unmapped)))
+    step_source = notes.get("step_source")
+    if step_source in ("progress_bar", "logging_steps", "record_index"):
+        why = {"progress_bar": "from the progress bar shown after each dict",
+               "logging_steps": f"every logging_steps={notes.get('trainer_logging_steps')}",
+               "record_index": "numbered 1, 2, 3... (no step, bar or logging_steps in the "
+                               "log): steps are guesses"}[step_source]
+        lines.append(f"  steps not in the records: {why}")
+    if notes.get("appended_runs"):
+        starts = ", ".join(f"line {r['first_line']}" for r in notes["appended_runs"][1:])
+        lines.append(f"  the log holds {len(notes['appended_runs'])} runs appended one after "
+                     f"another (restarts at {starts}): each is a run of its own")
+    if notes.get("joined_wrapped_dicts"):
+        lines.append(f"  {notes['joined_wrapped_dicts']} metric dicts wrapped over lines "
+                     "joined")
+    if notes.get("malformed_lines"):
+        lines.append(f"  {notes['malformed_lines']} metric lines cut short skipped")
+    sentinels = {k: v for k, v in counts.items() if k.startswith("sentinel_") and v}
+    if sentinels:
+        lines.append("  sentinel or non-finite values stored as null: " + ", ".join(
+            f"{v} {k[len('sentinel_'):]}" for k, v in sorted(sentinels.items())))
+    if counts.get("duplicates_dropped"):
+        lines.append(f"  {counts['duplicates_dropped']} repeated token rows dropped "
+                     f"({manifest.get('on_duplicate')})")
+    if notes.get("duplicate_records"):
+        lines.append(f"  {notes['duplicate_records']} records written twice kept once")
+    for run_folder, repeated in (notes.get("repeated_steps") or {}).items():
+        if run_folder in (".", run) or run.endswith(run_folder):
+            lines.append(f"  {repeated['points']} points logged again at a step (a resumed "
+                         "run): the later value kept")
+    if notes.get("dropped_sampled_alternatives"):
+        lines.append(f"  {notes['dropped_sampled_alternatives']} sampled tokens added beyond "
+                     "the top k dropped from the alternatives")
+    rejected = manifest["rejected"]
+    if rejected["count"]:
+        first = rejected["examples"][0] if rejected["examples"] else None
+        where = (f" (first: {Path(first['file']).name if first['file'] else ''}"
+                 f":{first['line']}: {first['message']})") if first else ""
+        lines.append(f"  {rejected['count']} bad records skipped{where}")
+    if notes.get("swift_summary"):
+        lines.append("  end-of-training summary record kept as run metadata")
+    # keys and file names come from the data: no control character reaches the terminal
+    return [_CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", line) for line in lines]
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _listed(items: list[str], limit: int = 12) -> str:
+    return ", ".join(items[:limit]) + (f" and {len(items) - limit} more"
+                                       if len(items) > limit else "")
