@@ -177,8 +177,9 @@ def _print_summary(result) -> None:
 
     console = Console()
     for row in result.runs.itertuples():
+        source = row.entropy_source or "nothing (no tokens, no policy_entropy metric)"
         table = Table(title=f"{row.run}: {row.tokens} tokens, {row.sequences} sequences, "
-                            f"{row.steps} steps, entropy from {row.entropy_source}")
+                            f"{row.steps} steps, entropy from {source}")
         for column in ("step", "tokens", "token mean", "seq mean", "p50", "p80", "<0.01"):
             table.add_column(column, justify="right")
         steps = result.steps[result.steps["run"] == row.run]

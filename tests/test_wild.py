@@ -364,3 +364,25 @@ def test_responses_without_logprobs_exit_1_with_the_reason(tmp_path, shared_samp
     assert result.exit_code == 1
     assert "no response carries logprobs" in result.output and str(source) in result.output
     assert not (tmp_path / "s").exists()
+
+
+# -- done when: every wild file ingests, summarises and reports ------------------------------
+WILD_FILES = ["gonka_inference_response.json", "deepclima_logging.jsonl",
+              "juncylu_run_terminal_20251022_181457.md", "tbreducer_duplicate_steps",
+              "tangbinghao_swift_logging.jsonl"]
+
+
+@pytest.mark.parametrize("name", WILD_FILES)
+def test_every_wild_file_ingests_summarises_and_reports(tmp_path, shared_samples, name):
+    source = shared_samples / "wild" / name
+    store = tmp_path / "store"
+    for command in (["ingest", str(source), "--out", str(store)],
+                    ["summary", str(store), "--json"],
+                    ["report", str(store), "--out", str(tmp_path / "report")]):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 0, (command[0], result.output)
+        assert "Traceback" not in result.output
+    summary = json.loads(runner.invoke(app, ["summary", str(store), "--json"]).stdout)
+    assert summary["runs"] and all(r["tokens"] or el.open(store).manifest(r["run"])["counts"]
+                                   ["metrics"] for r in summary["runs"])
+    assert (tmp_path / "report" / "index.html").stat().st_size > 1000
