@@ -386,3 +386,17 @@ def test_every_wild_file_ingests_summarises_and_reports(tmp_path, shared_samples
     assert summary["runs"] and all(r["tokens"] or el.open(store).manifest(r["run"])["counts"]
                                    ["metrics"] for r in summary["runs"])
     assert (tmp_path / "report" / "index.html").stat().st_size > 1000
+
+
+def test_trl_console_resumed_run_stays_one_run(tmp_path):
+    """Steps going back to a checkpoint (not to the start) are a resume: one run, the later
+    values kept."""
+    dicts = _console_dicts(JUNCYLU.read_bytes().decode("utf-8", "replace"))
+    resumed = [dict(d, step=s) for d, s in zip(dicts, [10, 20, 30])] + \
+        [dict(dicts[2], step=20, loss=-1.0), dict(dicts[2], step=30, loss=-2.0)]
+    source = tmp_path / "resumed.log"
+    source.write_text("\n".join(repr(d) for d in resumed) + "\n")
+    store, runs = _ingest(source, tmp_path)
+    assert runs == ["resumed"]
+    loss = store.read_metrics("resumed", pivot=True)["loss"]
+    assert loss.to_dict() == {10: dicts[0]["loss"], 20: -1.0, 30: -2.0}

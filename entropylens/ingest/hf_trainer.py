@@ -309,16 +309,20 @@ def read_console(path: Path, ctx) -> Iterator[Chunk]:
 
 
 def _restarts(records: list[tuple[int, dict, int]]) -> list[int]:
-    """Indices where a run appended to the same log starts: training steps go back (the
-    progress bar or the step count restarted). The summary record, which repeats the last
-    step, ends a run rather than starting one."""
+    """Indices where a run appended to the same log starts: the step goes back to the first
+    step of the current run or below (the progress bar or the step count restarted). A step
+    going back less far is a run resumed from a checkpoint: same run, later values win. The
+    summary record, which repeats the last step, ends a run rather than starting one."""
     starts = [0]
-    previous = None
+    first = previous = None
     for i, (step, record, _) in enumerate(records):
         if _SUMMARY_KEY in record:
             continue
-        if previous is not None and step < previous:
+        if previous is not None and step < previous and step <= first:
             starts.append(i)
+            first = None
+        if first is None:
+            first = step
         previous = step
     return starts
 
