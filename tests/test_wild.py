@@ -69,6 +69,9 @@ def test_inference_only_run_summary_forks_roles_and_report(tmp_path):
     assert len(steps) == 1 and steps[0]["step"] is None and steps[0]["tokens"] == 100
     shown = runner.invoke(app, ["summary", path])
     assert "inference" in shown.stdout
+    distribution = el.distribution(store)
+    assert len(distribution.steps) == 1 and pd.isna(distribution.steps["step"].iloc[0])
+    assert distribution.steps["tokens"].iloc[0] == 100
     for command in (["forks", path, "--json"], ["roles", path, "--json"]):
         result = runner.invoke(app, command)
         assert result.exit_code == 0, result.output
