@@ -30,6 +30,12 @@ class OnError(str, Enum):
     skip = "skip"
 
 
+class OnDuplicate(str, Enum):
+    error = "error"
+    keep_first = "keep-first"
+    keep_last = "keep-last"
+
+
 class Engine(str, Enum):
     local = "local"
     ray = "ray"
@@ -117,6 +123,10 @@ def ingest(
     on_error: OnError = typer.Option(OnError.stop, "--on-error",
                                      help="Stop at the first bad record or skip bad records."),
     replace: bool = typer.Option(False, "--replace", help="Overwrite a run that exists."),
+    on_duplicate: OnDuplicate = typer.Option(
+        OnDuplicate.error, "--on-duplicate",
+        help="Token rows repeating a (step, sample, position) of the run: an error, or keep "
+             "the first or last ingested."),
     alias: Optional[List[str]] = typer.Option(None, "--alias",
                                               help="Metric alias RAW_KEY=CANONICAL."),
     aliases_file: Optional[Path] = typer.Option(
@@ -131,15 +141,14 @@ def ingest(
         runs = api.ingest(sources, out, run=run, format=format, mapping=_pairs(map, "--map"),
                           temperature=temperature, vocab_size=vocab_size,
                           on_error=on_error.value, replace=replace,
-                          aliases=aliases)
+                          aliases=aliases, on_duplicate=on_duplicate.value)
+    from .ingest.driver import ingest_report
     store = api.open(out)
     for name in runs:
-        manifest = store.manifest(name)
-        counts = manifest["counts"]
-        rejected = manifest["rejected"]["count"]
-        note = f", {rejected} bad records skipped" if rejected else ""
-        typer.echo(f"{name}: {counts['tokens']} tokens, {counts['sequences']} sequences, "
-                   f"{counts['metrics']} metric points{note} -> {out}", err=True)
+        lines = ingest_report(store, name)
+        typer.echo(f"{lines[0]} -> {out}", err=True)
+        for line in lines[1:]:
+            typer.echo(line, err=True)
 
 
 @app.command("formats")
@@ -173,13 +182,16 @@ def _print_summary(result) -> None:
 
     console = Console()
     for row in result.runs.itertuples():
+        source = row.entropy_source or "nothing (no tokens, no policy_entropy metric)"
         table = Table(title=f"{row.run}: {row.tokens} tokens, {row.sequences} sequences, "
-                            f"{row.steps} steps, entropy from {row.entropy_source}")
+                            f"{row.steps} steps, entropy from {source}")
         for column in ("step", "tokens", "token mean", "seq mean", "p50", "p80", "<0.01"):
             table.add_column(column, justify="right")
         steps = result.steps[result.steps["run"] == row.run]
         for step in steps.itertuples():
-            table.add_row(*[_fmt(v) for v in (step.step, step.tokens, step.entropy_token_mean,
+            # a run without training steps is one "step" of inference: labelled so
+            label = "inference" if _fmt(step.step) == "-" else step.step
+            table.add_row(*[_fmt(v) for v in (label, step.tokens, step.entropy_token_mean,
                                               step.entropy_seq_mean, step.p50, step.p80,
                                               step.frac_below_0_01)])
         console.print(table)

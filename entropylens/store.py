@@ -625,20 +625,33 @@ class Store:
         return frame
 
 
-def _adjacent_duplicates(table: pa.Table) -> int:
-    """Rows of a table sorted by (step, sample_id, position) equal on all three to the row
-    before (null steps compare equal)."""
+TOKEN_KEY = ("step", "sample_id", "position")
+
+
+def _adjacent_duplicate_mask(table: pa.Table, *, last: bool = False) -> pa.Array | None:
+    """Of a table sorted by (step, sample_id, position), the rows equal on all three to the
+    row before them (``last``: to the row after them); null steps compare equal. None when
+    the table has fewer than two rows."""
     if table.num_rows < 2:
-        return 0
+        return None
     same = None
-    for name in ("step", "sample_id", "position"):
+    for name in TOKEN_KEY:
         column = table.column(name)
         head, tail = column.slice(0, table.num_rows - 1), column.slice(1)
         equal = pc.fill_null(pc.equal(head, tail), False)
         both_null = pc.and_(pc.is_null(head), pc.is_null(tail))
         equal = pc.or_(equal, both_null)
         same = equal if same is None else pc.and_(same, equal)
-    return int(pc.sum(same).as_py() or 0)
+    pad = pa.array([False])
+    chunks = [pad, *same.chunks] if not last else [*same.chunks, pad]
+    return pa.chunked_array(chunks, pa.bool_()).combine_chunks()
+
+
+def _count_by_step(steps: pa.ChunkedArray | pa.Array) -> dict:
+    """``{step: rows}`` of a step column (None for rows without a step)."""
+    counts = pc.value_counts(steps.combine_chunks() if isinstance(steps, pa.ChunkedArray)
+                             else steps)
+    return {row["values"]: row["counts"] for row in counts.to_pylist()}
 
 
 class RunWriter:
@@ -694,6 +707,10 @@ class RunWriter:
         self._counts = {"tokens": 0, "sequences": 0, "metrics": 0, "exact_entropy": 0,
                         "topk": 0, "logprobs": 0, "null_logprobs": 0, "duplicate_tokens": 0}
         self._steps: set[int] = set()
+        # per part file: its steps and the rows repeating the row before them, per step
+        self._part_steps: list[set] = []
+        self._part_repeats: list[dict] = []
+        self._duplicates_known = False
         self._max_top_k = 0
         self._prepared = False
         self._old: Path | None = None  # the replaced run, kept until every run is in place
@@ -739,14 +756,17 @@ class RunWriter:
         if self._buffered >= ROWS_PER_PART or self._buffered_bytes >= BYTES_PER_PART:
             self._flush_tokens()
 
-    def _count_tokens(self, table: pa.Table) -> None:
+    def _count_tokens(self, table: pa.Table, *, sign: int = 1) -> None:
+        """Add a table's rows to the counts (``sign=-1``: take dropped rows out again)."""
         counts = self._counts
-        counts["tokens"] += table.num_rows
-        counts["exact_entropy"] += table.num_rows - table.column("entropy").null_count
-        counts["logprobs"] += table.num_rows - table.column("logprob").null_count
-        counts["null_logprobs"] += table.column("logprob").null_count
+        counts["tokens"] += sign * table.num_rows
+        counts["exact_entropy"] += sign * (table.num_rows - table.column("entropy").null_count)
+        counts["logprobs"] += sign * (table.num_rows - table.column("logprob").null_count)
+        counts["null_logprobs"] += sign * table.column("logprob").null_count
         top = table.column("top_logprobs")
-        counts["topk"] += table.num_rows - top.null_count
+        counts["topk"] += sign * (table.num_rows - top.null_count)
+        if sign < 0:
+            return
         if table.num_rows - top.null_count:
             lengths = pc.list_value_length(top)
             self._max_top_k = max(self._max_top_k, pc.max(lengths).as_py() or 0)
@@ -762,7 +782,10 @@ class RunWriter:
                                                   ("sample_id", "ascending"),
                                                   ("position", "ascending")])
         table = table.take(order)
-        self._counts["duplicate_tokens"] += _adjacent_duplicates(table)
+        repeats = _adjacent_duplicate_mask(table)
+        self._part_steps.append(set(pc.unique(table.column("step")).to_pylist()))
+        self._part_repeats.append(_count_by_step(table.column("step").filter(repeats))
+                                  if repeats is not None else {})
         out = self.tmp / "tokens" / f"part-{self._parts:05d}.parquet"
         with writing(out):
             pq.write_table(table, out, row_group_size=ROWS_PER_GROUP, compression="zstd")
@@ -789,6 +812,100 @@ class RunWriter:
             self._metrics.append(table)
             self._counts["metrics"] += table.num_rows
 
+    # -- duplicate token keys across the whole run ------------------------------------
+    def _step_filter_of(self, step) -> ds.Expression:
+        return ds.field("step").is_null() if step is None else ds.field("step") == step
+
+    def _shared_steps(self) -> set:
+        """Steps whose tokens lie in more than one part file."""
+        seen, shared = set(), set()
+        for steps in self._part_steps:
+            shared |= seen & steps
+            seen |= steps
+        return shared
+
+    def find_duplicates(self) -> tuple[int, dict | None]:
+        """Token rows repeating the (step, sample_id, position) of an earlier row anywhere in
+        the run (not only within one part file), and the first repeated key.
+
+        Call after the last :meth:`write_tokens`; it flushes the buffer. Steps held by one
+        part were counted when it was written; a step spread over several parts is read
+        back, one step at a time, so memory stays bounded by a step's keys.
+        """
+        self._flush_tokens()
+        shared = self._shared_steps()
+        total, first = 0, None
+        for steps, repeats in zip(self._part_steps, self._part_repeats):
+            total += sum(n for step, n in repeats.items() if step not in shared)
+            if first is None:
+                first = next(({"step": step} for step, n in repeats.items()
+                              if n and step not in shared), None)
+        for step in sorted(shared, key=lambda v: (v is not None, v)):
+            keys = self._step_rows(step, columns=list(TOKEN_KEY))
+            keys = keys.take(pc.sort_indices(keys, sort_keys=[(k, "ascending")
+                                                              for k in TOKEN_KEY]))
+            mask = _adjacent_duplicate_mask(keys)
+            n = int(pc.sum(mask).as_py() or 0) if mask is not None else 0
+            total += n
+            if n and (first is None or "sample_id" not in first):
+                row = keys.filter(mask).slice(0, 1).to_pylist()[0]
+                first = row
+        if first is not None and "sample_id" not in first:
+            # a repeat inside one part: name its key too
+            keys = self._step_rows(first["step"], columns=list(TOKEN_KEY))
+            keys = keys.take(pc.sort_indices(keys, sort_keys=[(k, "ascending")
+                                                              for k in TOKEN_KEY]))
+            first = keys.filter(_adjacent_duplicate_mask(keys)).slice(0, 1).to_pylist()[0]
+        self._counts["duplicate_tokens"] = total
+        self._duplicates_known = True
+        return total, first
+
+    def _step_rows(self, step, *, columns=None) -> pa.Table:
+        files = [self.tmp / "tokens" / f"part-{i:05d}.parquet"
+                 for i, steps in enumerate(self._part_steps) if step in steps]
+        return ds.dataset(files, format="parquet").to_table(
+            columns=columns, filter=self._step_filter_of(step))
+
+    def drop_duplicates(self, keep: str) -> int:
+        """Keep one row of each repeated (step, sample_id, position): the first ingested
+        (``keep="first"``) or the last (``keep="last"``); part files are rewritten.
+        Returns the rows dropped."""
+        if keep not in ("first", "last"):
+            raise ValueError(f"keep must be 'first' or 'last', got {keep!r}")
+        self._flush_tokens()
+        shared = self._shared_steps()
+        order = range(self._parts) if keep == "first" else range(self._parts - 1, -1, -1)
+        seen: set = set()   # keys of shared steps already kept, in ingest order
+        dropped = 0
+        for i in order:
+            if not any(self._part_repeats[i].values()) and not (self._part_steps[i] & shared):
+                continue
+            path = self.tmp / "tokens" / f"part-{i:05d}.parquet"
+            table = pq.read_table(path)
+            # within the part, rows of one key are in ingest order (stable sort)
+            mask = _adjacent_duplicate_mask(table, last=keep == "last")
+            drop = mask.to_pylist() if mask is not None else [False] * table.num_rows
+            if self._part_steps[i] & shared:
+                keys = zip(*(table.column(k).to_pylist() for k in TOKEN_KEY))
+                for row, key in enumerate(keys):
+                    if key[0] not in shared or drop[row]:
+                        continue
+                    if key in seen:
+                        drop[row] = True
+                    else:
+                        seen.add(key)
+            gone = table.filter(pa.array(drop))
+            if not gone.num_rows:
+                continue
+            self._count_tokens(gone, sign=-1)
+            table = table.filter(pc.invert(pa.array(drop)))
+            pq.write_table(table, path, row_group_size=ROWS_PER_GROUP, compression="zstd")
+            dropped += gone.num_rows
+        self._part_repeats = [{} for _ in self._part_repeats]
+        self._counts["duplicate_tokens"] = 0
+        self._duplicates_known = True
+        return dropped
+
     @property
     def counts(self) -> dict[str, int]:
         """Rows written so far: ``tokens``, ``sequences``, ``metrics`` and more."""
@@ -807,6 +924,8 @@ class RunWriter:
             return
         with writing(self.tmp):
             self._flush_tokens()
+            if self._parts and not self._duplicates_known:
+                self.find_duplicates()  # the manifest counts repeats across the whole run
             if self._seq_writer is not None:
                 self._seq_writer.close()
                 self._seq_writer = None
@@ -835,8 +954,8 @@ class RunWriter:
             "tokens_with_topk": counts["topk"],
             "tokens_with_logprob": counts["logprobs"],
             "null_logprobs": counts["null_logprobs"],
-            # rows repeating an earlier row's (step, sample_id, position), e.g. a record
-            # logged twice; kept as logged, counted within each part file
+            # rows repeating an earlier row's (step, sample_id, position) anywhere in the
+            # run, e.g. a record logged twice; 0 after --on-duplicate dropped them
             "duplicate_tokens": counts["duplicate_tokens"],
             **{k: v for k, v in self.manifest["counts"].items() if k not in counts},
         }

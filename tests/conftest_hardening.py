@@ -144,6 +144,8 @@ SEEDS = {
     "wandb_panel": ("wandb_panel", "panel.csv",
                     lambda: _lines(FIXTURES / "metrics/wandb_panel_train_entropy.csv", 8)),
     "tensorboard": ("tensorboard", "events.out.tfevents.1.host", _tensorboard_bytes),
+    "slime": ("slime", "rollout_data_0.pt",
+              lambda: (FIXTURES / "ingest/slime/rollout_data_0.pt").read_bytes()),
 }
 
 _SEED_CACHE: dict[str, bytes] = {}
@@ -354,7 +356,7 @@ def mutations(name: str):
     elif SEEDS[name][1].endswith(".csv"):
         options.append(csv_mutation(data))
     else:
-        parsed = split_json(data) if not name == "tensorboard" else None
+        parsed = split_json(data) if name not in ("tensorboard", "slime") else None
         if parsed is not None:
             records, jsonl = parsed
             options.append(json_mutation(records).map(lambda r, j=jsonl: join_json(r, j)))

@@ -85,18 +85,18 @@ def test_cli_exit_code_one_and_one_line(name, tmp_path):
 
 
 # -- specific cases, with independent expectations --------------------------------------------
-def _openai_line(tokens, logprobs):
+def _openai_line(tokens, logprobs, id="x"):
     content = [{"token": t, "logprob": lp, "bytes": list(t.encode()), "top_logprobs": []}
                for t, lp in zip(tokens, logprobs)]
-    return json.dumps({"id": "x", "object": "chat.completion", "model": "m", "choices": [
+    return json.dumps({"id": id, "object": "chat.completion", "model": "m", "choices": [
         {"index": 0, "message": {"role": "assistant", "content": "".join(tokens)},
          "logprobs": {"content": content}, "finish_reason": "stop"}]}, allow_nan=True)
 
 
 def test_invalid_utf8_names_the_line(tmp_path):
-    good = _openai_line(["a", "b"], [-0.1, -0.2]).encode()
+    good, other = (_openai_line(["a", "b"], [-0.1, -0.2], id=i).encode() for i in "xy")
     path = tmp_path / "chat.jsonl"
-    path.write_bytes(good + b"\n" + good[:40] + b"\xff\xfe" + good[40:] + b"\n" + good + b"\n")
+    path.write_bytes(good + b"\n" + good[:40] + b"\xff\xfe" + good[40:] + b"\n" + other + b"\n")
     with pytest.raises(EntropylensError) as info:
         el.ingest(path, tmp_path / "s", format="openai_chat", progress=False)
     assert info.value.path == str(path) and info.value.line == 2
@@ -134,12 +134,15 @@ def test_mismatched_array_lengths_are_refused_at_their_line(tmp_path):
     with pytest.raises(EntropylensError) as info:
         el.ingest(path, tmp_path / "s", format="prime_rl", progress=False)
     assert info.value.line == 2 and "entropy" in str(info.value)
-    runs = el.ingest(path, tmp_path / "s", format="prime_rl", on_error="skip", progress=False)
+    # lines 1 and 3 are one record logged twice: its tokens are kept once
+    runs = el.ingest(path, tmp_path / "s", format="prime_rl", on_error="skip",
+                     on_duplicate="keep-last", progress=False)
     store = el.open(tmp_path / "s")
-    assert store.manifest(runs[0])["rejected"]["count"] == 1
+    manifest = store.manifest(runs[0])
+    assert manifest["rejected"]["count"] == 1
     tokens = store.read_tokens(runs[0]).to_pandas()
     kept = sum(record["loss_mask"])
-    assert len(tokens) == 2 * kept
+    assert len(tokens) == kept == manifest["counts"]["duplicates_dropped"]
 
 
 def test_list_where_a_number_belongs_names_the_line(tmp_path):
@@ -152,19 +155,33 @@ def test_list_where_a_number_belongs_names_the_line(tmp_path):
     assert info.value.line == 3
 
 
-def test_duplicate_token_rows_are_kept_and_counted(tmp_path):
-    """Rows repeating a (step, sample, position) are stored as logged and counted in the
-    manifest; the count matches pandas' own duplicate count."""
+def test_duplicate_token_rows_are_refused_or_resolved(tmp_path):
+    """Rows repeating a (step, sample, position) are an error naming the first repeated key;
+    --on-duplicate keeps the first or the last, and the count matches pandas' own."""
     frame = pd.read_parquet(SAMPLE_RUN / "tokens.parquet")
     frame = frame[frame.step <= 1].head(300)
-    doubled = pd.concat([frame, frame.iloc[10:60], frame.iloc[100:101]])
+    again = frame.iloc[10:60].assign(logprob=frame.iloc[10:60].logprob - 1.0)
+    doubled = pd.concat([frame, again, frame.iloc[100:101]])
     path = tmp_path / "tokens.csv"
     doubled.drop(columns=["top_ids", "top_logprobs"]).to_csv(path, index=False)
-    runs = el.ingest(path, tmp_path / "s", run="dup", progress=False)
-    counts = el.open(tmp_path / "s").manifest(runs[0])["counts"]
-    expected = int(doubled.duplicated(["step", "prompt_idx", "sample_idx", "position"]).sum())
-    assert counts["duplicate_tokens"] == expected == 51
-    assert counts["tokens"] == len(doubled)
+    key = ["step", "prompt_idx", "sample_idx", "position"]
+    expected = int(doubled.duplicated(key).sum())
+    with pytest.raises(EntropylensError) as info:
+        el.ingest(path, tmp_path / "s", run="dup", progress=False)
+    message = str(info.value)
+    assert f"{expected} token rows repeat" in message and "--on-duplicate" in message
+    assert info.value.path == str(path) and "\n" not in message
+    assert not (tmp_path / "s").exists()
+    for keep, pandas_keep in (("keep-first", "first"), ("keep-last", "last")):
+        runs = el.ingest(path, tmp_path / "s", run=keep, on_duplicate=keep, progress=False)
+        store = el.open(tmp_path / "s")
+        counts = store.manifest(runs[0])["counts"]
+        assert counts["duplicates_dropped"] == expected == 51
+        assert counts["tokens"] == len(frame) and counts["duplicate_tokens"] == 0
+        stored = store.read_tokens(runs[0]).to_pandas()
+        truth = doubled.drop_duplicates(key, keep=pandas_keep).sort_values(key)
+        np.testing.assert_allclose(np.sort(stored["logprob"].to_numpy()),
+                                   np.sort(truth["logprob"].to_numpy()), rtol=1e-6)
 
 
 def test_ragged_csv_row_names_its_line(tmp_path):

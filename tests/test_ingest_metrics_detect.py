@@ -31,6 +31,11 @@ SAMPLES = {
         "verl_console",
     "real_runs/verl_gsm8k_ppo/gemma-2-2b-it-ppo-bsz512_4-prompt1024-resp-512-0.640.log":
         "verl_console",
+    "wild/deepclima_logging.jsonl": "ms_swift",
+    "wild/juncylu_run_terminal_20251022_181457.md": "hf_console",
+    "wild/tangbinghao_swift_logging.jsonl": "ms_swift",
+    **{f"wild/tbreducer_duplicate_steps/run_{i + 1}/events.out.tfevents.1622966509."
+       f"janoshs-mbp.lan.86059.{i}": "tensorboard" for i in range(3)},
 }
 
 FIXTURE_FORMATS = {
@@ -50,7 +55,8 @@ def test_every_metric_sample_is_listed(shared_samples):
     """A new metric sample in ../shared/samples must get an entry above."""
     claimed = set()
     for path in shared_samples.rglob("*"):
-        if path.is_file() and path.suffix != ".md":
+        # READMEs aside: a console log saved as Markdown is still a log
+        if path.is_file() and not path.name.lower().startswith("readme"):
             fmt = detect(path, required=False)
             if fmt is not None and fmt.name in METRIC_FORMATS:
                 claimed.add(path.relative_to(shared_samples).as_posix())

@@ -42,11 +42,13 @@ def test_real_chat_example_is_read_value_for_value(tmp_path, shared_samples):
 
 
 def _expected_top(row):
-    """The true top set behind vLLM's chat list, the first 5 of {sampled, rank 1, ...}: all
-    five when the sampled token ranks 1-4; ranks 1-4 when it ranks 5 or below (a sampled
-    token listed first and least likely cannot be told from one outside the top 5)."""
+    """The alternatives behind vLLM's chat list, the first 5 of {sampled, rank 1, ...}, most
+    likely first: ranks 1-5 when the sampled token ranks 1-5; ranks 1-4 and the sampled token
+    when it ranks below (every row has k = 5 entries, so none is dropped: each is a real token
+    with its true logprob)."""
     ids = [int(i) for i in row.top_ids]
-    return ids[:5] if int(row.token_id) in ids[:4] else ids[:4]
+    sampled = int(row.token_id)
+    return ids[:5] if sampled in ids[:5] else ids[:4] + [sampled]
 
 
 def test_vllm_chat_extras_sentinels_and_sampled_first_order(tmp_path):
@@ -63,6 +65,7 @@ def test_vllm_chat_extras_sentinels_and_sampled_first_order(tmp_path):
             continue  # alternatives set to -inf, checked below
         assert list(got.top_ids) == _expected_top(want)
         expected = dict(zip(map(int, want.top_ids), want.top_logprobs))
+        expected.setdefault(int(want.token_id), want.logprob)
         np.testing.assert_allclose(got.top_logprobs, [expected[i] for i in got.top_ids],
                                    rtol=1e-6)
     # the -9999.0 sentinel becomes null and is counted, never a number

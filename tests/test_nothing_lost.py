@@ -106,7 +106,8 @@ def test_skip_with_a_bad_first_line_keeps_the_rest_of_the_file(tmp_path):
     first.write_text('{"id": "r-1", "choices": [\n'
                      + "\n".join(_chat_line(i) for i in range(30)) + "\n")
     second = tmp_path / "b.jsonl"
-    second.write_text("\n".join(_chat_line(i) for i in range(31)) + "\n")
+    # other responses than the first file's (the same ones twice would be duplicate tokens)
+    second.write_text("\n".join(_chat_line(i) for i in range(30, 61)) + "\n")
     with pytest.raises(FormatError) as info:
         el.ingest([first, second], tmp_path / "s", run="r", format="openai_chat",
                   progress=False)

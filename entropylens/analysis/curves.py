@@ -190,6 +190,13 @@ def _policy_entropy(store: Store, run: str, manifest: dict) -> Plan:
             frame.attrs["raw_key"] = None
             return frame
     series, raw_key, _ = _metric_series(store.read_metrics(run), "policy_entropy")
+    if series.empty and source is not None:
+        # tokens with entropies but no training step: an API or evaluation log, where an
+        # alias cannot help (summary, forks, roles and report work on such runs)
+        raise EntropylensError(
+            f"run {run!r} holds inference tokens only (no training step): the entropy curve, "
+            "its phases, the saturation fit and the diagnosis need training steps",
+            path=store.run_dir(run))
     if series.empty:
         raise EntropylensError(
             f"run {run!r} has no policy entropy: no training tokens with an entropy source "

@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .._safe_text import plain
 from ..errors import EntropylensError, FormatError, StoreError
 from ..schema import SENTINEL_LOGPROB
 from ..store import RunWriter, Store, commit_runs, validate_run_name
@@ -31,11 +32,18 @@ from ._io import ProgressReader, open_binary, sha256_file
 ON_ERROR = ("stop", "skip")
 #: The largest float32: logprobs and entropies are stored as float32.
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
+#: What to do with token rows repeating a (step, sample_id, position) of the same run.
+ON_DUPLICATE = ("error", "keep-first", "keep-last")
 LOGPROB_BASES = ("tempered", "raw", "unknown")
 #: File stems too generic to name a run: the parent folder names it instead.
 _GENERIC_STEMS = {"tokens", "sequences", "metrics", "history", "logging", "log", "train",
                   "events", "events.out", "trainer_state", "step_logs", "output", "outputs", "data",
                   "completions", "responses", "results"}
+#: Subfolders that hold one part or split of a run (verl's ``rollout/`` and ``validation/``
+#: dumps), never a run of their own.
+_PART_FOLDERS = _GENERIC_STEMS | {"rollout", "rollouts", "validation", "val", "eval",
+                                  "evaluation", "test", "inference", "generations", "parts",
+                                  "chunks", "shards"}
 #: Files inside a folder that are never data.
 _SKIP_NAMES = re.compile(r"^(readme.*|license.*|\..*|.*\.(md|py|sh|yaml|yml|toml|png|jpg|pdf))$",
                          re.IGNORECASE)
@@ -171,7 +179,16 @@ def resolve_sources(sources: Sequence[str | Path], format: str | None = None,
     otherwise its files are taken one by one, skipping files no format recognises.
     Files named explicitly must be recognised.
     """
-    resolved: list[tuple[Path, registry.Format]] = []
+    return [(path, fmt) for path, fmt, _ in _resolve(sources, format, mapping)]
+
+
+def _resolve(sources: Sequence[str | Path], format: str | None = None,
+             mapping: Mapping[str, str] | None = None
+             ) -> list[tuple[Path, registry.Format, str | None]]:
+    """:func:`resolve_sources` with the run folder of each file: in a folder of runs (files
+    in two or more subfolders, as ``sample_logs/`` holds ``vanilla/`` and ``top20/``), each
+    subfolder is a run of its own, named after it; None means the default run."""
+    resolved: list[tuple[Path, registry.Format, str | None]] = []
     forced = registry.get_format(format) if format else None
     for source in sources:
         path = Path(source)
@@ -179,27 +196,57 @@ def resolve_sources(sources: Sequence[str | Path], format: str | None = None,
             raise FormatError("no such file or folder", path=path)
         if path.is_dir():
             if forced is not None and forced.folders:
-                resolved.append((path, forced))
+                resolved.append((path, forced, None))
                 continue
             if forced is None:
                 fmt = registry.detect(path, required=False, mapping=mapping)
                 if fmt is not None:
-                    resolved.append((path, fmt))
+                    resolved.append((path, fmt, None))
                     continue
-            found = False
+            found = []
             for child in sorted(p for p in path.rglob("*") if p.is_file()):
                 if any(part.startswith(".") for part in child.relative_to(path).parts) \
                         or _SKIP_NAMES.match(child.name):
                     continue
                 fmt = forced or registry.detect(child, required=False, mapping=mapping)
                 if fmt is not None:
-                    resolved.append((child, fmt))
-                    found = True
+                    found.append((child, fmt))
             if not found:
                 raise FormatError("no file in this folder is in a known format", path=path)
+            resolved.extend(_run_folders(path, found))
         else:
-            resolved.append((path, forced or registry.detect(path, mapping=mapping)))
+            resolved.append((path, forced or registry.detect(path, mapping=mapping), None))
     return resolved
+
+
+def _run_folders(folder: Path, found: list[tuple[Path, registry.Format]]
+                 ) -> list[tuple[Path, registry.Format, str | None]]:
+    """Files of one folder with their run: one run per subfolder when two or more
+    subfolders hold data (subfolders named like a table, ``tokens/``, ``metrics/``, are
+    parts of one run); files both at the top and in such subfolders are refused."""
+    def top(child: Path) -> str | None:
+        parts = child.relative_to(folder).parts
+        return parts[0] if len(parts) > 1 else None
+
+    subfolders = sorted({top(c) for c, _ in found} - {None})
+    if len(subfolders) < 2 or any(name.lower() in _PART_FOLDERS
+                                   or re.fullmatch(r"(part|rank|shard|step)?[-_]?\d+",
+                                                   name.lower()) for name in subfolders):
+        return [(child, fmt, None) for child, fmt in found]
+    loose = [child.name for child, _ in found if top(child) is None]
+    if loose:
+        raise FormatError(
+            f"holds runs in subfolders ({', '.join(subfolders[:4])}"
+            f"{', ...' if len(subfolders) > 4 else ''}) and files beside them "
+            f"({', '.join(loose[:3])}); ingest each run folder on its own", path=folder)
+    return [(child, fmt, top(child)) for child, fmt in found]
+
+
+def _run_folder_name(folder: str, run: str | None) -> str:
+    name = re.sub(r"[^A-Za-z0-9._+=@-]+", "-", folder).strip("-.") or "run"
+    if not name[0].isalnum():
+        name = "run-" + name
+    return f"{run}-{name}"[:200] if run else name[:200]
 
 
 def _clean_tokens(table: pa.Table) -> tuple[pa.Table, dict[str, int]]:
@@ -266,6 +313,10 @@ def _split_runs(data: pa.Table, base: str | None, explicit: bool,
             yield None, None, rows
             continue
         key = str(key)
+        if key.startswith(registry.APPENDED_RUN):
+            # a run appended to the same log as the default run: NAME-2, NAME-3...
+            yield f"{(base or 'run')[:190]}-{key[len(registry.APPENDED_RUN):]}", None, rows
+            continue
         if key not in names:
             names[key] = _unique_run_name(key, base, explicit, set(names.values()))
         yield names[key], key, rows
@@ -289,7 +340,8 @@ def ingest(sources: str | Path | Sequence[str | Path], out: str | Path | Store, 
            mapping: Mapping[str, str] | None = None, temperature: float | None = None,
            vocab_size: int | None = None, logprob_basis: str | None = None,
            on_error: str = "stop", replace: bool = False,
-           aliases: Mapping[str, str] | None = None, progress: bool | None = None) -> list[str]:
+           aliases: Mapping[str, str] | None = None, progress: bool | None = None,
+           on_duplicate: str = "error") -> list[str]:
     """Read log files into a store.
 
     Parameters
@@ -319,6 +371,10 @@ def ingest(sources: str | Path | Sequence[str | Path], out: str | Path | Store, 
         Extra metric aliases ``{raw_key: canonical}``.
     progress : bool, optional
         Show progress bars (default: when stderr is a terminal).
+    on_duplicate : {"error", "keep-first", "keep-last"}
+        Token rows repeating a (step, sample_id, position) anywhere in one run (two runs
+        given as one, a record logged twice) are an error, or keep the row ingested first
+        or last; the manifest counts the rows dropped (``counts.duplicates_dropped``).
 
     Returns
     -------
@@ -336,6 +392,8 @@ def ingest(sources: str | Path | Sequence[str | Path], out: str | Path | Store, 
         raise EntropylensError("no sources given")
     if on_error not in ON_ERROR:
         raise EntropylensError(f"--on-error must be one of {', '.join(ON_ERROR)}")
+    if on_duplicate not in ON_DUPLICATE:
+        raise EntropylensError(f"--on-duplicate must be one of {', '.join(ON_DUPLICATE)}")
     if logprob_basis is not None and logprob_basis not in LOGPROB_BASES:
         raise EntropylensError(f"logprob basis must be one of {', '.join(LOGPROB_BASES)}")
     if temperature is not None and not (math.isfinite(temperature) and temperature > 0):
@@ -344,7 +402,7 @@ def ingest(sources: str | Path | Sequence[str | Path], out: str | Path | Store, 
         raise EntropylensError(f"vocabulary size must be above 1, got {vocab_size}")
     if run is not None:
         validate_run_name(run)
-    resolved = resolve_sources(sources, format, mapping)
+    resolved = _resolve(sources, format, mapping)
     base = run or _default_run_name(Path(sources[0]))
     options = IngestOptions(mapping=dict(mapping or {}), temperature=temperature,
                             vocab_size=vocab_size, on_error=on_error,
@@ -361,26 +419,29 @@ def ingest(sources: str | Path | Sequence[str | Path], out: str | Path | Store, 
     show = sys.stderr.isatty() if progress is None else progress
     bar = _Progress() if show else None
 
-    def writer_for(name: str | None) -> RunWriter:
-        name = name or base
+    def writer_for(name: str | None, default: str = base) -> RunWriter:
+        name = name or default
         if name not in writers:
             writers[name] = store.write_run(name, replace=replace)
         return writers[name]
 
     try:
         contexts = []
-        for path, fmt in resolved:
+        for path, fmt, run_folder in resolved:
             ctx = IngestContext(path, options, fmt.name, bar)
+            ctx.note(format_reason=_format_reason(path, fmt, format, mapping))
             contexts.append(ctx)
             used: set[str] = set()
+            # a subfolder of a folder of runs is a run of its own: <run>-<folder> or <folder>
+            default = base if run_folder is None else _run_folder_name(run_folder, run)
             for chunk in _read_chunks(fmt, path, ctx):
                 chunk = registry.Chunk(*chunk) if not isinstance(chunk, registry.Chunk) else chunk
                 data = chunk.data
                 if isinstance(data, pa.RecordBatch):
                     data = pa.Table.from_batches([data])
-                for name, source_run, rows in _split_runs(data, base, run is not None,
+                for name, source_run, rows in _split_runs(data, default, run is not None,
                                                           run_names):
-                    writer = writer_for(name)
+                    writer = writer_for(name, default)
                     used.add(writer.name)
                     if source_run is not None:  # the run's name in the file, unsanitised
                         writer.manifest.setdefault("source_run", source_run)
@@ -398,12 +459,14 @@ def ingest(sources: str | Path | Sequence[str | Path], out: str | Path | Store, 
                         raise FormatError(f"reader yielded unknown table kind {chunk.kind!r}",
                                           path=path)
             if not used:
-                used.add(writer_for(None).name)
+                used.add(writer_for(None, default).name)
             for name in used:
                 _stamp(writers[name], path, fmt, ctx)
         if not writers:
             raise FormatError("no data found", path=resolved[0][0])
         for writer in writers.values():
+            _require_known_metrics(writer, options)
+            _resolve_duplicates(writer, on_duplicate)
             _finish_provenance(writer, options, temperature, vocab_size, logprob_basis)
             if not any(writer.counts[k] for k in ("tokens", "sequences", "metrics")):
                 files = [s["path"] for s in writer.manifest["sources"]]
@@ -456,19 +519,87 @@ def _read_chunks(fmt: registry.Format, path: Path, ctx: IngestContext) -> Iterat
 
 def _stamp(writer: RunWriter, path: Path, fmt: registry.Format, ctx: IngestContext) -> None:
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    reason = ctx.notes.get("format_reason")
     for file in files:
         writer.add_source(file.resolve(), format=fmt.name, size=file.stat().st_size,
-                          sha256=sha256_file(file))
+                          sha256=sha256_file(file), **({"reason": reason} if reason else {}))
     for example in ctx.rejected:
         writer.reject(path=example["file"], line=example["line"], message=example["message"])
     # the manifest counts every rejected record, not only the kept examples
     writer.manifest["rejected"]["count"] += ctx.rejected_count - len(ctx.rejected)
     for key, value in ctx.notes.items():
+        if key == "format_reason":
+            continue  # kept on each source
         if key in ("temperature", "logprob_basis", "vocab_size", "top_k"):
             if writer.manifest.get(key) in (None, "unknown"):
                 writer.manifest[key] = value
         else:
             writer.manifest.setdefault("notes", {}).setdefault(key, value)
+
+
+#: Formats that take any column: a run of theirs needs at least one metric entropylens knows.
+_GENERIC_FORMATS = {"table"}
+
+
+def _format_reason(path: Path, fmt: registry.Format, forced: str | None, mapping) -> str:
+    """Why ``fmt`` reads ``path``: the user's ``--format``, or the sniffers' scores."""
+    if forced:
+        return "--format"
+    ranked = [(score, other.name) for score, other in registry.scores(path, mapping)
+              if other.name != fmt.name]
+    mine = next((score for score, other in registry.scores(path, mapping)
+                 if other.name == fmt.name), None)
+    text = f"detected ({fmt.name} {mine:.2f}" if mine is not None else "detected ("
+    return text + (f", next {ranked[0][1]} {ranked[0][0]:.2f})" if ranked else ")")
+
+
+def _require_known_metrics(writer: RunWriter, options: IngestOptions) -> None:
+    """Refuse a metrics-only run from a generic table none of whose columns is a metric
+    entropylens knows: "1 metric points" of unknown columns is not a result."""
+    counts = writer.counts
+    formats = {s["format"] for s in writer.manifest["sources"]}
+    if counts["tokens"] or counts["sequences"] or not formats <= _GENERIC_FORMATS:
+        return
+    from ..aliases import canonical_metric
+    keys = sorted({key for table in writer._metrics
+                   for key in pc.unique(table.column("raw_key")).to_pylist() if key})
+    if any(canonical_metric(key, options.aliases).priority < (1 << 30) for key in keys):
+        return
+    raise FormatError(
+        f"no metric entropylens knows among the columns ({', '.join(keys[:6])}"
+        f"{', ...' if len(keys) > 6 else ''}): name one with --alias KEY=CANONICAL, e.g. "
+        f"--alias {keys[0] if keys else 'KEY'}=policy_entropy",
+        path=writer.manifest["sources"][0]["path"] if writer.manifest["sources"] else None)
+
+
+def _resolve_duplicates(writer: RunWriter, on_duplicate: str) -> None:
+    """Refuse, or resolve, token keys repeated anywhere in the run (across files and parts)."""
+    found, first = writer.find_duplicates()
+    if not found:
+        return
+    # the files that gave tokens: a run's metrics file cannot hold a repeated token
+    sources = [s for s in writer.manifest["sources"]
+               if "tokens" in registry.get_format(s["format"]).produces] \
+        or writer.manifest["sources"]
+    files = [Path(s["path"]).name for s in sources]
+    if on_duplicate == "error":
+        where = (f"first at step {_step_text(first.get('step'))}, sample "
+                 f"{first.get('sample_id')!r}, position {first.get('position')}") if first \
+            else ""
+        raise FormatError(
+            f"run {writer.name!r}: {found} token rows repeat a (step, sample_id, position) "
+            f"already read, {where} (read from {', '.join(files[:4])}"
+            f"{', ...' if len(files) > 4 else ''}); ingest separate runs separately, or pass "
+            "--on-duplicate keep-last or keep-first",
+            path=sources[0]["path"] if sources else None)
+    dropped = writer.drop_duplicates(on_duplicate.split("-", 1)[1])
+    counts = writer.manifest["counts"]
+    counts["duplicates_dropped"] = counts.get("duplicates_dropped", 0) + dropped
+    writer.manifest["on_duplicate"] = on_duplicate
+
+
+def _step_text(step) -> str:
+    return "none (inference)" if step is None else str(step)
 
 
 def _finish_provenance(writer: RunWriter, options: IngestOptions, temperature, vocab_size,
@@ -481,3 +612,87 @@ def _finish_provenance(writer: RunWriter, options: IngestOptions, temperature, v
         writer.manifest["logprob_basis"] = logprob_basis
     if options.mapping:
         writer.manifest["mapping"] = dict(options.mapping)
+
+
+def ingest_report(store: Store, run: str) -> list[str]:
+    """What one ingest did to ``run``, as lines for the terminal: the format of each source
+    and why, the metric keys mapped (raw -> canonical) and those left unmapped, how steps
+    were found where the source did not state them, and what was cleaned, merged or
+    dropped. Control characters from the data are escaped."""
+    from ..aliases import canonical_metric
+
+    manifest = store.manifest(run)
+    counts, notes = manifest["counts"], manifest.get("notes", {})
+    lines = [f"{run}: {counts['tokens']} tokens, {counts['sequences']} sequences, "
+             f"{counts['metrics']} metric points"]
+    by_format: dict[tuple, list[str]] = {}
+    for source in manifest["sources"]:
+        by_format.setdefault((source["format"], source.get("reason", "")), []).append(
+            Path(source["path"]).name)
+    for (name, reason), files in by_format.items():
+        shown = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+        lines.append(f"  read {shown} as {name}" + (f": {reason}" if reason else ""))
+    if counts["metrics"]:
+        metrics = store.read_metrics(run)
+        pairs = metrics[["raw_key", "metric"]].drop_duplicates()
+        mapped = [f"{r.raw_key} -> {r.metric}" for r in pairs.itertuples()
+                  if r.raw_key and (r.raw_key != r.metric or canonical_metric(
+                      r.raw_key).priority < (1 << 30))]
+        unmapped = [r.raw_key for r in pairs.itertuples() if r.raw_key
+                    and r.raw_key == r.metric
+                    and canonical_metric(r.raw_key).priority >= (1 << 30)]
+        lines.append(f"  metrics mapped ({len(mapped)}): "
+                     + (_listed(sorted(mapped)) if mapped else "none"))
+        if unmapped:
+            lines.append(f"  kept under their raw names ({len(unmapped)}): "
+                         + _listed(sorted(unmapped)))
+    step_source = notes.get("step_source")
+    if step_source in ("progress_bar", "logging_steps", "record_index"):
+        why = {"progress_bar": "from the progress bar shown after each dict",
+               "logging_steps": f"every logging_steps={notes.get('trainer_logging_steps')}",
+               "record_index": "numbered 1, 2, 3... (no step, bar or logging_steps in the "
+                               "log): steps are guesses"}[step_source]
+        lines.append(f"  steps not in the records: {why}")
+    if notes.get("appended_runs"):
+        starts = ", ".join(f"line {r['first_line']}" for r in notes["appended_runs"][1:])
+        lines.append(f"  the log holds {len(notes['appended_runs'])} runs appended one after "
+                     f"another (restarts at {starts}): each is a run of its own")
+    if notes.get("joined_wrapped_dicts"):
+        lines.append(f"  {notes['joined_wrapped_dicts']} metric dicts wrapped over lines "
+                     "joined")
+    if notes.get("malformed_lines"):
+        lines.append(f"  {notes['malformed_lines']} metric lines cut short skipped")
+    sentinels = {k: v for k, v in counts.items() if k.startswith("sentinel_") and v}
+    if sentinels:
+        lines.append("  sentinel or non-finite values stored as null: " + ", ".join(
+            f"{v} {k[len('sentinel_'):]}" for k, v in sorted(sentinels.items())))
+    if counts.get("duplicates_dropped"):
+        lines.append(f"  {counts['duplicates_dropped']} repeated token rows dropped "
+                     f"({manifest.get('on_duplicate')})")
+    if notes.get("duplicate_records"):
+        lines.append(f"  {notes['duplicate_records']} records written twice kept once")
+    for run_folder, repeated in (notes.get("repeated_steps") or {}).items():
+        if run_folder in (".", run) or run.endswith(run_folder):
+            lines.append(f"  {repeated['points']} points logged again at a step (a resumed "
+                         "run): the later value kept")
+    if notes.get("loss_masked_tokens_skipped"):
+        lines.append(f"  {notes['loss_masked_tokens_skipped']} response tokens with loss_mask 0 "
+                     "(not generated by the policy) skipped")
+    if notes.get("dropped_sampled_alternatives"):
+        lines.append(f"  {notes['dropped_sampled_alternatives']} sampled tokens added beyond "
+                     "the top k dropped from the alternatives")
+    rejected = manifest["rejected"]
+    if rejected["count"]:
+        first = rejected["examples"][0] if rejected["examples"] else None
+        where = (f" (first: {Path(first['file']).name if first['file'] else ''}"
+                 f":{first['line']}: {first['message']})") if first else ""
+        lines.append(f"  {rejected['count']} bad records skipped{where}")
+    if notes.get("swift_summary"):
+        lines.append("  end-of-training summary record kept as run metadata")
+    # keys and file names come from the data: no control character reaches the terminal
+    return [plain(line) for line in lines]
+
+
+def _listed(items: list[str], limit: int = 12) -> str:
+    return ", ".join(items[:limit]) + (f" and {len(items) - limit} more"
+                                       if len(items) > limit else "")

@@ -18,8 +18,11 @@ What is stored
   (``return_tokens_as_token_ids``); the token text is null then.
 - ``logprob``: as logged; the sentinel -9999.0 becomes null (counted in the manifest).
 - ``top_*``: the alternatives, most likely first. vLLM's chat server lists the sampled token
-  first; when it is the least likely of the list it may lie outside the top k and is dropped,
-  so the list is always a true top set.
+  first and adds it when it lies outside the top k: that extra entry is dropped from rows
+  longer than the run's k (the shortest row seen). Current vLLM cuts every row to k entries,
+  so a sampled token ranked below k stays in its row (a real token with its true logprob, in
+  place of the k-th alternative); dropping it would lose a real alternative in every row
+  where the sampled token is itself the k-th, which are the high-entropy positions.
 - Legacy completions with ``echo``: the echoed prompt tokens (the first has a null logprob)
   are dropped when the usage counts identify them; otherwise (scoring with ``max_tokens=0``)
   every token is kept and the first keeps its null logprob.
@@ -37,6 +40,7 @@ from typing import Any, Iterator
 
 import msgspec
 
+from ..errors import FormatError
 from ._records import (SequenceRows, TokenColumns, decode_bytes, first_mapping, first_record,
                        head_json_prefix, iter_raw_records, standard_json, validation_field)
 from .registry import Chunk, Format, Sample, register
@@ -173,21 +177,32 @@ def _token_id(text: str | None) -> int | None:
     return None
 
 
-def _most_likely_first(logprobs: list, tokens: list, sampled_token, sampled_logprob):
-    """Order alternatives most likely first, dropping a prepended sampled token that may lie
-    outside the top k (vLLM's chat server lists the sampled token first)."""
+def _most_likely_first(logprobs: list, tokens: list, sampled_token, k: int):
+    """Order alternatives most likely first, dropping the sampled token that vLLM's chat
+    server lists first only when the row is longer than the run's ``k``.
+
+    vLLM puts the sampled token at the head of the list and adds it when it lies outside the
+    top k, so only a row of k + 1 entries carries an extra one; in a row of k entries the
+    sampled token is itself one of the top k and dropping it would lose a real alternative
+    (and the high-entropy positions forking analysis is about).
+    """
+    if len(logprobs) > k and tokens[0] == sampled_token:
+        logprobs, tokens = logprobs[1:], tokens[1:]
     try:
         if logprobs == sorted(logprobs, reverse=True):
             return logprobs, tokens
     except TypeError:  # a null logprob among the alternatives
         pass
     keys = [v if v is not None else -math.inf for v in logprobs]
-    rest = keys[1:]
-    if (tokens[0] == sampled_token and keys[0] <= min(rest) and keys[0] < rest[0]
-            and rest == sorted(rest, reverse=True)):
-        return logprobs[1:], tokens[1:]
     order = sorted(range(len(keys)), key=lambda i: -keys[i])
     return [logprobs[i] for i in order], [tokens[i] for i in order]
+
+
+def _require_logprobs(tokens: TokenColumns, path: Path) -> None:
+    """Refuse responses none of which carries logprobs: 0 tokens is not a result."""
+    if not tokens.emitted + tokens.rows:
+        raise FormatError("no response carries logprobs ('logprobs': null or missing): ask "
+                          "the server for them (logprobs=true, top_logprobs=k)", path=path)
 
 
 # -- chat completions ------------------------------------------------------------------------
@@ -222,6 +237,10 @@ def _chat_choice_tokens(choice: _ChatChoice, tokens: TokenColumns, sample_id: st
     lengths: list = []
     top_lp: list = []
     top_tok: list = []
+    # the run's k: the shortest row seen (rows holding an added sampled token have k + 1)
+    sizes = [len(c.top_logprobs) for c in content if c.top_logprobs]
+    if sizes:
+        stats["k"] = min(stats.get("k") or min(sizes), min(sizes))
     for c in content:
         alts = c.top_logprobs
         if not alts:
@@ -231,7 +250,7 @@ def _chat_choice_tokens(choice: _ChatChoice, tokens: TokenColumns, sample_id: st
         toks = [a.token for a in alts]
         if len(lps) > 1:
             before = len(lps)
-            lps, toks = _most_likely_first(lps, toks, c.token, c.logprob)
+            lps, toks = _most_likely_first(lps, toks, c.token, stats["k"])
             stats["dropped_sampled_alternatives"] += before - len(lps)
         lengths.append(len(lps))
         top_lp.extend(lps)
@@ -334,6 +353,7 @@ def read_chat(path: Path, ctx) -> Iterator[Chunk]:
                       extra={"index": index, "streamed": True, "unfinished": True})
     if stats["dropped_sampled_alternatives"]:
         ctx.note(dropped_sampled_alternatives=stats["dropped_sampled_alternatives"])
+    _require_logprobs(tokens, path)
     for builder, kind in ((tokens, "tokens"), (sequences, "sequences")):
         taken = builder.take()
         if taken is not None:
@@ -427,6 +447,7 @@ def read_completion(path: Path, ctx) -> Iterator[Chunk]:
                 yield Chunk("sequences", *sequences.take())
     if dropped_prompt:
         ctx.note(echoed_prompt_tokens_dropped=dropped_prompt)
+    _require_logprobs(tokens, path)
     for builder, kind in ((tokens, "tokens"), (sequences, "sequences")):
         taken = builder.take()
         if taken is not None:

@@ -29,6 +29,16 @@ MIN_CONFIDENCE = 0.5
 MIN_MARGIN = 0.15
 
 
+#: ``_run`` values marking the k-th run appended to the same log (see :func:`appended_run`).
+APPENDED_RUN = "\x00appended:"
+
+
+def appended_run(k: int) -> str:
+    """The ``_run`` value of the k-th run (k >= 2) appended to one log file: the driver names
+    it ``<run>-<k>`` after the run the file goes to."""
+    return f"{APPENDED_RUN}{k}"
+
+
 class Chunk(NamedTuple):
     """A piece of one run table yielded by a reader.
 

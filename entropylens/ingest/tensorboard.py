@@ -14,7 +14,8 @@ A folder may hold several runs, each in its own subfolder (``logs/run_a/events..
 ``logs/run_b/events...``, as verl, OpenRLHF and the Hugging Face Trainer lay them out):
 each folder that holds event files is a run, named by its path under the given folder. A
 step logged twice (a run restarted from a checkpoint) keeps the later value: files are read
-in name order, which is creation order.
+in name order, which is creation order; how many points were replaced is noted
+(``notes.repeated_steps``) and printed at ingest.
 """
 
 from __future__ import annotations
@@ -211,10 +212,31 @@ def read(path: Path, ctx) -> Iterator[Chunk]:
                               path=file) from None
         runs.extend([None if run == "." else run] * (len(steps) - before))
     ctx.note(event_files=len(files))
+    repeated = _repeated_steps(steps, keys, runs)
+    if repeated:
+        ctx.note(repeated_steps=repeated)
     if not steps:
         raise FormatError("no scalar summaries found in the TensorBoard events", path=path)
     yield Chunk("metrics", metric_table(steps, keys, values, path=path, ctx=ctx,
                                         runs=runs if several else None))
+
+
+def _repeated_steps(steps: list, keys: list, runs: list) -> dict:
+    """Points logged again at a step their tag already had (a run resumed from a checkpoint
+    rewrites the steps since it), per run folder (``"."`` for a lone file): the later value
+    is kept, the count is told."""
+    seen: set = set()
+    out: dict = {}
+    for step, key, run in zip(steps, keys, runs):
+        point = (run, key, step)
+        if point not in seen:
+            seen.add(point)
+            continue
+        entry = out.setdefault(run or ".", {"points": 0, "kept": "later", "examples": []})
+        entry["points"] += 1
+        if len(entry["examples"]) < 5:
+            entry["examples"].append({"tag": key, "step": step})
+    return out
 
 
 register(Format(

@@ -138,6 +138,14 @@ def quantile_fan(data: pd.DataFrame, *, run: str | None = None, mean: str | None
     ax = get_ax(ax)
     data = data.sort_values("step")
     steps = data["step"].to_numpy(dtype=float)
+    inference = bool(len(steps)) and bool(np.isnan(steps).all())
+    if inference:
+        # an inference-only run has one "step" without a number: drawn at 0, labelled so
+        steps = np.zeros(len(steps))
+    if len(np.unique(steps[~np.isnan(steps)])) == 1:
+        # one step only: the bands would have no width, so each spans the step +-0.4
+        data = pd.concat([data.iloc[:1], data.iloc[:1]], ignore_index=True)
+        steps = np.array([steps[0] - 0.4, steps[0] + 0.4])
     color = color or ENTROPY_COLOR
 
     def values(column):
@@ -166,7 +174,11 @@ def quantile_fan(data: pd.DataFrame, *, run: str | None = None, mean: str | None
                 gid=f"line:{upper[-1]}")
     if log:
         ax.set_yscale("log")
-    ax.set_xlabel("step")
+    if inference:
+        ax.set_xticks([0.0], ["inference (no training step)"])
+        ax.set_xlabel("")
+    else:
+        ax.set_xlabel("step")
     ax.set_ylabel("token entropy (nats)" + (", log scale" if log else ""))
     legend_below(ax, ncol=5)
     return ax
