@@ -528,29 +528,35 @@ class DiversityAnalysis(Analysis):
         return diversity_from_parts(list(parts), skipped=skipped, **options)
 
     def figures(self, result: Diversity, run: str) -> list[FigureSpec]:
-        from ..plots import diversity_steps, pass_at_k_curves, split_variance
+        from ..plots import diversity_steps, pass_at_k_curves
 
         steps, passes = result.run_rows(run)
         figures = []
-        if not passes.empty:
+        for split in sorted(passes["split"].unique()):
+            rows = passes[passes["split"] == split]
             figures.append(FigureSpec(
-                "pass-at-k", f"{run}: pass@k over training",
+                f"pass-at-k-{split}", f"{run}: pass@k of {split} samples",
                 "Unbiased pass@k (Chen et al. 2021) against k (log axis), one line per "
-                "checkpoint; darker is later.",
-                lambda ax: pass_at_k_curves(passes, run=run, ax=ax)))
-        if not steps.empty:
-            figures.append(FigureSpec(
-                "diversity-steps", f"{run}: distinct answers and zero-variance groups",
-                "Per step: mean distinct final answers per prompt group (left) and the share "
-                "of groups whose rewards are all equal (right: no GRPO signal).",
-                lambda axes: diversity_steps(steps, run=run, ax=axes), figsize=(10, 3.6),
-                ncols=2))
-        if steps["split"].nunique() > 1:
-            figures.append(FigureSpec(
-                "split-variance", f"{run}: train versus inference variance",
-                "Per-prompt variance of correctness p(1-p) by split, with the training "
-                "policy entropy of the step.",
-                lambda ax: split_variance(steps, run=run, ax=ax)))
+                "checkpoint, darker later.",
+                lambda ax, rows=rows, split=split: pass_at_k_curves(rows, run=run, split=split,
+                                                                    ax=ax)))
+        if steps.empty:
+            return figures
+        for kind, column, title, caption in (
+                ("distinct-answers", "distinct_answers_mean", "distinct final answers",
+                 "Mean distinct final answers among a prompt's samples, per step and split."),
+                ("zero-variance", "zero_variance_share", "zero-variance groups",
+                 "Share of prompt groups whose rewards are all equal (no GRPO signal), per "
+                 "step and split."),
+                ("split-variance", "correctness_variance_mean", "variance of correctness",
+                 "Per-prompt variance of correctness p(1-p) by split (train against "
+                 "inference), with the training policy entropy (dotted).")):
+            if steps[column].notna().any():
+                figures.append(FigureSpec(
+                    kind, f"{run}: {title}", caption,
+                    lambda ax, column=column: diversity_steps(
+                        steps, y=column, run=run, entropy=column.startswith("correctness"),
+                        ax=ax)))
         return figures
 
     def section(self, result: Diversity, run: str) -> dict:
