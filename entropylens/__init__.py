@@ -52,3 +52,9 @@ from .api import (RecordResult, RescoreResult, from_hf_generate,  # noqa: E402
 
 __all__ += ["RecordResult", "RescoreResult", "from_hf_generate", "record_generate", "rescore"]
 # -- end record --
+
+# -- diversity: pass@k, best@k, distinct answers, test-time variance, origins --
+from .api import Diversity, DiversityComparison, diversity, diversity_compare  # noqa: E402
+
+__all__ += ["Diversity", "DiversityComparison", "diversity", "diversity_compare"]
+# -- end diversity --

@@ -124,3 +124,10 @@ def report(store: Store | str | Path, out: str | Path, runs: str | Sequence[str]
 
 __all__ += ["report"]
 # -- end report --
+
+# -- diversity: pass@k, best@k, distinct answers, test-time variance, origins --
+from .analysis.diversity import (Diversity, DiversityComparison, diversity,  # noqa: E402
+                                 diversity_compare)
+
+__all__ += ["Diversity", "DiversityComparison", "diversity", "diversity_compare"]
+# -- end diversity --

@@ -182,8 +182,8 @@ def _last_boxed(text: str) -> str | None:
 def answer_rule(answer_regex: str | None) -> str:
     """The answer-extraction rule in words (stated in the result)."""
     if answer_regex:
-        return (f"logged final_answer, else the last match of the regular expression "
-                f"{answer_regex!r} (its group)")
+        return (f"logged final_answer, else the group of the last match of the regular "
+                f"expression {answer_regex}")
     return "logged final_answer, else the last \\boxed{...}, else the last number"
 
 
@@ -225,13 +225,14 @@ def _sequences_dataset(store: Store, run: str) -> ds.Dataset | None:
 
 
 def step_batches(store: Store, run: str, columns: Sequence[str], *,
-                 batch_rows: int = STEP_BATCH_ROWS) -> Iterator[pa.Table]:
+                 batch_rows: int | None = None) -> Iterator[pa.Table]:
     """The run's sequences in tables of whole steps, by increasing step (null steps last).
 
     The step column is read once to count rows per step; then each batch of consecutive
     steps holding about ``batch_rows`` rows is read with a step filter, so memory holds one
     batch (a step larger than ``batch_rows`` is read alone).
     """
+    batch_rows = STEP_BATCH_ROWS if batch_rows is None else batch_rows
     dataset = _sequences_dataset(store, run)
     if dataset is None:
         return
@@ -570,9 +571,15 @@ class DiversityAnalysis(Analysis):
                            "answer_entropy_mean": _finite_mean(rows["answer_entropy_mean"]),
                            "distinct_answers_mean": _finite_mean(rows["distinct_answers_mean"]),
                            "zero_variance_share": _finite_mean(rows["zero_variance_share"])})
+        every = result.run_steps(run)
+        highlights = []
+        for split in sorted({row["split"] for row in every}):
+            mine = [row for row in every if row["split"] == split]
+            highlights += [mine[0]] + ([mine[-1]] if len(mine) > 1 else [])
         return {"correct": result.correct, "answer_rule": result.answer_rule,
                 "narrowing": narrowing(result, run), "splits": splits,
-                "steps": result.run_steps(run)}
+                "reward_vectors": bool(steps["reward_vector_size"].notna().any()),
+                "highlights": highlights, "steps": every}
 
     def findings(self, result: Diversity, run: str) -> list[Finding]:
         found = narrowing(result, run)
@@ -638,6 +645,86 @@ def diversity(store: Store | str, runs: str | Sequence[str] | None = None, *,
     -------
     Diversity
     """
+    parse_ks(k), compile_answer_regex(answer_regex)   # bad options fail once, not per run
     return run_analysis("diversity", open_store(store), runs, engine=engine, workers=workers,
                         k=k, answer_regex=answer_regex, correct=correct, draws=draws,
                         seed=seed, **engine_options)
+
+
+# -- two evaluations of one checkpoint (e.g. two temperatures) ----------------------------
+
+COMPARE_COLUMNS = ["step", "split", "k", "pass_at_k_a", "pass_at_k_b", "difference",
+                   "difference_se", "significant"]
+
+
+@dataclass
+class DiversityComparison:
+    """Result of :func:`diversity_compare`: run ``b`` against run ``a``, step by step.
+
+    Attributes
+    ----------
+    run_a, run_b : str
+    diversity : Diversity
+        Both runs' own results.
+    pass_at_k : pandas.DataFrame
+        :data:`COMPARE_COLUMNS`: per step, split and k both runs have, pass@k of each, the
+        difference ``b - a``, its standard error (the two runs' group SEs in quadrature) and
+        whether it exceeds :data:`Z` of them.
+    steps : pandas.DataFrame
+        ``step, split`` and, for ``a`` and ``b``, ``distinct_answers_mean``,
+        ``correctness_variance_mean``, ``answer_entropy_mean``.
+    """
+
+    run_a: str
+    run_b: str
+    diversity: Diversity
+    pass_at_k: pd.DataFrame
+    steps: pd.DataFrame
+
+    def to_dict(self) -> dict:
+        """The JSON of ``entropylens diversity --run A --run B --compare --json``: that of
+        the two runs plus ``comparison``."""
+        out = self.diversity.to_dict()
+        out["comparison"] = {"run_a": self.run_a, "run_b": self.run_b,
+                             "pass_at_k": _records(self.pass_at_k),
+                             "steps": _records(self.steps)}
+        return out
+
+
+_COMPARED = ["distinct_answers_mean", "correctness_variance_mean", "answer_entropy_mean"]
+
+
+def compare_runs(result: Diversity, run_a: str, run_b: str) -> DiversityComparison:
+    """Compare two runs of a :class:`Diversity` (see :func:`diversity_compare`)."""
+    keys = ["step", "split"]
+    (sa, pa_), (sb, pb) = result.run_rows(run_a), result.run_rows(run_b)
+    both = pa_.merge(pb, on=keys + ["k"], suffixes=("_a", "_b"))
+    if both.empty:
+        raise EntropylensError(f"runs {run_a!r} and {run_b!r} share no step, split and k to "
+                               "compare (an evaluation without steps matches one without)")
+    both["difference"] = both["pass_at_k_b"] - both["pass_at_k_a"]
+    both["difference_se"] = np.hypot(both["pass_at_k_se_a"], both["pass_at_k_se_b"])
+    both["significant"] = (both["difference_se"] > 0) & \
+        (both["difference"].abs() > Z * both["difference_se"])
+    steps = sa[keys + _COMPARED].merge(sb[keys + _COMPARED], on=keys, suffixes=("_a", "_b"))
+    return DiversityComparison(run_a, run_b, result, both[COMPARE_COLUMNS].reset_index(
+        drop=True), steps.reset_index(drop=True))
+
+
+def diversity_compare(store: Store | str, run_a: str, run_b: str, **options
+                      ) -> DiversityComparison:
+    """Two evaluation runs of one checkpoint (e.g. two temperatures), side by side.
+
+    Parameters
+    ----------
+    store : Store or path
+    run_a, run_b : str
+        Runs whose steps and splits match (rows without a step match each other).
+    **options
+        Those of :func:`diversity` (``k``, ``answer_regex``, ``correct``, ``engine``, ...).
+
+    Returns
+    -------
+    DiversityComparison
+    """
+    return compare_runs(diversity(store, [run_a, run_b], **options), run_a, run_b)
