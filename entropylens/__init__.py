@@ -54,7 +54,9 @@ __all__ += ["RecordResult", "RescoreResult", "from_hf_generate", "record_generat
 # -- end record --
 
 # -- diversity: pass@k, best@k, distinct answers, test-time variance, origins --
-from .api import Diversity, DiversityComparison, diversity, diversity_compare  # noqa: E402
+from .api import (Diversity, DiversityComparison, Origins, diversity,  # noqa: E402
+                  diversity_compare, origins)
 
-__all__ += ["Diversity", "DiversityComparison", "diversity", "diversity_compare"]
+__all__ += ["Diversity", "DiversityComparison", "Origins", "diversity", "diversity_compare",
+            "origins"]
 # -- end diversity --

@@ -129,5 +129,8 @@ __all__ += ["report"]
 from .analysis.diversity import (Diversity, DiversityComparison, diversity,  # noqa: E402
                                  diversity_compare)
 
-__all__ += ["Diversity", "DiversityComparison", "diversity", "diversity_compare"]
+from .analysis.origins import Origins, origins  # noqa: E402
+
+__all__ += ["Diversity", "DiversityComparison", "diversity", "diversity_compare", "Origins",
+            "origins"]
 # -- end diversity --

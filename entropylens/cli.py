@@ -708,6 +708,43 @@ def diversity(
         console.print(table)
     for reason in whole.skipped:
         typer.echo(f"skipped: {reason}")
+
+
+@app.command()
+def origins(
+    store: Path = typer.Argument(..., help="Store folder."),
+    run: Optional[List[str]] = RunOption,
+    engine: Engine = EngineOption,
+    ray_address: Optional[str] = RayAddressOption,
+    workers: Optional[int] = WorkersOption,
+    as_json: bool = JsonOption,
+):
+    """Token entropy, forking share and covariance per step, split by token origin."""
+    with _user_errors():
+        result = api.origins(store, run or None, engine=_engine(engine, ray_address, workers))
+    if as_json:
+        _emit_json(result.to_dict())
+        return
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = Console()
+    for name, rows in result.steps.groupby("run", sort=False):
+        table = Table(title=escape(f"{name}: tokens by origin (totals over steps)"))
+        for column in ("origin", "tokens", "entropy mean", "p50", "forking share",
+                       "covariance mean"):
+            table.add_column(column, justify="left" if column == "origin" else "right")
+        for origin, part in rows.groupby("origin", sort=True):
+            weights = part["tokens"]
+            table.add_row(escape(str(origin)), str(int(weights.sum())),
+                          _num((part["entropy_mean"] * weights).sum() / weights.sum()),
+                          _num(part["p50"].median()),
+                          _num((part["forking_share"] * weights).sum() / weights.sum()),
+                          _num(part["covariance_mean"].mean()))
+        console.print(table)
+    for reason in result.skipped:
+        typer.echo(f"skipped: {reason}")
 # -- end diversity ----------------------------------------------------------------------------
 
 def main() -> None:  # pragma: no cover - console entry point
