@@ -104,3 +104,17 @@ def test_cli_and_report_hooks(labelled):
     spec.draw(axes)
     assert all(len(ax.lines) == 2 for ax in axes)
     plt.close(fig)
+
+
+def test_report_blocks_escape_origin_labels(labelled):
+    from entropylens.analysis.origins import OriginsAnalysis
+    from test_diversity import render_block
+
+    store, _ = labelled
+    section = OriginsAnalysis().section(el.origins(store), "crit")
+    section["origins"][0]["origin"] = "<b>on|policy</b>"
+    html = render_block("origins", section, "crit", markdown=False)
+    md = render_block("origins", section, "crit", markdown=True)
+    assert "<b>" not in html and "&lt;b&gt;on|policy" in html
+    assert "<b>" not in md and "on\\|policy" in md   # a label cannot break the table
+    assert "refinement" in html and "refinement" in md
