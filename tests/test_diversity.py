@@ -354,3 +354,56 @@ def test_html_and_markdown_blocks_escape_data(tmp_path):
     assert "regular expression (&lt;\\w+&gt;)" in html   # the rule, escaped
     assert "&lt;i&gt;" in md and "<i>" not in md
     assert "| inference | 3 " not in md and "| 3 | inference | 1 × 2 |" in md
+
+
+# -- ingest: answers and reward vectors from the formats that carry them -----------------
+
+def test_trl_reward_functions_become_reward_vectors(tmp_path):
+    from _ingest_helpers import FIXTURES, ingest_one
+
+    trl = FIXTURES / "trl" / "completions"
+    _, sequences, _ = ingest_one(trl, tmp_path)
+    first = pd.read_parquet(trl / "completions_00001.parquet")
+    got = sequences[sequences.step == 1].sort_values("sample_id", key=lambda c: c.astype(int))
+    both = first["format_reward"].notna().to_numpy()
+    vectors = got["reward_vector"].tolist()
+    for has_both, vector, row in zip(both, vectors, first.itertuples()):
+        if has_both:   # one entry per reward function, in the file's column order
+            assert list(vector) == [row.correctness_reward, row.format_reward]
+        else:
+            assert vector is None
+    result = el.diversity(tmp_path / "store")
+    assert result.steps.loc[result.steps["step"] == 1, "reward_vector_size"].item() == 2
+
+
+def test_verl_pred_is_the_final_answer(tmp_path):
+    from _ingest_helpers import FIXTURES
+
+    lines = (FIXTURES / "verl_rollout" / "rollout" / "1.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines[:3]]
+    for record, pred in zip(records, ["42", "[INVALID]", None]):
+        record["pred"] = pred     # math_dapo.compute_score's extra; the last one lacks it
+    folder = tmp_path / "rollout"
+    folder.mkdir()
+    (folder / "3.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    el.ingest(folder / "3.jsonl", tmp_path / "store", run="r", progress=False)
+    sequences = el.open(tmp_path / "store").read_sequences("r")
+    assert sequences.column("final_answer").to_pylist() == ["42", None, None]
+
+
+def test_generic_tables_map_answers_origins_and_vectors(tmp_path):
+    rows = [{"step": 0, "uid": "p", "idx": i, "text": f"... so {a}", "score": float(a == 2),
+             "pred": str(a), "src": "refinement" if i else "on_policy", "tests": [a, 1.0]}
+            for i, a in enumerate([2, 2, 3])]
+    path = tmp_path / "rollouts.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    cli = runner.invoke(app, ["ingest", str(path), "--out", str(tmp_path / "store"), "--run",
+                              "r", "--map", "completion=text", "--map", "group_id=uid",
+                              "--map", "sample_id=idx", "--map", "final_answer=pred",
+                              "--map", "origin=src", "--map", "reward_vector=tests"])
+    assert cli.exit_code == 0, cli.output
+    table = el.open(tmp_path / "store").read_sequences("r").to_pandas()
+    assert table["origin"].tolist() == ["on_policy", "refinement", "refinement"]
+    assert [list(v) for v in table["reward_vector"]] == [[2, 1], [2, 1], [3, 1]]
+    steps = el.diversity(tmp_path / "store").steps.iloc[0]
+    assert steps["distinct_answers_mean"] == 2 and steps["reward_space_winners_mean"] == 1
