@@ -435,8 +435,11 @@ def diversity_plan(store: Store, run: str, *, k=None, answer_regex: str | None =
     steps["step"] = steps["step"].astype("Int64")
     entropy = pd.DataFrame(columns=["step", "entropy"])
     if store.manifest(run).get("counts", {}).get("tokens"):
-        curve = yield from policy_entropy_plan(store, run, engine=engine, **engine_options)
-        entropy = curve[["step", "entropy"]]
+        try:
+            curve = yield from policy_entropy_plan(store, run, engine=engine, **engine_options)
+            entropy = curve[["step", "entropy"]]
+        except EntropylensError:
+            pass   # only inference or validation tokens: no training entropy to show
     steps = steps.merge(entropy.astype({"step": "Int64"}), on="step", how="left")
     passes = pd.DataFrame(pass_rows, columns=PASS_COLUMNS[1:])
     passes.insert(0, "run", run)
