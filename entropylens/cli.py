@@ -667,7 +667,7 @@ def diversity(
     workers: Optional[int] = WorkersOption,
     as_json: bool = JsonOption,
 ):
-    """Diversity across a prompt's samples: pass@k, best@k, distinct answers, zero-variance groups."""
+    """Diversity across a prompt's samples: pass@k, best@k, distinct answers, signal."""
     if compare and len(run or []) != 2:
         raise typer.BadParameter("needs exactly two runs: --run A --run B", param_hint="--compare")
     with _user_errors():
