@@ -27,7 +27,8 @@ COMMAND_FUNCTIONS = {"ingest": "ingest", "formats": "formats", "summary": "summa
                      "demo": "demo", "phases": "phases", "fit": "fit_saturation",
                      "compare": "compare", "covariance": "covariance",
                      "forks": "forking_tokens", "report": "report", "roles": "roles",
-                     "mine-lexicon": "mine_lexicon", "rescore": "rescore"}
+                     "mine-lexicon": "mine_lexicon", "rescore": "rescore",
+                     "diversity": "diversity", "origins": "origins"}
 
 
 def _generator():
