@@ -28,6 +28,8 @@ a null split counts as ``train``), over the prompt groups (``group_id``) of that
   score each completion by ``w . r``; the number of distinct completions that win (argmax) under
   at least one weighting, averaged over groups.
 
+A completion without a ``group_id`` is a group of its own; completions without a reward count
+for the distinct completions and answers but not for pass@k, best@k and the variances.
 Every mean over groups comes with its standard error over groups (the groups are the sampled
 unit), so a change between checkpoints is claimed only beyond it.
 
