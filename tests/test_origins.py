@@ -118,3 +118,19 @@ def test_report_blocks_escape_origin_labels(labelled):
     assert "<b>" not in html and "&lt;b&gt;on|policy" in html
     assert "<b>" not in md and "on\\|policy" in md   # a label cannot break the table
     assert "refinement" in html and "refinement" in md
+
+
+def test_ray_engine_gives_identical_rows(labelled):
+    ray = pytest.importorskip("ray")
+    from entropylens.engine import init_ray
+
+    store, _ = labelled
+    started = not ray.is_initialized()
+    init_ray(num_cpus=2)
+    try:
+        local = el.origins(store, unit_rows=20_000)
+        remote = el.origins(store, engine="ray", unit_rows=20_000)
+    finally:
+        if started:
+            ray.shutdown()
+    pd.testing.assert_frame_equal(local.steps, remote.steps, check_exact=True)
