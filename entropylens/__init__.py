@@ -58,3 +58,10 @@ from .api import Diagnosis, RunDiagnosis, diagnose  # noqa: E402
 
 __all__ += ["Diagnosis", "RunDiagnosis", "diagnose"]
 # -- end diagnosis --
+# -- diversity: pass@k, best@k, distinct answers, test-time variance, origins --
+from .api import (Diversity, DiversityComparison, Origins, diversity,  # noqa: E402
+                  diversity_compare, origins)
+
+__all__ += ["Diversity", "DiversityComparison", "Origins", "diversity", "diversity_compare",
+            "origins"]
+# -- end diversity --

@@ -130,3 +130,12 @@ from .analysis.diagnose import Diagnosis, RunDiagnosis, diagnose  # noqa: E402
 
 __all__ += ["diagnose", "Diagnosis", "RunDiagnosis"]
 # -- end diagnosis --
+# -- diversity: pass@k, best@k, distinct answers, test-time variance, origins --
+from .analysis.diversity import (Diversity, DiversityComparison, diversity,  # noqa: E402
+                                 diversity_compare)
+
+from .analysis.origins import Origins, origins  # noqa: E402
+
+__all__ += ["Diversity", "DiversityComparison", "diversity", "diversity_compare", "Origins",
+            "origins"]
+# -- end diversity --

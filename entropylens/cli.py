@@ -743,6 +743,107 @@ def diagnose(
 # -- end diagnosis ---------------------------------------------------------------------------
 
 
+# -- diversity: pass@k, best@k, distinct answers, test-time variance -------------------------
+@app.command()
+def diversity(
+    store: Path = typer.Argument(..., help="Store folder."),
+    run: Optional[List[str]] = RunOption,
+    k: Optional[str] = typer.Option(None, "--k", help="k of pass@k and best@k, e.g. 1,2,4 "
+                                    "(default: powers of two up to the samples per prompt)."),
+    answer_regex: Optional[str] = typer.Option(
+        None, "--answer-regex", help="Regular expression with one group capturing the final "
+        "answer (last match); default: the last \\boxed{...}, else the last number."),
+    correct: float = typer.Option(1.0, "--correct",
+                                  help="A completion is correct when its reward is at least "
+                                       "this."),
+    compare: bool = typer.Option(False, "--compare",
+                                 help="Compare the two runs given with --run (e.g. one "
+                                      "checkpoint evaluated at two temperatures)."),
+    engine: Engine = EngineOption,
+    ray_address: Optional[str] = RayAddressOption,
+    workers: Optional[int] = WorkersOption,
+    as_json: bool = JsonOption,
+):
+    """Diversity across a prompt's samples: pass@k, best@k, distinct answers, signal."""
+    if compare and len(run or []) != 2:
+        raise typer.BadParameter("needs exactly two runs: --run A --run B", param_hint="--compare")
+    with _user_errors():
+        options = dict(k=k, answer_regex=answer_regex, correct=correct,
+                       engine=_engine(engine, ray_address, workers))
+        result = (api.diversity_compare(store, run[0], run[1], **options) if compare
+                  else api.diversity(store, run or None, **options))
+    if as_json:
+        _emit_json(result.to_dict())
+        return
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = Console()
+    whole = result.diversity if compare else result
+    console.print(escape(f"correct: reward >= {whole.correct:g}; answers: {whole.answer_rule}"))
+    for item in whole.to_dict()["runs"]:
+        table = Table(title=escape(f"{item['run']}: diversity per step"))
+        for column in ("step", "split", "prompts", "pass@k", "distinct answers",
+                       "zero-var groups", "reward var", "entropy"):
+            table.add_column(column, justify="left" if column == "split" else "right")
+        for row in item["steps"]:
+            passes = " ".join(f"{key}:{_num(value, 2)}" for key, value in row["pass_at_k"].items())
+            table.add_row(_fmt(row["step"]), escape(str(row["split"])), str(row["prompts"]),
+                          passes, _num(row["distinct_answers_mean"], 2),
+                          f"{row['zero_variance_groups']}/{row['prompts']}",
+                          _num(row["reward_variance_mean"]), _num(row["entropy"]))
+        console.print(table)
+    if compare:
+        table = Table(title=escape(f"pass@k of {result.run_b} minus {result.run_a}"))
+        for column in ("step", "split", "k", "difference", "se", "beyond noise"):
+            table.add_column(column, justify="right")
+        for row in result.pass_at_k.itertuples():
+            table.add_row(_fmt(row.step), escape(str(row.split)), str(row.k),
+                          _num(row.difference), _num(row.difference_se),
+                          "yes" if row.significant else "no")
+        console.print(table)
+    for reason in whole.skipped:
+        typer.echo(f"skipped: {reason}")
+
+
+@app.command()
+def origins(
+    store: Path = typer.Argument(..., help="Store folder."),
+    run: Optional[List[str]] = RunOption,
+    engine: Engine = EngineOption,
+    ray_address: Optional[str] = RayAddressOption,
+    workers: Optional[int] = WorkersOption,
+    as_json: bool = JsonOption,
+):
+    """Token entropy, forking share and covariance per step, split by token origin."""
+    with _user_errors():
+        result = api.origins(store, run or None, engine=_engine(engine, ray_address, workers))
+    if as_json:
+        _emit_json(result.to_dict())
+        return
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = Console()
+    for name, rows in result.steps.groupby("run", sort=False):
+        table = Table(title=escape(f"{name}: tokens by origin (totals over steps)"))
+        for column in ("origin", "tokens", "entropy mean", "p50", "forking share",
+                       "covariance mean"):
+            table.add_column(column, justify="left" if column == "origin" else "right")
+        for origin, part in rows.groupby("origin", sort=True):
+            weights = part["tokens"]
+            table.add_row(escape(str(origin)), str(int(weights.sum())),
+                          _num((part["entropy_mean"] * weights).sum() / weights.sum()),
+                          _num(part["p50"].median()),
+                          _num((part["forking_share"] * weights).sum() / weights.sum()),
+                          _num(part["covariance_mean"].mean()))
+        console.print(table)
+    for reason in result.skipped:
+        typer.echo(f"skipped: {reason}")
+# -- end diversity ----------------------------------------------------------------------------
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

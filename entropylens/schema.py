@@ -30,6 +30,8 @@ TOKEN_SCHEMA = pa.schema([
     pa.field("top_tokens", pa.list_(pa.string())),
     pa.field("top_logprobs", pa.list_(pa.float32())),
     pa.field("advantage", pa.float32()),
+    # where the token came from: "on_policy", "refinement" (Critique-GRPO) or a user label
+    pa.field("origin", pa.string()),
 ])
 
 SEQUENCE_SCHEMA = pa.schema([
@@ -44,6 +46,12 @@ SEQUENCE_SCHEMA = pa.schema([
     pa.field("num_tokens", pa.int64()),
     pa.field("finish_reason", pa.string()),
     pa.field("extra", pa.string()),
+    # where the completion came from (see the token column of the same name)
+    pa.field("origin", pa.string()),
+    # the completion's final answer as its producer extracted it (not the reference answer)
+    pa.field("final_answer", pa.string()),
+    # a reward per criterion (e.g. per test case), as in Vector Policy Optimization
+    pa.field("reward_vector", pa.list_(pa.float64())),
 ])
 
 METRIC_SCHEMA = pa.schema([

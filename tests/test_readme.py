@@ -28,7 +28,7 @@ COMMAND_FUNCTIONS = {"ingest": "ingest", "formats": "formats", "summary": "summa
                      "compare": "compare", "covariance": "covariance",
                      "forks": "forking_tokens", "report": "report", "roles": "roles",
                      "mine-lexicon": "mine_lexicon", "rescore": "rescore",
-                     "diagnose": "diagnose"}
+                     "diagnose": "diagnose", "diversity": "diversity", "origins": "origins"}
 
 
 def _generator():

@@ -42,6 +42,8 @@ from ..workers import session
 MODULES: list[str] = [
     "entropylens.analysis.covariance",
     "entropylens.analysis.diagnose",
+    "entropylens.analysis.diversity",
+    "entropylens.analysis.origins",
 ]
 
 #: What a run can hold, as counted in its manifest (``counts``), and how to say it is missing.

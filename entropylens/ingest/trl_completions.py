@@ -10,7 +10,8 @@ text, or lists of chat messages for conversational datasets. Some versions and f
 These files hold text only: they fill the sequences table; the rescoring feature turns them
 into token data. ``reward`` is the sum of the reward-function columns (the numeric columns
 between ``completion`` and ``advantage``), NaN-skipping, as TRL sums them with its default
-weights of 1; the per-function values are kept in ``extra``. Conversational completions
+weights of 1; the per-function values are kept in ``extra`` and, with two or more reward
+functions that all scored the completion, as ``reward_vector`` (file column order). Conversational completions
 are stored as the concatenated message contents, conversational prompts as JSON.
 ``sample_id`` is the row index in the file, ``group_id`` the first row index of the same
 prompt (TRL logs the G completions of a prompt as G rows with that prompt).
@@ -110,9 +111,13 @@ def read(path: Path, ctx) -> Iterator[Chunk]:
             extra = {name: _finite(record.get(name)) for name in rewards}
             extra.update({name: record.get(name) for name in extras})
             advantage = _finite(record.get("advantage"))
+            # several reward functions are a reward vector (one entry per function, in the
+            # file's column order), as Vector Policy Optimization reads them
+            vector = values if len(values) > 1 and len(present) == len(values) else None
             sequences.add(step=step, split=split, sample_id=str(row), group_id=group,
                           prompt=prompt, completion=_text(record.get("completion"), join=True),
-                          reward=reward, advantage=advantage, extra=extra or None)
+                          reward=reward, advantage=advantage, extra=extra or None,
+                          reward_vector=vector)
             row += 1
         if sequences.full:
             yield Chunk("sequences", *sequences.take())

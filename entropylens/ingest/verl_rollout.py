@@ -10,7 +10,8 @@ These files hold text only: they fill the sequences table (``prompt``, ``complet
 ``reward``, ``step``; the rest as JSON in ``extra``); the rescoring feature turns them into
 token data. ``sample_id`` is the line's index in its file (from 0), ``group_id`` verl's
 ``uid`` where a reward extra logged it, and ``split`` is ``val`` when the file's folder is
-named like a validation folder, else ``train``.
+named like a validation folder, else ``train``. ``final_answer`` is the reward extra
+``pred`` (the answer ``verl.utils.reward_score.math_dapo.compute_score`` extracted).
 """
 
 from __future__ import annotations
@@ -60,13 +61,22 @@ def read(path: Path, ctx) -> Iterator[Chunk]:
             sequences.add(step=step, split=split, sample_id=str(index),
                           group_id=str(uid) if uid is not None else None,
                           prompt=_text(record.get("input")), completion=_text(record["output"]),
-                          reward=reward, extra=extra or None)
+                          reward=reward, extra=extra or None, final_answer=_answer(record))
             index += 1
             if sequences.full:
                 yield Chunk("sequences", *sequences.take())
     taken = sequences.take()
     if taken is not None:
         yield Chunk("sequences", *taken)
+
+
+def _answer(record: dict) -> str | None:
+    """The reward function's extracted answer: ``pred`` of ``math_dapo.compute_score``
+    (``{"score", "acc", "pred"}``, ``"[INVALID]"`` when it found none)."""
+    pred = record.get("pred")
+    if pred is None or pred == "[INVALID]" or isinstance(pred, (dict, list)):
+        return None
+    return str(pred)
 
 
 def _text(value) -> str | None:

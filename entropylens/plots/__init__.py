@@ -9,10 +9,13 @@ and ``ax=None`` (a new figure when omitted). None computes anything an analysis 
 
 from .compare import run_overlay
 from .covariance import covariance_groups
+from .diversity import diversity_steps, pass_at_k_curves
 from .entropy import entropy_curve, quantile_fan
 from .forking import forking_tokens_bar
+from .origins import origin_steps
 from .roles import planning_execution
 from .saturation import law_band, saturation_fit
 
-__all__ = ["covariance_groups", "entropy_curve", "forking_tokens_bar", "law_band",
-           "planning_execution", "quantile_fan", "run_overlay", "saturation_fit"]
+__all__ = ["covariance_groups", "diversity_steps", "entropy_curve", "forking_tokens_bar",
+           "law_band", "origin_steps", "pass_at_k_curves", "planning_execution", "quantile_fan",
+           "run_overlay", "saturation_fit"]

@@ -9,7 +9,7 @@ chat template, batches are left-padded, ``generate`` returns raw logits, and
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from ..errors import EntropylensError
 from ..ingest.hf_generate import RecordResult, scored_generations, write_generations
@@ -23,7 +23,8 @@ def record_generate(model, tokenizer, prompts: Sequence[str], out: str | Path | 
                     max_new_tokens: int = 64, num_return_sequences: int = 1,
                     batch_size: int = 8, chat_template: bool = True, step: int | None = None,
                     split: str | None = "inference", replace: bool = False,
-                    generate_kwargs: dict | None = None) -> RecordResult:
+                    generate_kwargs: dict | None = None,
+                    reward: Callable[[str, str], float] | None = None) -> RecordResult:
     """Sample completions with ``model.generate`` and write them as a run.
 
     Parameters
@@ -55,6 +56,9 @@ def record_generate(model, tokenizer, prompts: Sequence[str], out: str | Path | 
     generate_kwargs : dict, optional
         More ``generate`` arguments (``top_p``, ``top_k``, ``do_sample``...). By default
         sampling is plain: ``do_sample=True, top_k=0, top_p=1.0``.
+    reward : callable, optional
+        ``reward(prompt, completion) -> float`` for every sample, stored as its reward (so
+        that :func:`~entropylens.analysis.diversity.diversity` can score an evaluation run).
 
     Returns
     -------
@@ -103,6 +107,14 @@ def record_generate(model, tokenizer, prompts: Sequence[str], out: str | Path | 
                                      temperature=temperature, top_k=top_k, step=step,
                                      split=split, first_index=start * num_return_sequences)
         vocab = int(output.logits[0].shape[-1])
+    if reward is not None:
+        for sample in scored:
+            value = reward(sample.meta["prompt"], sample.meta["completion"])
+            try:
+                sample.meta["reward"] = None if value is None else float(value)
+            except (TypeError, ValueError):
+                raise EntropylensError(f"reward() returned {value!r} for sample "
+                                       f"{sample.meta['sample_id']}: not a number") from None
     store = out if isinstance(out, Store) else Store.create(out)
     sampling = {k: v for k, v in kwargs.items() if k not in ("output_logits",
                                                              "return_dict_in_generate")}
