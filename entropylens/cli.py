@@ -29,6 +29,12 @@ class OnError(str, Enum):
     skip = "skip"
 
 
+class StepBasis(str, Enum):
+    policy_version = "policy_version"
+    logged_step = "logged_step"
+    unknown = "unknown"
+
+
 class Engine(str, Enum):
     local = "local"
     ray = "ray"
@@ -117,6 +123,11 @@ def ingest(
     aliases_file: Optional[Path] = typer.Option(
         None, "--aliases", help="TOML or JSON file of metric aliases {raw_key: canonical} "
                                 "(--alias wins over it)."),
+    step_basis: Optional[StepBasis] = typer.Option(
+        None, "--step-basis", metavar="<basis>",
+        help="What the sources' steps count: policy_version (step s = policy after s "
+             "updates), logged_step (a trainer's 1-based step) or unknown; default: what the "
+             "format implies."),
 ):
     """Read log files into a canonical store."""
     with _user_errors():
@@ -126,7 +137,8 @@ def ingest(
         runs = api.ingest(sources, out, run=run, format=format, mapping=_pairs(map, "--map"),
                           temperature=temperature, vocab_size=vocab_size,
                           on_error=on_error.value, replace=replace,
-                          aliases=aliases)
+                          aliases=aliases,
+                          step_basis=step_basis.value if step_basis is not None else None)
     store = api.open(out)
     for name in runs:
         manifest = store.manifest(name)
@@ -135,6 +147,8 @@ def ingest(
         note = f", {rejected} bad records skipped" if rejected else ""
         typer.echo(f"{name}: {counts['tokens']} tokens, {counts['sequences']} sequences, "
                    f"{counts['metrics']} metric points{note} -> {out}", err=True)
+        for warning in manifest.get("warnings", ()):
+            typer.echo(f"warning: {warning}", err=True)  # run names are [A-Za-z0-9._+=@-]
 
 
 @app.command("formats")

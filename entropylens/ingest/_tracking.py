@@ -154,6 +154,14 @@ def trainer_steps(frame: pd.DataFrame) -> tuple[np.ndarray, str, int]:
         steps = steps.fillna(numeric[key])
     known = steps.notna()
     filled = steps.ffill()
+    if "_step" in frame.columns and filled.isna().any():
+        # rows before the first trainer step (verl's validation before training, logged with
+        # wandb.log(step=0)) take W&B's _step where it equals the trainer step on every row
+        # that has both: the trainer passed its own step to wandb.log
+        wandb_step = pd.to_numeric(frame["_step"], errors="coerce")
+        both = known & wandb_step.notna()
+        if both.any() and (wandb_step[both] == steps[both]).all():
+            filled = filled.fillna(wandb_step)
     return filled.to_numpy(float), "+".join(present), int((~known & filled.notna()).sum())
 
 
