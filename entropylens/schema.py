@@ -8,9 +8,11 @@ columns and reports the first offending column and row when a value does not fit
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -30,6 +32,9 @@ TOKEN_SCHEMA = pa.schema([
     pa.field("top_tokens", pa.list_(pa.string())),
     pa.field("top_logprobs", pa.list_(pa.float32())),
     pa.field("advantage", pa.float32()),
+    # true at a position after the first end-of-sequence token of its completion (padding the
+    # model never sampled); marked at ingest by mark_after_eos, null where it cannot be told
+    pa.field("after_eos", pa.bool_()),
 ])
 
 SEQUENCE_SCHEMA = pa.schema([
@@ -61,6 +66,104 @@ SPLITS = ("train", "val", "inference")
 
 #: Logprobs at or below this are API sentinels (OpenAI and vLLM servers use -9999.0).
 SENTINEL_LOGPROB = -9999.0
+
+#: Texts of end-of-sequence tokens across tokenizers (ChatML, Llama 2/3, GPT-2, Gemma, Phi,
+#: DeepSeek, gpt-oss, Mistral). The one definition of "end of sequence" for ingest marking,
+#: the analyses' filter and the quality checks.
+EOS_TOKENS = ("<|im_end|>", "</s>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>",
+              "<eos>", "<end_of_turn>", "<|end|>", "<|eom_id|>", "<|return|>",
+              "<｜end▁of▁sentence｜>", "<|end▁of▁sentence|>", "[EOS]", "<|EOT|>")
+#: Control tokens of chat templates and tokenizers: ``<|im_start|>``, ``<s>``, ``[INST]``,
+#: ``<｜begin▁of▁sentence｜>``, ``<start_of_turn>``, ``<pad>``...
+_SPECIAL_TOKEN = re.compile(r"^(<\|[^<>\s]*\|>|<｜[^<>\s]*｜>|</?[a-z][a-z0-9_]*>|\[/?[A-Z_]+\])$")
+#: Step key of rows without a step when marking (they form one group per sample_id).
+_NO_STEP = np.iinfo(np.int64).min
+
+
+def eos_mask(token: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Boolean numpy mask of the end-of-sequence tokens (:data:`EOS_TOKENS`) of a column of
+    token texts (surrounding whitespace ignored; null texts are not EOS)."""
+    if isinstance(token, pa.ChunkedArray):
+        token = token.combine_chunks()
+    if not len(token):
+        return np.zeros(0, dtype=bool)
+    # judge each distinct text once (a batch repeats a few thousand texts)
+    encoded = pc.dictionary_encode(token)
+    eos_text = pc.fill_null(pc.is_in(pc.utf8_trim_whitespace(encoded.dictionary),
+                                     value_set=pa.array(EOS_TOKENS)), False)
+    return pc.fill_null(pc.take(eos_text, encoded.indices), False) \
+        .to_numpy(zero_copy_only=False)
+
+
+def is_special_token(text: str | None) -> bool:
+    """Whether a token text is a tokenizer control token (EOS, chat-template markers,
+    padding), not text the model writes."""
+    if text is None:
+        return False
+    text = text.strip()
+    return text in EOS_TOKENS or bool(_SPECIAL_TOKEN.match(text))
+
+
+def mark_after_eos(table: pa.Table, first_eos: dict | None = None, *,
+                   forget: bool = True) -> tuple[pa.Table, dict]:
+    """Set the ``after_eos`` column: true at positions after the first EOS of the completion.
+
+    Rows of one completion may arrive over several tables (chunks, batches), so the first
+    EOS position of each completion that had one is carried in ``first_eos``.
+
+    Parameters
+    ----------
+    table : pyarrow.Table
+        With ``sample_id``, ``position`` and ``token`` (and ``step`` when present). Without
+        token texts nothing can be told: ``after_eos`` stays null.
+    first_eos : dict, optional
+        ``{(step, sample_id): first EOS position}`` from the tables before.
+    forget : bool
+        Keep only this table's completions in the returned dict (the ingest's bound on
+        memory: a completion's rows arrive together); False keeps every completion (a
+        step-closed scan unit).
+
+    Returns
+    -------
+    (pyarrow.Table, dict)
+        The table with ``after_eos`` set (added or replaced) and the updated ``first_eos``.
+    """
+    first_eos = {} if first_eos is None else first_eos
+    n = table.num_rows
+    if not n or "token" not in table.column_names or "position" not in table.column_names \
+            or "sample_id" not in table.column_names \
+            or table.column("token").null_count == n:
+        return _set_column(table, "after_eos", pa.nulls(n, pa.bool_())), \
+            ({} if forget else first_eos)
+    is_eos = eos_mask(table.column("token"))
+    positions = pc.fill_null(table.column("position").cast(pa.int64()), -1) \
+        .to_numpy(zero_copy_only=False)
+    if "step" in table.column_names:
+        steps = pc.fill_null(table.column("step").cast(pa.int64()), _NO_STEP) \
+            .to_numpy(zero_copy_only=False)
+    else:
+        steps = np.full(n, _NO_STEP, dtype=np.int64)
+    samples = table.column("sample_id").cast(pa.string()).to_numpy(zero_copy_only=False)
+    keys = pd.MultiIndex.from_arrays([steps, samples])
+    here = pd.Series(positions[is_eos], index=keys[is_eos]).groupby(level=[0, 1]).min()
+    known = {key: first_eos[key] for key in keys.unique() if key in first_eos} if forget \
+        else first_eos
+    for key, position in here.items():
+        known[key] = min(position, known.get(key, position))
+    if known:
+        firsts = pd.Series(known)
+        index = firsts.index.get_indexer(keys)
+        first = np.where(index >= 0, firsts.to_numpy()[index], np.iinfo(np.int64).max)
+    else:
+        first = np.full(n, np.iinfo(np.int64).max)
+    after = pa.array(positions > first)
+    return _set_column(table, "after_eos", after), known
+
+
+def _set_column(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
+    if name in table.column_names:
+        return table.set_column(table.column_names.index(name), name, values)
+    return table.append_column(name, values)
 
 
 def _first_bad_row(column: pa.ChunkedArray | pa.Array, target: pa.DataType) -> int | None:
