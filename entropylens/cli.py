@@ -100,6 +100,10 @@ def _engine(engine: Engine, ray_address: Optional[str], workers: Optional[int] =
         init_ray(ray_address)
     return engine.value
 JsonOption = typer.Option(False, "--json", help="Print one JSON object on stdout.")
+KeepAfterEosOption = typer.Option(
+    False, "--keep-after-eos",
+    help="Keep the tokens after the end of their sequence (padding never sampled), which "
+         "token analyses leave out by default.")
 
 
 @app.command()
@@ -165,11 +169,13 @@ def summary(
     engine: Engine = EngineOption,
     ray_address: Optional[str] = RayAddressOption,
     workers: Optional[int] = WorkersOption,
+    keep_after_eos: bool = KeepAfterEosOption,
     as_json: bool = JsonOption,
 ):
     """Per-run contents and per-step entropy statistics."""
     with _user_errors():
-        result = api.summary(store, run or None, engine=_engine(engine, ray_address, workers))
+        result = api.summary(store, run or None, engine=_engine(engine, ray_address, workers),
+                             keep_after_eos=keep_after_eos)
     if as_json:
         _emit_json(result.to_dict())
         return
@@ -182,8 +188,10 @@ def _print_summary(result) -> None:
 
     console = Console()
     for row in result.runs.itertuples():
+        after = f", {row.tokens_after_eos} tokens after end-of-sequence " \
+            f"{'kept' if row.after_eos == 'kept' else 'left out'}" if row.tokens_after_eos else ""
         table = Table(title=f"{row.run}: {row.tokens} tokens, {row.sequences} sequences, "
-                            f"{row.steps} steps, entropy from {row.entropy_source}")
+                            f"{row.steps} steps, entropy from {row.entropy_source}{after}")
         for column in ("step", "tokens", "token mean", "seq mean", "p50", "p80", "<0.01"):
             table.add_column(column, justify="right")
         steps = result.steps[result.steps["run"] == row.run]
@@ -237,11 +245,13 @@ def phases(
     engine: Engine = EngineOption,
     ray_address: Optional[str] = RayAddressOption,
     workers: Optional[int] = WorkersOption,
+    keep_after_eos: bool = KeepAfterEosOption,
     as_json: bool = JsonOption,
 ):
     """Collapse phases of the entropy curve: segments, early drop, arrival step, alarm."""
     with _user_errors():
-        result = api.phases(store, run or None, engine=_engine(engine, ray_address, workers))
+        result = api.phases(store, run or None, engine=_engine(engine, ray_address, workers),
+                            keep_after_eos=keep_after_eos)
     if as_json:
         _emit_json(result.to_dict())
         return
@@ -276,11 +286,14 @@ def fit(
     engine: Engine = EngineOption,
     ray_address: Optional[str] = RayAddressOption,
     workers: Optional[int] = WorkersOption,
+    keep_after_eos: bool = KeepAfterEosOption,
     as_json: bool = JsonOption,
 ):
     """Fit the saturation law R = -a*exp(H) + b and its ceiling b - a."""
     with _user_errors():
-        result = api.fit_saturation(store, run or None, reward=reward, engine=_engine(engine, ray_address, workers))
+        result = api.fit_saturation(store, run or None, reward=reward,
+                                    engine=_engine(engine, ray_address, workers),
+                                    keep_after_eos=keep_after_eos)
     fits = result if isinstance(result, list) else [result]
     if as_json:
         _emit_json(result.to_dict() if not isinstance(result, list)
@@ -311,11 +324,14 @@ def compare(
     engine: Engine = EngineOption,
     ray_address: Optional[str] = RayAddressOption,
     workers: Optional[int] = WorkersOption,
+    keep_after_eos: bool = KeepAfterEosOption,
     as_json: bool = JsonOption,
 ):
     """Runs side by side: entropy drop, phases, saturation fit, final performance."""
     with _user_errors():
-        result = api.compare(store, run or None, reward=reward, engine=_engine(engine, ray_address, workers))
+        result = api.compare(store, run or None, reward=reward,
+                             engine=_engine(engine, ray_address, workers),
+                             keep_after_eos=keep_after_eos)
     if as_json:
         _emit_json(result.to_dict())
         return
@@ -342,11 +358,13 @@ def covariance(
     engine: Engine = EngineOption,
     ray_address: Optional[str] = RayAddressOption,
     workers: Optional[int] = WorkersOption,
+    keep_after_eos: bool = KeepAfterEosOption,
     as_json: bool = JsonOption,
 ):
     """Covariance of token logprob and advantage by group, and its link to entropy change."""
     with _user_errors():
-        result = api.covariance(store, run or None, engine=_engine(engine, ray_address, workers))
+        result = api.covariance(store, run or None, engine=_engine(engine, ray_address, workers),
+                                keep_after_eos=keep_after_eos)
     if as_json:
         _emit_json(result.to_dict())
         return
@@ -397,6 +415,7 @@ def forks(
     engine: Engine = EngineOption,
     ray_address: Optional[str] = RayAddressOption,
     workers: Optional[int] = WorkersOption,
+    keep_after_eos: bool = KeepAfterEosOption,
     as_json: bool = JsonOption,
 ):
     """Forking tokens: top-rho entropy thresholds, most frequent forking tokens, overlap."""
@@ -410,10 +429,12 @@ def forks(
     with _user_errors():
         result = api.forking_tokens(store, run or None, ratio=ratio, scope=scope.value,
                                     batch_size=batch_size, min_count=min_count, top_n=top,
-                                    engine=_engine(engine, ray_address, workers))
+                                    engine=_engine(engine, ray_address, workers),
+                                    keep_after_eos=keep_after_eos)
         pair = api.forking_overlap(store, overlap[0], overlap[1], ratio=ratio,
                                    scope=scope.value, batch_size=batch_size,
-                                   engine=_engine(engine, ray_address, workers)) if overlap else None
+                                   engine=_engine(engine, ray_address, workers),
+                                   keep_after_eos=keep_after_eos) if overlap else None
     if as_json:
         out = result.to_dict()
         if pair is not None:
@@ -425,6 +446,7 @@ def forks(
 
 def _print_forks(result, pair) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console()
@@ -439,11 +461,12 @@ def _print_forks(result, pair) -> None:
                              (f"highest forking rate (seen >= {result.min_count} times)",
                               result.top_by_rate)):
             table = Table(title=f"{row.run}: {title}")
-            for column in ("token", "count", "forking", "rate"):
+            for column in ("token", "count", "forking", "rate", "special"):
                 table.add_column(column, justify="right")
             for item in frame[frame["run"] == row.run].head(15).itertuples():
-                table.add_row(repr(item.token), str(item.count), str(item.forking_count),
-                              f"{item.forking_rate:.2f}")
+                table.add_row(escape(repr(item.token)), str(item.count),
+                              str(item.forking_count), f"{item.forking_rate:.2f}",
+                              "special" if item.special else "")
             console.print(table)
         shares = result.composition[result.composition["run"] == row.run]
         console.print("forking share vs all tokens: " + ", ".join(
@@ -467,13 +490,15 @@ def report(
     engine: Engine = EngineOption,
     ray_address: Optional[str] = RayAddressOption,
     workers: Optional[int] = WorkersOption,
+    keep_after_eos: bool = KeepAfterEosOption,
 ):
     """Write the diagnostic report: index.html, report.md, report.json and figures/."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed, whatever the environment says
     with _user_errors():
-        result = api.report(store, out, run or None, engine=_engine(engine, ray_address, workers))
+        result = api.report(store, out, run or None, engine=_engine(engine, ray_address, workers),
+                            keep_after_eos=keep_after_eos)
     for missing in result.model["unavailable"]:
         where = f"{missing['run']}: " if missing["run"] else ""
         typer.echo(f"{where}{missing['section']} not available: {missing['reason']}", err=True)
@@ -511,13 +536,15 @@ def roles(
     engine: Engine = EngineOption,
     ray_address: Optional[str] = RayAddressOption,
     workers: Optional[int] = WorkersOption,
+    keep_after_eos: bool = KeepAfterEosOption,
     as_json: bool = JsonOption,
 ):
     """Planning versus execution tokens per step, semantic entropy and the two phases."""
     with _user_errors():
         result = api.roles(store, run or None, lexicon=lexicon,
                            lexicon_mode=lexicon_mode.value, convention=convention.value,
-                           window=window, engine=_engine(engine, ray_address, workers))
+                           window=window, engine=_engine(engine, ray_address, workers),
+                           keep_after_eos=keep_after_eos)
     if as_json:
         _emit_json(result.to_dict())
         return

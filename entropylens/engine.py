@@ -26,6 +26,7 @@ for at the same time into one read of the data.
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import os
 import pickle
@@ -482,6 +483,8 @@ def run_plans(store: Store, run: str, plans: Mapping[str, Plan],
     """
     outcomes: dict[str, Any] = {}
     waiting: dict[str, Scan] = {}
+    # plans that remember results across calls key them on what the scans will select
+    selection = _SELECTION.set({"keep_after_eos": bool(engine_options.get("keep_after_eos"))})
 
     def advance(name: str, reply: dict | Exception | None) -> None:
         plan = plans[name]
@@ -499,11 +502,28 @@ def run_plans(store: Store, run: str, plans: Mapping[str, Plan],
             outcomes[name] = Failed(exc)
             plan.close()
 
-    with session():
-        for name in plans:
-            advance(name, None)
-        _drive(store, run, waiting, advance, engine_options)
+    try:
+        with session():
+            for name in plans:
+                advance(name, None)
+            _drive(store, run, waiting, advance, engine_options)
+    finally:
+        _SELECTION.reset(selection)
     return outcomes
+
+
+#: The token selection of the scans of the plans being driven (see :func:`scan_selection`).
+_SELECTION: contextvars.ContextVar[dict] = contextvars.ContextVar("entropylens_selection",
+                                                                  default={})
+
+
+def scan_selection() -> dict:
+    """Which tokens the scans of the plans being driven see: ``{"keep_after_eos": bool}``.
+
+    A plan that remembers its results across calls (the policy-entropy curve) keys them on
+    this, since the option reaches the engine, not the plan.
+    """
+    return {"keep_after_eos": False, **_SELECTION.get()}
 
 
 def _drive(store: Store, run: str, waiting: dict, advance, engine_options) -> None:

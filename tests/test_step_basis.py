@@ -109,7 +109,7 @@ def reference_fit(shared_run, tmp_path_factory):
     el.ingest(shared_run / "vanilla", path, run="tokens", step_basis="policy_version")
     el.ingest(shared_run / "vanilla" / "metrics.csv", path, run="csv",
               step_basis="policy_version")
-    return (el.fit_saturation(path, "tokens"),
+    return (el.fit_saturation(path, "tokens", keep_after_eos=True),
             el.fit_saturation(path, "csv"))
 
 

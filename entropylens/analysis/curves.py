@@ -23,7 +23,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..engine import Aggregator, Plan, run_plan
+from ..engine import Aggregator, Plan, run_plan, scan_selection
 from ..errors import EntropylensError
 from ..estimators import best_entropy_source
 from ..ingest.step_basis import source_step_basis, step_offset
@@ -126,6 +126,9 @@ def policy_entropy(store: Store | str, run: str, *, engine: str = "local",
     store : Store or path
     run : str
     engine : {"local", "ray"}
+    **engine_options
+        ``workers``, ...; ``keep_after_eos=True`` keeps the tokens after the end of their
+        sequence, left out by default.
 
     Returns
     -------
@@ -156,8 +159,9 @@ def policy_entropy_plan(store: Store, run: str, *, engine: str = "local",
     """
     manifest = store.manifest(run)
     stamp = (store.run_dir(run) / "manifest.json").stat().st_mtime_ns
+    options = {**engine_options, **scan_selection()}
     key = (str(store.path.resolve()), run, manifest.get("created"), stamp, engine,
-           tuple(sorted((k, repr(v)) for k, v in engine_options.items())))
+           tuple(sorted((k, repr(v)) for k, v in options.items())))
     if key in _CURVE_CACHE:
         return _CURVE_CACHE[key].copy()
     frame = yield from _policy_entropy(store, run, manifest)

@@ -41,6 +41,7 @@ import pyarrow.dataset as ds
 from ..engine import Aggregator, Plan, run_plan
 from ..errors import EntropylensError
 from ..estimators import columns_for, token_entropy
+from ..schema import is_special_token
 from ..store import Store
 from .distribution import EXACT_GLOBAL_MAX_TOKENS, NO_STEP, step_array, token_runs
 from .sequences import step_rows
@@ -558,7 +559,7 @@ THRESHOLD_COLUMNS = {"step": ["run", "step", "threshold", "tokens"],
                      "global": ["run", "step", "threshold", "tokens"],
                      "sequence": ["run", "step", "sample_id", "threshold", "tokens"],
                      "batch": ["run", "step", "batch", "threshold", "tokens"]}
-TOKEN_COLUMNS = ["run", "token", "count", "forking_count", "forking_rate"]
+TOKEN_COLUMNS = ["run", "token", "count", "forking_count", "forking_rate", "special"]
 COMPOSITION_COLUMNS = ["run", "category", "forking_share", "all_share", "forking_tokens",
                        "tokens"]
 RUN_COLUMNS = ["run", "entropy_source", "tokens", "forking_tokens", "forking_fraction",
@@ -579,8 +580,9 @@ class Forking:
         for scope ``batch``; ``step`` is null for scope ``global``). ``tokens`` counts the
         scope's tokens with an entropy.
     top_tokens : pandas.DataFrame
-        ``run, token, count, forking_count, forking_rate``: the ``top_n`` token texts most
-        often forking.
+        ``run, token, count, forking_count, forking_rate, special``: the ``top_n`` token
+        texts most often forking; ``special`` marks tokenizer control tokens
+        (:func:`entropylens.schema.is_special_token`: EOS, chat-template markers).
     top_by_rate : pandas.DataFrame
         Same columns: the ``top_n`` highest forking rates among texts seen at least
         ``min_count`` times.
@@ -714,7 +716,8 @@ def _composition(run: str, counts: pd.DataFrame) -> pd.DataFrame:
 
 
 def _top(run: str, counts: pd.DataFrame, top_n: int, min_count: int):
-    counts = counts.assign(run=run, forking_rate=counts["forking_count"] / counts["count"])
+    counts = counts.assign(run=run, forking_rate=counts["forking_count"] / counts["count"],
+                           special=counts["token"].map(is_special_token).astype(bool))
     by_count = counts[counts["forking_count"] > 0].sort_values(
         ["forking_count", "count", "token"], ascending=[False, False, True]).head(top_n)
     by_rate = counts[(counts["count"] >= min_count) & (counts["forking_count"] > 0)] \
@@ -830,14 +833,20 @@ def _mask(tokens_table, scoped: ScopeThresholds) -> np.ndarray:
     return scoped.flags(*_key_arrays(tokens_table), scoped.entropy(tokens_table))
 
 
-def _step_tables(store: Store, run: str, columns: list[str], steps):
-    """One step's tokens at a time, for the given step keys (NO_STEP: tokens without one)."""
+def _step_tables(store: Store, run: str, columns: list[str], steps,
+                 keep_after_eos: bool = False):
+    """One step's tokens at a time, for the given step keys (NO_STEP: tokens without one);
+    tokens marked after the end of their sequence are left out unless ``keep_after_eos``."""
+    before_eos = None if keep_after_eos else \
+        ds.field("after_eos").is_null() | (ds.field("after_eos") == False)  # noqa: E712
     for step in steps:
         if step == NO_STEP:
-            yield step, store.read_tokens(run, columns=columns,
-                                          filter=ds.field("step").is_null())
+            where = ds.field("step").is_null()
+            yield step, store.read_tokens(run, columns=columns, filter=where if before_eos
+                                          is None else where & before_eos)
         else:
-            yield step, store.read_tokens(run, columns=columns, steps=[step])
+            yield step, store.read_tokens(run, columns=columns, steps=[step],
+                                          filter=before_eos)
 
 
 def forking_overlap(store: Store | str, run_a: str, run_b: str, ratio: float = 0.2,
@@ -890,7 +899,8 @@ def forking_overlap(store: Store | str, run_a: str, run_b: str, ratio: float = 0
     by_step = []
     # a run may be compared with itself: one reader per side, not one per name
     readers = [_step_tables(store, run, sorted(set(_KEY_COLUMNS) | {"token_id"}
-                                                | set(columns_for(chosen[run][0]))), common)
+                                                | set(columns_for(chosen[run][0]))), common,
+                            keep_after_eos=bool(engine_options.get("keep_after_eos")))
                for run in (run_a, run_b)]
     for (step, table_a), (_, table_b) in zip(*readers):
         frame_a = _flag_frame(table_a, scoped[run_a])
