@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from ..engine import Aggregator, Plan, run_plan
+from ..engine import Aggregator, Plan, run_plan, scan_selection
 from ..errors import EntropylensError
 from ..estimators import columns_for, token_entropy
 from ..schema import is_special_token
@@ -137,6 +137,9 @@ class ScopeThresholds:
         The entropy source the thresholds were computed from.
     options : dict
         ``vocab_size`` and ``top_k`` for the top-k estimate.
+    keep_after_eos : bool
+        Whether the thresholds were taken with the tokens after end-of-sequence; when not,
+        :func:`forking_mask` never flags such a token.
     """
 
     scope: str
@@ -146,6 +149,7 @@ class ScopeThresholds:
     batches: dict = field(default_factory=dict)
     source: str | None = None
     options: dict = field(default_factory=dict)
+    keep_after_eos: bool = False
 
     @classmethod
     def concat(cls, parts: Sequence["ScopeThresholds"], scope: str, ratio: float,
@@ -665,6 +669,7 @@ def thresholds_plan(store: Store, run: str, source: str, manifest: dict, *, scop
                                    sketch=large, **options)
     result = (yield {"t": aggregator})["t"]
     result.source, result.options = source, options
+    result.keep_after_eos = scan_selection()["keep_after_eos"]
     return result
 
 
@@ -690,6 +695,7 @@ def _forking_scans(store: Store, run: str, source: str, manifest: dict, *, scope
     scoped, counts = (yield {"f": ForkingScan(source, scope=scope, ratio=ratio,
                                               batch_size=batch_size, **options)})["f"]
     scoped.source, scoped.options = source, options
+    scoped.keep_after_eos = scan_selection()["keep_after_eos"]
     return scoped, counts
 
 
@@ -830,7 +836,12 @@ def _mask(tokens_table, scoped: ScopeThresholds) -> np.ndarray:
     missing = sorted(needed - set(tokens_table.schema.names))
     if missing:
         raise EntropylensError(f"the tokens table lacks column(s) {', '.join(missing)}")
-    return scoped.flags(*_key_arrays(tokens_table), scoped.entropy(tokens_table))
+    flags = scoped.flags(*_key_arrays(tokens_table), scoped.entropy(tokens_table))
+    if not scoped.keep_after_eos and "after_eos" in tokens_table.schema.names:
+        # left out of the thresholds and counts, so never forking
+        flags = flags & ~pc.fill_null(tokens_table.column("after_eos"), False) \
+            .to_numpy(zero_copy_only=False)
+    return flags
 
 
 def _step_tables(store: Store, run: str, columns: list[str], steps,
