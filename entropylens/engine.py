@@ -320,7 +320,7 @@ class _BeforeEos:
     """
 
     def __init__(self):
-        self.first_eos: dict = {}
+        self.first_eos: pa.Table | None = None
 
     def split(self, batch: pa.RecordBatch, columns: Sequence[str]):
         marks = batch.column("after_eos")

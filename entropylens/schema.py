@@ -104,60 +104,73 @@ def is_special_token(text: str | None) -> bool:
     return text in EOS_TOKENS or bool(_SPECIAL_TOKEN.match(text))
 
 
-def mark_after_eos(table: pa.Table, first_eos: dict | None = None, *,
-                   forget: bool = True) -> tuple[pa.Table, dict]:
+def mark_after_eos(table: pa.Table, first_eos: pa.Table | None = None, *,
+                   forget: bool = True) -> tuple[pa.Table, pa.Table | None]:
     """Set the ``after_eos`` column: true at positions after the first EOS of the completion.
 
     Rows of one completion may arrive over several tables (chunks, batches), so the first
-    EOS position of each completion that had one is carried in ``first_eos``.
+    EOS position of each completion that had one is carried over in ``first_eos``.
 
     Parameters
     ----------
     table : pyarrow.Table
         With ``sample_id``, ``position`` and ``token`` (and ``step`` when present). Without
         token texts nothing can be told: ``after_eos`` stays null.
-    first_eos : dict, optional
-        ``{(step, sample_id): first EOS position}`` from the tables before.
+    first_eos : pyarrow.Table, optional
+        ``step, sample_id, first`` (the first EOS position of a completion) from the tables
+        before, as returned by the previous call.
     forget : bool
-        Keep only this table's completions in the returned dict (the ingest's bound on
-        memory: a completion's rows arrive together); False keeps every completion (a
+        Carry only the completions of this table (the ingest's bound on memory: a
+        completion's rows arrive together); False carries every completion seen (a
         step-closed scan unit).
 
     Returns
     -------
-    (pyarrow.Table, dict)
-        The table with ``after_eos`` set (added or replaced) and the updated ``first_eos``.
+    (pyarrow.Table, pyarrow.Table or None)
+        The table with ``after_eos`` set (added or replaced) and the ``first_eos`` to pass
+        to the next call.
     """
-    first_eos = {} if first_eos is None else first_eos
     n = table.num_rows
-    if not n or "token" not in table.column_names or "position" not in table.column_names \
-            or "sample_id" not in table.column_names \
+    names = table.column_names
+    if not n or not {"token", "position", "sample_id"} <= set(names) \
             or table.column("token").null_count == n:
         return _set_column(table, "after_eos", pa.nulls(n, pa.bool_())), \
-            ({} if forget else first_eos)
+            (None if forget else first_eos)
     is_eos = eos_mask(table.column("token"))
     positions = pc.fill_null(table.column("position").cast(pa.int64()), -1) \
         .to_numpy(zero_copy_only=False)
-    if "step" in table.column_names:
-        steps = pc.fill_null(table.column("step").cast(pa.int64()), _NO_STEP) \
-            .to_numpy(zero_copy_only=False)
-    else:
-        steps = np.full(n, _NO_STEP, dtype=np.int64)
-    samples = table.column("sample_id").cast(pa.string()).to_numpy(zero_copy_only=False)
-    keys = pd.MultiIndex.from_arrays([steps, samples])
-    here = pd.Series(positions[is_eos], index=keys[is_eos]).groupby(level=[0, 1]).min()
-    known = {key: first_eos[key] for key in keys.unique() if key in first_eos} if forget \
-        else first_eos
-    for key, position in here.items():
-        known[key] = min(position, known.get(key, position))
-    if known:
-        firsts = pd.Series(known)
-        index = firsts.index.get_indexer(keys)
-        first = np.where(index >= 0, firsts.to_numpy()[index], np.iinfo(np.int64).max)
-    else:
-        first = np.full(n, np.iinfo(np.int64).max)
+    steps = pc.fill_null(table.column("step").cast(pa.int64()), _NO_STEP).combine_chunks() \
+        if "step" in names else pa.array(np.full(n, _NO_STEP, dtype=np.int64))
+    samples = table.column("sample_id").cast(pa.string()).combine_chunks()
+    # runs of consecutive rows of one completion (rows usually come completion by
+    # completion): the work below is per run, not per row
+    same = pc.fill_null(pc.and_(pc.equal(steps.slice(1), steps.slice(0, n - 1)),
+                                pc.equal(samples.slice(1), samples.slice(0, n - 1))), False)
+    starts = np.concatenate([[0], np.flatnonzero(~same.to_numpy(zero_copy_only=False)) + 1])
+    no_eos = np.iinfo(np.int64).max
+    run_first = np.minimum.reduceat(np.where(is_eos, positions, no_eos), starts)
+    index = pa.array(starts)
+    runs = pa.table({"step": steps.take(index), "sample_id": samples.take(index),
+                     "first": run_first, "run": np.arange(len(starts), dtype=np.int64)})
+    found = runs.filter(pa.array(run_first != no_eos)).select(["step", "sample_id", "first"])
+    if first_eos is not None and first_eos.num_rows:
+        found = pa.concat_tables([first_eos, found])
+    if found.num_rows:
+        found = found.group_by(["step", "sample_id"], use_threads=False) \
+            .aggregate([("first", "min")]).rename_columns({"first_min": "first"}) \
+            .select(["step", "sample_id", "first"])
+    first_of_run = np.full(len(starts), no_eos, dtype=np.int64)
+    if found.num_rows:
+        keys = runs.select(["step", "sample_id", "run"])
+        joined = keys.join(found, keys=["step", "sample_id"], join_type="inner",
+                           use_threads=False)
+        first_of_run[joined.column("run").to_numpy()] = joined.column("first").to_numpy()
+        if forget:
+            found = found.join(keys.select(["step", "sample_id"]), keys=["step", "sample_id"],
+                               join_type="left semi", use_threads=False)
+    first = np.repeat(first_of_run, np.diff(np.append(starts, n)))
     after = pa.array(positions > first)
-    return _set_column(table, "after_eos", after), known
+    return _set_column(table, "after_eos", after), found
 
 
 def _set_column(table: pa.Table, name: str, values: pa.Array) -> pa.Table:

@@ -464,7 +464,7 @@ class RunWriter:
         self._counts = {"tokens": 0, "sequences": 0, "metrics": 0, "exact_entropy": 0,
                         "topk": 0, "logprobs": 0, "null_logprobs": 0, "duplicate_tokens": 0,
                         "after_eos": 0}
-        self._first_eos: dict = {}
+        self._first_eos: pa.Table | None = None
         self._steps: set[int] = set()
         self._max_top_k = 0
         self._done = False

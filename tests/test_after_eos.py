@@ -31,9 +31,14 @@ def test_marks_follow_the_first_eos_across_chunks():
         [0, 0, 0, 1, 1], ["a", "a", "b", "a", "a"], [2, 3, 2, 1, 2],
         ["<|im_start|>", "q", " <|im_end|>", "w", "<|im_end|>"]), carry)
     assert second.column("after_eos").to_pylist() == [True, True, False, True, True]
-    # forget=True keeps only the completions of the last chunk
-    assert set(carry) == {(0, "a"), (0, "b"), (1, "a")}
-    assert carry[(1, "a")] == 0 and carry[(0, "b")] == 2
+    # forget=True carries only the completions of the last chunk
+    firsts = {(s, a): f for s, a, f in zip(*carry.to_pydict().values())}
+    assert firsts == {(0, "a"): 1, (0, "b"): 2, (1, "a"): 0}
+    # a completion not in the next chunk is forgotten; forget=False keeps it
+    third, dropped = mark_after_eos(_table([2], ["c"], [0], ["x"]), carry)
+    assert dropped.num_rows == 0
+    _, kept = mark_after_eos(_table([2], ["c"], [0], ["x"]), carry, forget=False)
+    assert kept.num_rows == 3
 
 
 def test_without_token_texts_nothing_can_be_told():
