@@ -440,12 +440,15 @@ def _read_chunks(fmt: registry.Format, path: Path, ctx: IngestContext) -> Iterat
 
 
 def _first_train_step(rows: pa.Table) -> float:
-    """The smallest step of the rows not in the val split (inf when none has a step)."""
+    """The smallest step of the rows not in the val split (inf when none has a step, or
+    when the steps are not numbers yet: conforming the rows names the bad one)."""
     step = rows.column("step")
+    if not (pa.types.is_integer(step.type) or pa.types.is_floating(step.type)):
+        return math.inf
     if "split" in rows.column_names:
         step = step.filter(pc.fill_null(pc.not_equal(rows.column("split"), "val"), True))
     low = pc.min(step).as_py() if len(step) else None
-    return math.inf if low is None else float(low)
+    return math.inf if low is None or not math.isfinite(low) else float(low)
 
 
 def _stamp(writer: RunWriter, path: Path, fmt: registry.Format, ctx: IngestContext,
