@@ -18,6 +18,11 @@ the caller's side. The same batches reach the same ``update`` calls in every eng
 merges happen in the same order, so their results are identical, floating-point rounding
 included.
 
+Tokens after the end of their sequence (padding never sampled, marked ``after_eos`` at
+ingest) are left out of every aggregator's batches unless the run option
+``keep_after_eos=True`` is given; an aggregator that must count them
+(:attr:`Aggregator.after_eos`, the quality checks) gets every row of the same scan.
+
 Analyses that need the data more than once, or several analyses that need it at the same
 time, are written as *plans* (generators that yield the aggregators they need and receive
 the results): :func:`run_plans` drives several plans together and fuses the scans they ask
