@@ -94,7 +94,8 @@ def demo(*, samples: str | Path = "sample_logs", store: str | Path = "demo_store
 
 # -- report: figures, one self-contained HTML page, Markdown and JSON --
 def report(store: Store | str | Path, out: str | Path, runs: str | Sequence[str] | None = None,
-           *, engine: str = "local", title: str = "entropylens report"):
+           *, engine: str = "local", title: str = "entropylens report",
+           keep_after_eos: bool = False):
     """Write the diagnostic report of ``runs`` into the folder ``out``.
 
     Writes ``out/index.html`` (one self-contained page: figures inline, no network, no
@@ -111,6 +112,9 @@ def report(store: Store | str | Path, out: str | Path, runs: str | Sequence[str]
         Default: every run.
     engine : {"local", "ray"}
     title : str
+    keep_after_eos : bool
+        Keep the tokens after the end of their sequence (padding never sampled) in the token
+        analyses; left out by default, counted either way.
 
     Returns
     -------
@@ -119,7 +123,8 @@ def report(store: Store | str | Path, out: str | Path, runs: str | Sequence[str]
     """
     from .report import build_report
 
-    return build_report(store, out, runs, engine=engine, title=title)
+    return build_report(store, out, runs, engine=engine, title=title,
+                        keep_after_eos=keep_after_eos)
 
 
 __all__ += ["report"]

@@ -36,6 +36,12 @@ class OnDuplicate(str, Enum):
     keep_last = "keep-last"
 
 
+class StepBasis(str, Enum):
+    policy_version = "policy_version"
+    logged_step = "logged_step"
+    unknown = "unknown"
+
+
 class Engine(str, Enum):
     local = "local"
     ray = "ray"
@@ -105,6 +111,10 @@ def _engine(engine: Engine, ray_address: Optional[str], workers: Optional[int] =
         init_ray(ray_address)
     return engine.value
 JsonOption = typer.Option(False, "--json", help="Print one JSON object on stdout.")
+KeepAfterEosOption = typer.Option(
+    False, "--keep-after-eos",
+    help="Keep the tokens after the end of their sequence (padding never sampled), which "
+         "token analyses leave out by default.")
 
 
 @app.command()
@@ -132,6 +142,11 @@ def ingest(
     aliases_file: Optional[Path] = typer.Option(
         None, "--aliases", help="TOML or JSON file of metric aliases {raw_key: canonical} "
                                 "(--alias wins over it)."),
+    step_basis: Optional[StepBasis] = typer.Option(
+        None, "--step-basis", metavar="<basis>",
+        help="What the sources' steps count: policy_version (step s = policy after s "
+             "updates), logged_step (a trainer's 1-based step) or unknown; default: what the "
+             "format implies."),
 ):
     """Read log files into a canonical store."""
     with _user_errors():
@@ -141,7 +156,8 @@ def ingest(
         runs = api.ingest(sources, out, run=run, format=format, mapping=_pairs(map, "--map"),
                           temperature=temperature, vocab_size=vocab_size,
                           on_error=on_error.value, replace=replace,
-                          aliases=aliases, on_duplicate=on_duplicate.value)
+                          aliases=aliases, on_duplicate=on_duplicate.value,
+                          step_basis=step_basis.value if step_basis is not None else None)
     from .ingest.driver import ingest_report
     store = api.open(out)
     for name in runs:
@@ -149,6 +165,8 @@ def ingest(
         typer.echo(f"{lines[0]} -> {out}", err=True)
         for line in lines[1:]:
             typer.echo(line, err=True)
+        for warning in store.manifest(name).get("warnings", ()):
+            typer.echo(f"warning: {plain(warning)}", err=True)
 
 
 @app.command("formats")
@@ -165,11 +183,13 @@ def summary(
     engine: Engine = EngineOption,
     ray_address: Optional[str] = RayAddressOption,
     workers: Optional[int] = WorkersOption,
+    keep_after_eos: bool = KeepAfterEosOption,
     as_json: bool = JsonOption,
 ):
     """Per-run contents and per-step entropy statistics."""
     with _user_errors():
-        result = api.summary(store, run or None, engine=_engine(engine, ray_address, workers))
+        result = api.summary(store, run or None, engine=_engine(engine, ray_address, workers),
+                             keep_after_eos=keep_after_eos)
     if as_json:
         _emit_json(result.to_dict())
         return
@@ -183,8 +203,10 @@ def _print_summary(result) -> None:
     console = Console()
     for row in result.runs.itertuples():
         source = row.entropy_source or "nothing (no tokens, no policy_entropy metric)"
+        after = f", {row.tokens_after_eos} tokens after end-of-sequence " \
+            f"{'kept' if row.after_eos == 'kept' else 'left out'}" if row.tokens_after_eos else ""
         table = Table(title=f"{row.run}: {row.tokens} tokens, {row.sequences} sequences, "
-                            f"{row.steps} steps, entropy from {source}")
+                            f"{row.steps} steps, entropy from {source}{after}")
         for column in ("step", "tokens", "token mean", "seq mean", "p50", "p80", "<0.01"):
             table.add_column(column, justify="right")
         steps = result.steps[result.steps["run"] == row.run]
@@ -241,11 +263,13 @@ def phases(
     engine: Engine = EngineOption,
     ray_address: Optional[str] = RayAddressOption,
     workers: Optional[int] = WorkersOption,
+    keep_after_eos: bool = KeepAfterEosOption,
     as_json: bool = JsonOption,
 ):
     """Collapse phases of the entropy curve: segments, early drop, arrival step, alarm."""
     with _user_errors():
-        result = api.phases(store, run or None, engine=_engine(engine, ray_address, workers))
+        result = api.phases(store, run or None, engine=_engine(engine, ray_address, workers),
+                            keep_after_eos=keep_after_eos)
     if as_json:
         _emit_json(result.to_dict())
         return
@@ -280,11 +304,14 @@ def fit(
     engine: Engine = EngineOption,
     ray_address: Optional[str] = RayAddressOption,
     workers: Optional[int] = WorkersOption,
+    keep_after_eos: bool = KeepAfterEosOption,
     as_json: bool = JsonOption,
 ):
     """Fit the saturation law R = -a*exp(H) + b and its ceiling b - a."""
     with _user_errors():
-        result = api.fit_saturation(store, run or None, reward=reward, engine=_engine(engine, ray_address, workers))
+        result = api.fit_saturation(store, run or None, reward=reward,
+                                    engine=_engine(engine, ray_address, workers),
+                                    keep_after_eos=keep_after_eos)
     fits = result if isinstance(result, list) else [result]
     if as_json:
         _emit_json(result.to_dict() if not isinstance(result, list)
@@ -322,11 +349,14 @@ def compare(
     engine: Engine = EngineOption,
     ray_address: Optional[str] = RayAddressOption,
     workers: Optional[int] = WorkersOption,
+    keep_after_eos: bool = KeepAfterEosOption,
     as_json: bool = JsonOption,
 ):
     """Runs side by side: entropy drop, phases, saturation fit, final performance."""
     with _user_errors():
-        result = api.compare(store, run or None, reward=reward, engine=_engine(engine, ray_address, workers))
+        result = api.compare(store, run or None, reward=reward,
+                             engine=_engine(engine, ray_address, workers),
+                             keep_after_eos=keep_after_eos)
     if as_json:
         _emit_json(result.to_dict())
         return
@@ -353,11 +383,13 @@ def covariance(
     engine: Engine = EngineOption,
     ray_address: Optional[str] = RayAddressOption,
     workers: Optional[int] = WorkersOption,
+    keep_after_eos: bool = KeepAfterEosOption,
     as_json: bool = JsonOption,
 ):
     """Covariance of token logprob and advantage by group, and its link to entropy change."""
     with _user_errors():
-        result = api.covariance(store, run or None, engine=_engine(engine, ray_address, workers))
+        result = api.covariance(store, run or None, engine=_engine(engine, ray_address, workers),
+                                keep_after_eos=keep_after_eos)
     if as_json:
         _emit_json(result.to_dict())
         return
@@ -408,6 +440,7 @@ def forks(
     engine: Engine = EngineOption,
     ray_address: Optional[str] = RayAddressOption,
     workers: Optional[int] = WorkersOption,
+    keep_after_eos: bool = KeepAfterEosOption,
     as_json: bool = JsonOption,
 ):
     """Forking tokens: top-rho entropy thresholds, most frequent forking tokens, overlap."""
@@ -421,10 +454,12 @@ def forks(
     with _user_errors():
         result = api.forking_tokens(store, run or None, ratio=ratio, scope=scope.value,
                                     batch_size=batch_size, min_count=min_count, top_n=top,
-                                    engine=_engine(engine, ray_address, workers))
+                                    engine=_engine(engine, ray_address, workers),
+                                    keep_after_eos=keep_after_eos)
         pair = api.forking_overlap(store, overlap[0], overlap[1], ratio=ratio,
                                    scope=scope.value, batch_size=batch_size,
-                                   engine=_engine(engine, ray_address, workers)) if overlap else None
+                                   engine=_engine(engine, ray_address, workers),
+                                   keep_after_eos=keep_after_eos) if overlap else None
     if as_json:
         out = result.to_dict()
         if pair is not None:
@@ -436,6 +471,7 @@ def forks(
 
 def _print_forks(result, pair) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console()
@@ -450,12 +486,12 @@ def _print_forks(result, pair) -> None:
                              (f"highest forking rate (seen >= {result.min_count} times)",
                               result.top_by_rate)):
             table = Table(title=f"{row.run}: {title}")
-            for column in ("token", "count", "forking", "rate"):
+            for column in ("token", "count", "forking", "rate", "special"):
                 table.add_column(column, justify="right")
             for item in frame[frame["run"] == row.run].head(15).itertuples():
                 table.add_row(markup(repr(item.token)), str(item.count),
-                              str(item.forking_count),
-                              f"{item.forking_rate:.2f}")
+                              str(item.forking_count), f"{item.forking_rate:.2f}",
+                              "special" if item.special else "")
             console.print(table)
         shares = result.composition[result.composition["run"] == row.run]
         console.print("forking share vs all tokens: " + ", ".join(
@@ -480,13 +516,15 @@ def report(
     engine: Engine = EngineOption,
     ray_address: Optional[str] = RayAddressOption,
     workers: Optional[int] = WorkersOption,
+    keep_after_eos: bool = KeepAfterEosOption,
 ):
     """Write the diagnostic report: index.html, report.md, report.json and figures/."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed, whatever the environment says
     with _user_errors():
-        result = api.report(store, out, run or None, engine=_engine(engine, ray_address, workers))
+        result = api.report(store, out, run or None, engine=_engine(engine, ray_address, workers),
+                            keep_after_eos=keep_after_eos)
     for missing in result.model["unavailable"]:
         where = f"{missing['run']}: " if missing["run"] else ""
         typer.echo(f"{where}{missing['section']} not available: "
@@ -525,13 +563,15 @@ def roles(
     engine: Engine = EngineOption,
     ray_address: Optional[str] = RayAddressOption,
     workers: Optional[int] = WorkersOption,
+    keep_after_eos: bool = KeepAfterEosOption,
     as_json: bool = JsonOption,
 ):
     """Planning versus execution tokens per step, semantic entropy and the two phases."""
     with _user_errors():
         result = api.roles(store, run or None, lexicon=lexicon,
                            lexicon_mode=lexicon_mode.value, convention=convention.value,
-                           window=window, engine=_engine(engine, ray_address, workers))
+                           window=window, engine=_engine(engine, ray_address, workers),
+                           keep_after_eos=keep_after_eos)
     if as_json:
         _emit_json(result.to_dict())
         return

@@ -18,6 +18,11 @@ the caller's side. The same batches reach the same ``update`` calls in every eng
 merges happen in the same order, so their results are identical, floating-point rounding
 included.
 
+Tokens after the end of their sequence (padding never sampled, marked ``after_eos`` at
+ingest) are left out of every aggregator's batches unless the run option
+``keep_after_eos=True`` is given; an aggregator that must count them
+(:attr:`Aggregator.after_eos`, the quality checks) gets every row of the same scan.
+
 Analyses that need the data more than once, or several analyses that need it at the same
 time, are written as *plans* (generators that yield the aggregators they need and receive
 the results): :func:`run_plans` drives several plans together and fuses the scans they ask
@@ -26,6 +31,7 @@ for at the same time into one read of the data.
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import os
 import pickle
@@ -39,7 +45,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .errors import EntropylensError
-from .schema import TOKEN_SCHEMA
+from .schema import TOKEN_SCHEMA, mark_after_eos
 from .store import Store
 from .workers import session
 
@@ -65,6 +71,9 @@ class Aggregator(ABC):
     """
 
     columns: tuple[str, ...] = ()
+    #: True for an aggregator that must see the tokens after end-of-sequence even when the
+    #: scan leaves them out for the others (the quality checks that count them).
+    after_eos: bool = False
 
     @abstractmethod
     def start(self) -> Any:
@@ -230,13 +239,25 @@ def _unit_mask(step: pa.Array, unit: Unit, wanted: pa.Array | None):
 
 
 def scan_unit(unit: Unit, columns: Sequence[str], *, steps: Iterable[int] | None = None,
-              batch_size: int = 256 * 1024) -> Iterator[pa.RecordBatch]:
-    """Stream a unit's rows (projected onto ``columns``, filtered to ``steps``)."""
-    read = list(columns) if "step" in columns else [*columns, "step"]
+              batch_size: int = 256 * 1024,
+              eos_columns: bool = False) -> Iterator[pa.RecordBatch]:
+    """Stream a unit's rows (projected onto ``columns``, filtered to ``steps``).
+
+    With ``eos_columns`` the batches also carry ``after_eos`` (null in part files written
+    before it existed, which then also give the columns it is told from), after ``columns``.
+    """
+    base = list(columns) if "step" in columns else [*columns, "step"]
     wanted = None if steps is None else pa.array(sorted({int(s) for s in steps}), pa.int64())
     for path, row_groups in unit.pieces:
         try:
             handle = pq.ParquetFile(path)
+            read, marked = base, True
+            if eos_columns:
+                marked = "after_eos" in handle.schema_arrow.names
+                extra = AFTER_EOS_COLUMNS if marked else _EOS_FALLBACK_COLUMNS
+                read = base + [c for c in extra if c not in base]
+            out = list(columns) + [c for c in read if c not in columns] if eos_columns \
+                else list(columns)
             batches = handle.iter_batches(batch_size=batch_size, row_groups=list(row_groups),
                                           columns=read)
             for batch in batches:
@@ -244,8 +265,12 @@ def scan_unit(unit: Unit, columns: Sequence[str], *, steps: Iterable[int] | None
                 mask = _unit_mask(batch.column("step"), unit, wanted)
                 if mask is not None:
                     batch = batch.filter(mask)
-                if len(read) != len(columns):
-                    batch = batch.select(list(columns))
+                if not marked:
+                    batch = batch.append_column(TOKEN_SCHEMA.field("after_eos"),
+                                                pa.nulls(batch.num_rows, pa.bool_()))
+                    out = out + ["after_eos"] if "after_eos" not in out else out
+                if list(batch.schema.names) != out:
+                    batch = batch.select(out)
                 if batch.num_rows:
                     yield batch
         except (OSError, pa.ArrowException) as exc:
@@ -262,13 +287,58 @@ def _conform_batch(batch: pa.RecordBatch, names: Sequence[str]) -> pa.RecordBatc
 
 
 def run_unit(unit: Unit, aggregators: Mapping[str, Aggregator], columns: Sequence[str], *,
-             steps: Iterable[int] | None = None, batch_size: int = 256 * 1024) -> dict:
-    """Sealed partial states of every aggregator over one unit."""
+             steps: Iterable[int] | None = None, batch_size: int = 256 * 1024,
+             keep_after_eos: bool = False) -> dict:
+    """Sealed partial states of every aggregator over one unit.
+
+    Unless ``keep_after_eos``, tokens after the end of their sequence are left out of the
+    batches of every aggregator but those that ask for them (:attr:`Aggregator.after_eos`).
+    """
     states = {name: agg.start() for name, agg in aggregators.items()}
-    for batch in scan_unit(unit, columns, steps=steps, batch_size=batch_size):
+    drop = not keep_after_eos and not all(agg.after_eos for agg in aggregators.values())
+    cut = _BeforeEos() if drop else None
+    for batch in scan_unit(unit, columns, steps=steps, batch_size=batch_size,
+                           eos_columns=drop):
+        kept = batch
+        if cut is not None:
+            batch, kept = cut.split(batch, columns)
         for name, agg in aggregators.items():
-            states[name] = agg.update(states[name], batch)
+            seen = batch if agg.after_eos else kept
+            if seen.num_rows:
+                states[name] = agg.update(states[name], seen)
     return {name: agg.seal(states[name]) for name, agg in aggregators.items()}
+
+
+#: Columns the after-EOS filter reads: the ingest's mark, else what it is told from (runs
+#: ingested before tokens were marked).
+AFTER_EOS_COLUMNS = ("after_eos",)
+_EOS_FALLBACK_COLUMNS = ("step", "sample_id", "position", "token")
+
+
+class _BeforeEos:
+    """Splits a unit's batches into all rows and the rows up to the end of their sequence.
+
+    Uses the ``after_eos`` mark set at ingest (:func:`entropylens.schema.mark_after_eos`);
+    part files written before the mark existed are marked here with the same function, the
+    first EOS of each completion carried over the unit's batches (a unit is step-closed, so
+    every row of a completion is in it).
+    """
+
+    def __init__(self):
+        self.first_eos: pa.Table | None = None
+
+    def split(self, batch: pa.RecordBatch, columns: Sequence[str]):
+        marks = batch.column("after_eos")
+        if marks.null_count == batch.num_rows and "token" in batch.schema.names \
+                and batch.column("token").null_count < batch.num_rows:
+            table, self.first_eos = mark_after_eos(pa.Table.from_batches([batch]),
+                                                   self.first_eos, forget=False)
+            marks = table.column("after_eos").combine_chunks()
+        project = list(columns)
+        full = batch.select(project) if list(batch.schema.names) != project else batch
+        if not pc.any(pc.fill_null(marks, False)).as_py():
+            return full, full
+        return full, full.filter(pc.invert(pc.fill_null(marks, False)))
 
 
 # -- engines ------------------------------------------------------------------------------
@@ -277,7 +347,7 @@ def run_aggregators(store: Store, run: str, aggregators: Mapping[str, Aggregator
                     steps: Iterable[int] | None = None, engine: str = "local",
                     batch_size: int = 256 * 1024, unit_rows: int = UNIT_ROWS,
                     ray_address: str | None = None,
-                    workers: int | None = None) -> dict[str, Any]:
+                    workers: int | None = None, keep_after_eos: bool = False) -> dict[str, Any]:
     """Run several aggregators over one run's tokens in a single scan.
 
     Parameters
@@ -300,6 +370,9 @@ def run_aggregators(store: Store, run: str, aggregators: Mapping[str, Aggregator
     workers : int, optional
         Local engine: processes that scan units side by side (see :func:`local_workers`);
         1 scans in this process.
+    keep_after_eos : bool
+        Keep the tokens after the end of their sequence (padding the model never sampled),
+        which every aggregator but the quality checks is spared by default.
 
     Returns
     -------
@@ -313,19 +386,23 @@ def run_aggregators(store: Store, run: str, aggregators: Mapping[str, Aggregator
     units = plan_units(store, run, steps=steps, unit_rows=unit_rows)
     with session():
         return _run_units(units, aggregators, columns, steps=steps, engine=engine,
-                          batch_size=batch_size, ray_address=ray_address, workers=workers)
+                          batch_size=batch_size, ray_address=ray_address, workers=workers,
+                          keep_after_eos=keep_after_eos)
 
 
 def _run_units(units: list[Unit], aggregators: Mapping[str, Aggregator], columns, *, steps,
-               engine, batch_size, ray_address, workers) -> dict[str, Any]:
+               engine, batch_size, ray_address, workers, keep_after_eos) -> dict[str, Any]:
     if engine == "ray" and units:
         partials = _ray_partials(units, aggregators, columns, steps=steps,
-                                 batch_size=batch_size, ray_address=ray_address)
+                                 batch_size=batch_size, ray_address=ray_address,
+                                 keep_after_eos=keep_after_eos)
     elif local_workers(workers) > 1 and len(units) > 1 and _shippable(aggregators):
         partials = _pool_partials(units, aggregators, columns, steps=steps,
-                                  batch_size=batch_size, workers=local_workers(workers))
+                                  batch_size=batch_size, workers=local_workers(workers),
+                                  keep_after_eos=keep_after_eos)
     else:
-        partials = (run_unit(u, aggregators, columns, steps=steps, batch_size=batch_size)
+        partials = (run_unit(u, aggregators, columns, steps=steps, batch_size=batch_size,
+                             keep_after_eos=keep_after_eos)
                     for u in units)
     states = {name: agg.start() for name, agg in aggregators.items()}
     try:
@@ -411,6 +488,8 @@ def run_plans(store: Store, run: str, plans: Mapping[str, Plan],
     """
     outcomes: dict[str, Any] = {}
     waiting: dict[str, Scan] = {}
+    # plans that remember results across calls key them on what the scans will select
+    selection = _SELECTION.set({"keep_after_eos": bool(engine_options.get("keep_after_eos"))})
 
     def advance(name: str, reply: dict | Exception | None) -> None:
         plan = plans[name]
@@ -428,11 +507,28 @@ def run_plans(store: Store, run: str, plans: Mapping[str, Plan],
             outcomes[name] = Failed(exc)
             plan.close()
 
-    with session():
-        for name in plans:
-            advance(name, None)
-        _drive(store, run, waiting, advance, engine_options)
+    try:
+        with session():
+            for name in plans:
+                advance(name, None)
+            _drive(store, run, waiting, advance, engine_options)
+    finally:
+        _SELECTION.reset(selection)
     return outcomes
+
+
+#: The token selection of the scans of the plans being driven (see :func:`scan_selection`).
+_SELECTION: contextvars.ContextVar[dict] = contextvars.ContextVar("entropylens_selection",
+                                                                  default={})
+
+
+def scan_selection() -> dict:
+    """Which tokens the scans of the plans being driven see: ``{"keep_after_eos": bool}``.
+
+    A plan that remembers its results across calls (the policy-entropy curve) keys them on
+    this, since the option reaches the engine, not the plan.
+    """
+    return {"keep_after_eos": False, **_SELECTION.get()}
 
 
 def _drive(store: Store, run: str, waiting: dict, advance, engine_options) -> None:
@@ -511,19 +607,21 @@ def local_workers(workers: int | None = None) -> int:
     return workers
 
 
-def _unit_state(unit: Unit, aggregators, columns, steps, batch_size) -> dict:
+def _unit_state(unit: Unit, aggregators, columns, steps, batch_size,
+                keep_after_eos=False) -> dict:
     """Worker side: one unit's sealed states."""
-    return run_unit(unit, aggregators, columns, steps=steps, batch_size=batch_size)
+    return run_unit(unit, aggregators, columns, steps=steps, batch_size=batch_size,
+                    keep_after_eos=keep_after_eos)
 
 
 def _pool_partials(units: list[Unit], aggregators, columns, *, steps, batch_size,
-                   workers: int) -> Iterator[dict]:
+                   workers: int, keep_after_eos: bool = False) -> Iterator[dict]:
     """Partial states of the units from worker processes, yielded in unit order."""
     from .workers import pool
 
     aggregators, columns = dict(aggregators), list(columns)
-    yield from pool(workers).map(_unit_state, ((unit, aggregators, columns, steps, batch_size)
-                                               for unit in units))
+    yield from pool(workers).map(_unit_state, ((unit, aggregators, columns, steps, batch_size,
+                                                keep_after_eos) for unit in units))
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None):
@@ -557,14 +655,16 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None):
 class _UnitTask:
     """The ``map_batches`` function: a batch of unit indices to pickled sealed states."""
 
-    def __init__(self, units, aggregators, columns, steps, batch_size):
+    def __init__(self, units, aggregators, columns, steps, batch_size, keep_after_eos=False):
         self.units, self.aggregators = units, aggregators
         self.columns, self.steps, self.batch_size = columns, steps, batch_size
+        self.keep_after_eos = keep_after_eos
 
     def __call__(self, batch: dict) -> dict:
         indices = [int(i) for i in batch["unit"]]
         states = [pickle.dumps(run_unit(self.units[i], self.aggregators, self.columns,
-                                        steps=self.steps, batch_size=self.batch_size),
+                                        steps=self.steps, batch_size=self.batch_size,
+                                        keep_after_eos=self.keep_after_eos),
                                protocol=pickle.HIGHEST_PROTOCOL) for i in indices]
         out = np.empty(len(states), dtype=object)
         out[:] = states
@@ -572,7 +672,7 @@ class _UnitTask:
 
 
 def _ray_partials(units: list[Unit], aggregators, columns, *, steps, batch_size,
-                  ray_address) -> Iterator[dict]:
+                  ray_address, keep_after_eos=False) -> Iterator[dict]:
     """Partial states of the units computed by Ray Data, yielded in unit order."""
     ray = init_ray(ray_address)
     items = [{"unit": u.index} for u in units]
@@ -580,7 +680,8 @@ def _ray_partials(units: list[Unit], aggregators, columns, *, steps, batch_size,
         dataset = ray.data.from_items(items, override_num_blocks=len(items))
     except TypeError:   # Ray < 2.10 names it parallelism
         dataset = ray.data.from_items(items, parallelism=len(items))
-    task = _UnitTask(units, dict(aggregators), list(columns), steps, batch_size)
+    task = _UnitTask(units, dict(aggregators), list(columns), steps, batch_size,
+                     keep_after_eos)
     results = dataset.map_batches(task, batch_size=1, batch_format="numpy")
     waiting: dict[int, dict] = {}
     following = 0

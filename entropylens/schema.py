@@ -8,9 +8,11 @@ columns and reports the first offending column and row when a value does not fit
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -32,6 +34,9 @@ TOKEN_SCHEMA = pa.schema([
     pa.field("advantage", pa.float32()),
     # where the token came from: "on_policy", "refinement" (Critique-GRPO) or a user label
     pa.field("origin", pa.string()),
+    # true at a position after the first end-of-sequence token of its completion (padding the
+    # model never sampled); marked at ingest by mark_after_eos, null where it cannot be told
+    pa.field("after_eos", pa.bool_()),
 ])
 
 SEQUENCE_SCHEMA = pa.schema([
@@ -69,6 +74,117 @@ SPLITS = ("train", "val", "inference")
 
 #: Logprobs at or below this are API sentinels (OpenAI and vLLM servers use -9999.0).
 SENTINEL_LOGPROB = -9999.0
+
+#: Texts of end-of-sequence tokens across tokenizers (ChatML, Llama 2/3, GPT-2, Gemma, Phi,
+#: DeepSeek, gpt-oss, Mistral). The one definition of "end of sequence" for ingest marking,
+#: the analyses' filter and the quality checks.
+EOS_TOKENS = ("<|im_end|>", "</s>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>",
+              "<eos>", "<end_of_turn>", "<|end|>", "<|eom_id|>", "<|return|>",
+              "<｜end▁of▁sentence｜>", "<|end▁of▁sentence|>", "[EOS]", "<|EOT|>")
+#: Control tokens of chat templates and tokenizers: ``<|im_start|>``, ``<s>``, ``[INST]``,
+#: ``<｜begin▁of▁sentence｜>``, ``<start_of_turn>``, ``<pad>``...
+_SPECIAL_TOKEN = re.compile(r"^(<\|[^<>\s]*\|>|<｜[^<>\s]*｜>|</?[a-z][a-z0-9_]*>|\[/?[A-Z_]+\])$")
+#: Step key of rows without a step when marking (they form one group per sample_id).
+_NO_STEP = np.iinfo(np.int64).min
+
+
+def eos_mask(token: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Boolean numpy mask of the end-of-sequence tokens (:data:`EOS_TOKENS`) of a column of
+    token texts (surrounding whitespace ignored; null texts are not EOS)."""
+    if isinstance(token, pa.ChunkedArray):
+        token = token.combine_chunks()
+    if not len(token):
+        return np.zeros(0, dtype=bool)
+    # judge each distinct text once (a batch repeats a few thousand texts)
+    encoded = pc.dictionary_encode(token)
+    eos_text = pc.fill_null(pc.is_in(pc.utf8_trim_whitespace(encoded.dictionary),
+                                     value_set=pa.array(EOS_TOKENS)), False)
+    return pc.fill_null(pc.take(eos_text, encoded.indices), False) \
+        .to_numpy(zero_copy_only=False)
+
+
+def is_special_token(text: str | None) -> bool:
+    """Whether a token text is a tokenizer control token (EOS, chat-template markers,
+    padding), not text the model writes."""
+    if text is None:
+        return False
+    text = text.strip()
+    return text in EOS_TOKENS or bool(_SPECIAL_TOKEN.match(text))
+
+
+def mark_after_eos(table: pa.Table, first_eos: pa.Table | None = None, *,
+                   forget: bool = True) -> tuple[pa.Table, pa.Table | None]:
+    """Set the ``after_eos`` column: true at positions after the first EOS of the completion.
+
+    Rows of one completion may arrive over several tables (chunks, batches), so the first
+    EOS position of each completion that had one is carried over in ``first_eos``.
+
+    Parameters
+    ----------
+    table : pyarrow.Table
+        With ``sample_id``, ``position`` and ``token`` (and ``step`` when present). Without
+        token texts nothing can be told: ``after_eos`` stays null.
+    first_eos : pyarrow.Table, optional
+        ``step, sample_id, first`` (the first EOS position of a completion) from the tables
+        before, as returned by the previous call.
+    forget : bool
+        Carry only the completions of this table (the ingest's bound on memory: a
+        completion's rows arrive together); False carries every completion seen (a
+        step-closed scan unit).
+
+    Returns
+    -------
+    (pyarrow.Table, pyarrow.Table or None)
+        The table with ``after_eos`` set (added or replaced) and the ``first_eos`` to pass
+        to the next call.
+    """
+    n = table.num_rows
+    names = table.column_names
+    if not n or not {"token", "position", "sample_id"} <= set(names) \
+            or table.column("token").null_count == n:
+        return _set_column(table, "after_eos", pa.nulls(n, pa.bool_())), \
+            (None if forget else first_eos)
+    is_eos = eos_mask(table.column("token"))
+    positions = pc.fill_null(table.column("position").cast(pa.int64()), -1) \
+        .to_numpy(zero_copy_only=False)
+    steps = pc.fill_null(table.column("step").cast(pa.int64()), _NO_STEP).combine_chunks() \
+        if "step" in names else pa.array(np.full(n, _NO_STEP, dtype=np.int64))
+    samples = table.column("sample_id").cast(pa.string()).combine_chunks()
+    # runs of consecutive rows of one completion (rows usually come completion by
+    # completion): the work below is per run, not per row
+    same = pc.fill_null(pc.and_(pc.equal(steps.slice(1), steps.slice(0, n - 1)),
+                                pc.equal(samples.slice(1), samples.slice(0, n - 1))), False)
+    starts = np.concatenate([[0], np.flatnonzero(~same.to_numpy(zero_copy_only=False)) + 1])
+    no_eos = np.iinfo(np.int64).max
+    run_first = np.minimum.reduceat(np.where(is_eos, positions, no_eos), starts)
+    index = pa.array(starts)
+    runs = pa.table({"step": steps.take(index), "sample_id": samples.take(index),
+                     "first": run_first, "run": np.arange(len(starts), dtype=np.int64)})
+    found = runs.filter(pa.array(run_first != no_eos)).select(["step", "sample_id", "first"])
+    if first_eos is not None and first_eos.num_rows:
+        found = pa.concat_tables([first_eos, found])
+    if found.num_rows:
+        found = found.group_by(["step", "sample_id"], use_threads=False) \
+            .aggregate([("first", "min")]).rename_columns({"first_min": "first"}) \
+            .select(["step", "sample_id", "first"])
+    first_of_run = np.full(len(starts), no_eos, dtype=np.int64)
+    if found.num_rows:
+        keys = runs.select(["step", "sample_id", "run"])
+        joined = keys.join(found, keys=["step", "sample_id"], join_type="inner",
+                           use_threads=False)
+        first_of_run[joined.column("run").to_numpy()] = joined.column("first").to_numpy()
+        if forget:
+            found = found.join(keys.select(["step", "sample_id"]), keys=["step", "sample_id"],
+                               join_type="left semi", use_threads=False)
+    first = np.repeat(first_of_run, np.diff(np.append(starts, n)))
+    after = pa.array(positions > first)
+    return _set_column(table, "after_eos", after), found
+
+
+def _set_column(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
+    if name in table.column_names:
+        return table.set_column(table.column_names.index(name), name, values)
+    return table.append_column(name, values)
 
 
 def _first_bad_row(column: pa.ChunkedArray | pa.Array, target: pa.DataType) -> int | None:

@@ -49,7 +49,7 @@ import pyarrow.parquet as pq
 
 from . import __version__
 from .errors import RunExistsError, StoreError
-from .schema import METRIC_SCHEMA, SEQUENCE_SCHEMA, TOKEN_SCHEMA, conform
+from .schema import METRIC_SCHEMA, SEQUENCE_SCHEMA, TOKEN_SCHEMA, conform, mark_after_eos
 
 STORE_FORMAT = "entropylens-store"
 STORE_VERSION = 1
@@ -705,7 +705,9 @@ class RunWriter:
         self._seq_writer: pq.ParquetWriter | None = None
         self._metrics: list[pa.Table] = []
         self._counts = {"tokens": 0, "sequences": 0, "metrics": 0, "exact_entropy": 0,
-                        "topk": 0, "logprobs": 0, "null_logprobs": 0, "duplicate_tokens": 0}
+                        "topk": 0, "logprobs": 0, "null_logprobs": 0, "duplicate_tokens": 0,
+                        "after_eos": 0}
+        self._first_eos: pa.Table | None = None
         self._steps: set[int] = set()
         # per part file: its steps and the rows repeating the row before them, per step
         self._part_steps: list[set] = []
@@ -749,6 +751,9 @@ class RunWriter:
         table = conform(data, "tokens", path=path, row_offset=row_offset)
         if not table.num_rows:
             return
+        # padding after the end of a completion, which token analyses leave out; the first
+        # EOS of the last rows' completions carries over to the next call
+        table, self._first_eos = mark_after_eos(table, self._first_eos)
         self._count_tokens(table)
         self._token_buffer.append(table)
         self._buffered += table.num_rows
@@ -771,6 +776,7 @@ class RunWriter:
             lengths = pc.list_value_length(top)
             self._max_top_k = max(self._max_top_k, pc.max(lengths).as_py() or 0)
         self._steps.update(pc.unique(table.column("step").drop_null()).to_pylist())
+        counts["after_eos"] += pc.sum(table.column("after_eos")).as_py() or 0
 
     def _flush_tokens(self) -> None:
         if not self._token_buffer:
@@ -957,6 +963,8 @@ class RunWriter:
             # rows repeating an earlier row's (step, sample_id, position) anywhere in the
             # run, e.g. a record logged twice; 0 after --on-duplicate dropped them
             "duplicate_tokens": counts["duplicate_tokens"],
+            # tokens after the first end-of-sequence token of their completion
+            "tokens_after_eos": counts["after_eos"],
             **{k: v for k, v in self.manifest["counts"].items() if k not in counts},
         }
         sources = []

@@ -88,9 +88,9 @@ steps = summary.steps[["run", "step", "tokens", "entropy_token_mean", "entropy_s
                        "p50", "p80", "frac_below_0_01"]]
 steps.groupby("run").nth([0, 1, -2, -1])  # first and last steps of each run'''),
     ("md", '''\
-The summary also runs data-quality checks and warns instead of dropping data. These runs
-carry one `<|im_start|>` token after `<|im_end|>` in most completions (the trainer's mask
-kept it):'''),
+The summary also runs data-quality checks. These runs carry one `<|im_start|>` token after
+`<|im_end|>` in most completions (the trainer's mask kept it): every token analysis leaves
+such tokens out and counts them (`tokens_after_eos`); `keep_after_eos=True` keeps them.'''),
     ("code", '''\
 for warning in summary.warnings:
     print(warning[:160])'''),
@@ -281,11 +281,16 @@ tokens, forks or not.
 forks = el.forking_tokens(store)
 forks.top_tokens.groupby("run").head(8)'''),
     ("md", '''\
-vanilla's most frequent forking token is `<|im_start|>`: the token after `<|im_end|>` that
-the model never sampled but the trainer's mask kept (the data-quality warning of notebook
-01). Its entropy is high because what follows the end of a turn is never sampled, so the
-distribution there is not sharpened. Whitespace, punctuation and digits fork less often than
-their share of all tokens:'''),
+The ranking leaves out the tokens after the end of a sequence. Kept, vanilla's most frequent
+forking token is `<|im_start|>` (marked `special`): the token after `<|im_end|>` that the
+model never sampled but the trainer's mask kept (the data-quality warning of notebook 01).
+Its entropy is high because what follows the end of a turn is never sampled, so the
+distribution there is not sharpened:'''),
+    ("code", '''\
+kept = el.forking_tokens(store, "vanilla", keep_after_eos=True)
+kept.top_tokens.head(3)'''),
+    ("md", '''\
+Whitespace, punctuation and digits fork less often than their share of all tokens:'''),
     ("code", '''\
 forks.composition'''),
     ("code", '''\

@@ -36,7 +36,7 @@ def sample_store(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("sample") / "store"
     for name in ("vanilla", "top20"):
-        el.ingest(SAMPLE_LOGS / name, path, run=name)
+        el.ingest(SAMPLE_LOGS / name, path, run=name, step_basis="policy_version")
     return el.open(path)
 
 
@@ -47,5 +47,6 @@ def shared_store(tmp_path_factory, shared_run):
 
     path = tmp_path_factory.mktemp("shared") / "store"
     for name in ("vanilla", "top20"):
-        el.ingest(shared_run / name, path, run=name)
+        # the run's README: step s is the policy after s updates, for tokens and validation
+        el.ingest(shared_run / name, path, run=name, step_basis="policy_version")
     return el.open(path)

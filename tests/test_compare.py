@@ -15,7 +15,8 @@ runner = CliRunner()
 
 
 def test_table_and_curves_of_the_shared_runs(shared_store, shared_run):
-    result = el.compare(shared_store)
+    # against the trainer's logged curve: tokens after end-of-sequence kept, as it kept them
+    result = el.compare(shared_store, keep_after_eos=True)
     table = result.table.set_index("run")
     assert table.index.tolist() == ["top20", "vanilla"]
     vanilla, top20 = table.loc["vanilla"], table.loc["top20"]
@@ -28,10 +29,10 @@ def test_table_and_curves_of_the_shared_runs(shared_store, shared_run):
     assert vanilla["final_performance"] == pytest.approx(val[-1])
     assert 8 <= vanilla["collapse_start"] < vanilla["collapse_end"] <= 30
     assert pd.isna(top20["collapse_start"]) and not top20["alarm"]
-    fit = el.fit_saturation(shared_store, "vanilla")
+    fit = el.fit_saturation(shared_store, "vanilla", keep_after_eos=True)
     assert vanilla["ceiling"] == pytest.approx(fit.ceiling) and vanilla["r2"] > 0.7
     assert vanilla["fit_n"] == fit.n
-    phases = el.phases(shared_store, "vanilla").runs[0]
+    phases = el.phases(shared_store, "vanilla", keep_after_eos=True).runs[0]
     assert vanilla["early_drop_fraction"] == pytest.approx(phases.early_drop_fraction)
     assert vanilla["arrival_step"] == phases.arrival_step and vanilla["alarm"]
     curves = result.curves

@@ -13,6 +13,7 @@ import entropylens as el
 from entropylens.cli import app
 from entropylens.errors import EntropylensError
 from entropylens.store import Store
+from _eos import before_eos
 
 runner = CliRunner()
 FRACTIONS = {"top 0.02%": 0.0002, "top 0.2%": 0.002, "top 2%": 0.02, "top 20%": 0.2,
@@ -33,8 +34,10 @@ def _numpy_groups(tokens: pd.DataFrame) -> pd.DataFrame:
 
 def test_groups_equal_numpy_on_the_shared_run(shared_store, shared_run):
     result = el.covariance(shared_store, "vanilla")
-    raw = pd.read_parquet(shared_run / "vanilla" / "tokens.parquet",
-                          columns=["step", "logprob", "advantage", "entropy"])
+    raw = before_eos(pd.read_parquet(
+        shared_run / "vanilla" / "tokens.parquet",
+        columns=["step", "prompt_idx", "sample_idx", "position", "token", "logprob",
+                 "advantage", "entropy"]))
     expected = _numpy_groups(raw)
     got = result.groups.reset_index(drop=True)
     assert got["step"].tolist() == expected["step"].tolist()
@@ -49,8 +52,10 @@ def test_groups_equal_numpy_on_the_shared_run(shared_store, shared_run):
 
 def test_correlation_with_the_next_entropy_change(shared_store, shared_run):
     result = el.covariance(shared_store, "vanilla")
-    raw = pd.read_parquet(shared_run / "vanilla" / "tokens.parquet",
-                          columns=["step", "logprob", "advantage", "entropy"])
+    raw = before_eos(pd.read_parquet(
+        shared_run / "vanilla" / "tokens.parquet",
+        columns=["step", "prompt_idx", "sample_idx", "position", "token", "logprob",
+                 "advantage", "entropy"]))
     entropy = raw.groupby("step")["entropy"].apply(lambda s: s.to_numpy(np.float64).mean())
     change = entropy.shift(-1) - entropy
     mean_cov = _numpy_groups(raw).query("group == 'all'").set_index("step")["mean_cov"]

@@ -8,6 +8,7 @@ import pytest
 import entropylens as el
 from entropylens.errors import EntropylensError
 from entropylens.store import Store
+from _eos import before_eos
 
 
 def _metric_store(path, rows, run="r"):
@@ -20,7 +21,8 @@ def _metric_store(path, rows, run="r"):
 
 
 def test_token_curve_equals_pandas_mean_and_the_logged_metric(shared_store, shared_run):
-    curve = el.policy_entropy(shared_store, "vanilla")
+    # kept, the tokens after end-of-sequence make the trainer's logged batch mean
+    curve = el.policy_entropy(shared_store, "vanilla", keep_after_eos=True)
     raw = pd.read_parquet(shared_run / "vanilla" / "tokens.parquet")
     expected = raw.groupby("step")["entropy"].apply(lambda s: s.to_numpy(np.float64).mean())
     assert curve["step"].tolist() == expected.index.tolist()
@@ -30,6 +32,17 @@ def test_token_curve_equals_pandas_mean_and_the_logged_metric(shared_store, shar
     # the trainer's own batch token mean (metrics.csv) is the same quantity
     logged = pd.read_csv(shared_run / "vanilla" / "metrics.csv").dropna(subset=["entropy"])
     np.testing.assert_allclose(curve["entropy"], logged["entropy"].to_numpy(), atol=1e-5)
+
+
+def test_token_curve_leaves_out_tokens_after_eos_by_default(shared_store, shared_run):
+    curve = el.policy_entropy(shared_store, "vanilla")
+    raw = before_eos(pd.read_parquet(shared_run / "vanilla" / "tokens.parquet"))
+    expected = raw.groupby("step")["entropy"].apply(lambda s: s.to_numpy(np.float64).mean())
+    np.testing.assert_allclose(curve["entropy"], expected.to_numpy(), rtol=1e-12)
+    assert curve["tokens"].tolist() == raw.groupby("step").size().tolist()
+    # the padding raised the late token mean: removing it lowers the last step's entropy
+    kept = el.policy_entropy(shared_store, "vanilla", keep_after_eos=True)
+    assert curve["entropy"].iloc[-1] < kept["entropy"].iloc[-1]
 
 
 def test_metric_only_run_uses_the_policy_entropy_metric(tmp_path, shared_run):

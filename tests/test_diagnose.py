@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from _eos import before_eos
 import entropylens as el
 from entropylens.analysis import noise
 from entropylens.analysis.curves import performance, policy_entropy
@@ -283,8 +284,10 @@ def test_report_hooks(shared_diagnosis):
 # -- both policy-entropy definitions -------------------------------------------------------
 def test_both_entropy_definitions_in_curves_phases_fit_and_diagnosis(shared_store, shared_run):
     curve = policy_entropy(shared_store, "vanilla")
-    tokens = pd.read_parquet(shared_run / "vanilla" / "tokens.parquet",
-                             columns=["step", "prompt_idx", "sample_idx", "entropy"])
+    # the padding after end-of-sequence is left out by default, as in the analyses
+    tokens = before_eos(pd.read_parquet(
+        shared_run / "vanilla" / "tokens.parquet",
+        columns=["step", "prompt_idx", "sample_idx", "position", "token", "entropy"]))
     per_sequence = tokens.groupby(["step", "prompt_idx", "sample_idx"])["entropy"].mean()
     expected = per_sequence.groupby("step").mean()
     assert np.allclose(curve.set_index("step")["entropy_seq_mean"], expected, rtol=1e-5)

@@ -11,6 +11,7 @@ from entropylens.analysis.distribution import (DEFAULT_BINS, DISTRIBUTION_QUANTI
                                                bin_index, quantile_name)
 from entropylens.errors import EntropylensError
 from entropylens.store import Store
+from _eos import before_eos
 
 QNAMES = [quantile_name(q) for q in DISTRIBUTION_QUANTILES]
 
@@ -25,8 +26,8 @@ def _binned(values, edges):
 
 def test_distribution_equals_numpy_on_the_shared_run(shared_store, shared_run):
     result = el.distribution(shared_store, "vanilla")
-    raw = pd.read_parquet(shared_run / "vanilla" / "tokens.parquet", columns=["step",
-                                                                             "entropy"])
+    raw = before_eos(pd.read_parquet(shared_run / "vanilla" / "tokens.parquet", columns=[
+        "step", "prompt_idx", "sample_idx", "position", "token", "entropy"]))
     steps = result.steps.set_index("step")
     assert steps.index.tolist() == sorted(raw["step"].unique())
     for step, group in raw.groupby("step"):

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 from typer.testing import CliRunner
 
@@ -13,10 +14,11 @@ from entropylens.analysis.forking import grouped_quantile, normalise_token, toke
 from entropylens.cli import app
 from entropylens.errors import EntropylensError
 from entropylens.store import Store
+from _eos import before_eos
 
 
 @pytest.fixture(scope="module")
-def vanilla(shared_run):
+def vanilla_all(shared_run):
     """The raw vanilla tokens, keyed as the store keys them (sample_id = prompt:sample)."""
     raw = pd.read_parquet(shared_run / "vanilla" / "tokens.parquet",
                           columns=["step", "prompt_idx", "sample_idx", "position", "token",
@@ -24,6 +26,12 @@ def vanilla(shared_run):
     raw["sample_id"] = raw["prompt_idx"].astype(str) + ":" + raw["sample_idx"].astype(str)
     raw["h"] = raw["entropy"].astype(np.float64)
     return raw
+
+
+@pytest.fixture(scope="module")
+def vanilla(vanilla_all):
+    """The raw tokens analyses see by default: none after the end of its sequence."""
+    return before_eos(vanilla_all).reset_index(drop=True)
 
 
 def _flag_with_numpy(raw, by):
@@ -66,8 +74,24 @@ def test_top_tokens_and_composition_equal_pandas(shared_store, vanilla):
         assert comp.loc[category, "forking_share"] == pytest.approx(
             (flags & chosen).sum() / flags.sum())
     assert comp["forking_share"].sum() == pytest.approx(1.0)
-    # the masking artefact: <|im_start|> after <|im_end|> forks more than anything else
-    assert top.index[0] == "<|im_start|>"
+    assert "<|im_start|>" not in top.index
+    assert top.loc["<|im_end|>", "special"] and not top.drop("<|im_end|>")["special"].any()
+
+
+def test_padding_after_eos_forks_most_when_kept(shared_store, vanilla_all):
+    """The masking artefact: kept, <|im_start|> after <|im_end|> forks more than anything
+    else, marked special, with its rate next to its count."""
+    result = el.forking_tokens(shared_store, "vanilla", top_n=10, keep_after_eos=True)
+    flags, _ = _flag_with_numpy(vanilla_all, "step")
+    assert result.runs.iloc[0]["tokens"] == len(vanilla_all)
+    assert result.runs.iloc[0]["forking_tokens"] == flags.sum()
+    first = result.top_tokens.iloc[0]
+    assert first["token"] == "<|im_start|>" and first["special"]
+    padding = vanilla_all[vanilla_all["token"] == "<|im_start|>"]
+    assert first["count"] == len(padding)
+    assert first["forking_rate"] == pytest.approx(flags[padding.index].mean())
+    data = result.to_dict()["top_tokens"][0]
+    assert data["special"] is True and data["forking_rate"] == pytest.approx(first["forking_rate"])
 
 
 def test_global_and_sequence_thresholds_equal_numpy(shared_store, vanilla):
@@ -95,6 +119,7 @@ def test_batch_thresholds_follow_stored_order(shared_store, vanilla):
     assert result.runs.iloc[0]["forking_tokens"] == flags.sum()
     # the per-token mask of stored tokens is the same flag
     table = shared_store.read_tokens("vanilla", steps=[3, 4])
+    table = table.filter(pc.invert(pc.fill_null(table.column("after_eos"), False)))
     mask = el.forking_mask(table, result, run="vanilla")
     chosen = ordered[ordered["step"].isin([3, 4])]
     assert mask.sum() == flags[chosen.index].sum()

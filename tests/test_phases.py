@@ -34,7 +34,8 @@ def _numpy_summary(steps, values):
 
 
 def test_shared_vanilla_collapses_between_steps_8_and_30(shared_store, shared_run):
-    result = el.phases(shared_store)
+    # the curve the trainer logged: tokens after end-of-sequence kept
+    result = el.phases(shared_store, keep_after_eos=True)
     vanilla, rapid = _collapses(result, "vanilla")
     assert len(rapid) >= 1
     assert rapid["start_step"].min() >= 8 and rapid["end_step"].max() <= 30
@@ -54,7 +55,7 @@ def test_shared_vanilla_collapses_between_steps_8_and_30(shared_store, shared_ru
 
 
 def test_shared_top20_has_no_collapse(shared_store):
-    top20, rapid = _collapses(el.phases(shared_store, "top20"), "top20")
+    top20, rapid = _collapses(el.phases(shared_store, "top20", keep_after_eos=True), "top20")
     assert rapid.empty and not top20.alarm
     assert top20.early_drop_fraction is None and top20.arrival_step is None
     assert set(top20.segments["label"]) <= {"rise", "plateau"}

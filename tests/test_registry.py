@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
 import entropylens as el
@@ -47,6 +48,12 @@ class _Doubled(registry.Analysis):
         return list(parts)
 
 
+def _kept(store, run):
+    """Tokens analyses see by default: those not marked after the end of their sequence."""
+    marks = store.read_tokens(run, columns=["after_eos"]).column("after_eos")
+    return len(marks) - (pc.sum(pc.fill_null(marks, False)).as_py() or 0)
+
+
 def _metrics_run(store):
     with store.write_run("metrics-only") as writer:
         writer.write_metrics(pa.table({"step": [1, 2], "metric": ["policy_entropy"] * 2,
@@ -73,13 +80,16 @@ def test_builtin_analyses_are_registered():
 def test_run_analysis_counts_like_numpy(sample_store):
     result = registry.run_analysis("test_token_count", sample_store, ["vanilla", "top20"],
                                    scale=3)
-    total = sum(len(sample_store.read_tokens(r, columns=["entropy"])) for r in
-                ("vanilla", "top20"))
+    total = sum(_kept(sample_store, r) for r in ("vanilla", "top20"))
     assert result == {"total": 3 * total, "skipped": []}
     # engine options are the engine's, not the analysis'
     assert registry.run_analysis("test_token_count", sample_store, "vanilla", workers=1,
-                                 unit_rows=1000)["total"] == \
-        len(sample_store.read_tokens("vanilla", columns=["entropy"]))
+                                 unit_rows=1000)["total"] == _kept(sample_store, "vanilla")
+    # so is the token selection: keep_after_eos reaches the scans, not the plan
+    everything = len(sample_store.read_tokens("vanilla", columns=["entropy"]))
+    assert registry.run_analysis("test_token_count", sample_store, "vanilla",
+                                 keep_after_eos=True)["total"] == everything \
+        > _kept(sample_store, "vanilla")
 
 
 def test_missing_need_is_a_reason_or_an_error(tmp_path, sample_store):
@@ -95,7 +105,7 @@ def test_missing_need_is_a_reason_or_an_error(tmp_path, sample_store):
 
 def test_requirements_run_first_and_feed_inputs(sample_store):
     parts = registry.run_parts(sample_store, "vanilla", ["test_doubled"])
-    n = len(sample_store.read_tokens("vanilla", columns=["entropy"]))
+    n = _kept(sample_store, "vanilla")
     assert parts == {"test_token_count": n, "test_doubled": 2 * n}
 
 
@@ -107,4 +117,4 @@ def test_several_runs_skip_the_ones_that_cannot(tmp_path):
     _metrics_run(store)
     result = registry.run_analysis("test_token_count", store)
     assert result["skipped"] == ["metrics-only: the run has no tokens (only step metrics)"]
-    assert result["total"] == len(store.read_tokens("vanilla", columns=["entropy"]))
+    assert result["total"] == _kept(store, "vanilla")

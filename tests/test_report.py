@@ -19,6 +19,7 @@ from entropylens.errors import EntropylensError
 from entropylens.report import build_report
 from entropylens.report.render import md_escape
 from entropylens.store import Store
+from _eos import after_eos, before_eos
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = "<script>alert(1)</script>"
@@ -131,7 +132,7 @@ def test_verdicts_match_independent_numbers(sample_report, sample_store):
     collapsed = verdicts[("vanilla", "entropy")]
     assert collapsed["text"].startswith("entropy collapsed")
     # the share of the drop reached at the arrival step, from the raw tokens with numpy
-    raw = pd.read_parquet(REPO / "sample_logs" / "vanilla" / "tokens.parquet")
+    raw = before_eos(pd.read_parquet(REPO / "sample_logs" / "vanilla" / "tokens.parquet"))
     curve = raw.groupby("step")["entropy"].apply(lambda h: h.to_numpy(np.float64).mean())
     numbers = collapsed["numbers"]
     phases = el.phases(sample_store, "vanilla").runs[0]
@@ -320,9 +321,14 @@ def test_token_view_picks_and_marks_from_the_raw_tokens(sample_report):
         mine = mine.sort_values("position")
         got = example["tokens"]
         np.testing.assert_allclose([t["entropy"] for t in got], mine["entropy"], rtol=1e-6)
-        # forking: strictly above the step's 80th percentile (numpy's linear rule)
-        threshold = np.quantile(raw.loc[raw.step == step, "entropy"].to_numpy(np.float64), 0.8)
-        assert [t["fork"] for t in got] == list(mine["entropy"].to_numpy(np.float64) > threshold)
+        # forking: strictly above the 80th percentile (numpy's linear rule) of the step's
+        # tokens up to their end of sequence; the padding after it never forks
+        kept = before_eos(raw)
+        threshold = np.quantile(kept.loc[kept.step == step, "entropy"].to_numpy(np.float64),
+                                0.8)
+        padding = after_eos(raw).loc[mine.index].to_numpy()
+        assert [t["fork"] for t in got] == list(
+            (mine["entropy"].to_numpy(np.float64) > threshold) & ~padding)
         # the displayed text is the decoded byte-level pieces
         assert "".join(t["text"] for t in got).startswith(
             mine["token"].iloc[0].replace("Ġ", " ").replace("Ċ", "\n"))
@@ -355,3 +361,19 @@ def test_demo_writes_the_report(tmp_path):
                      out=tmp_path / "report")
     assert result.report_path == tmp_path / "report" / "index.html"
     assert result.report_path.exists() and (tmp_path / "report" / "report.json").exists()
+
+
+def test_tokens_after_eos_are_counted_and_said(sample_report, sample_store):
+    overview = {row["run"]: row for row in sample_report.model["overview"]}
+    for run in ("vanilla", "top20"):
+        raw = pd.read_parquet(REPO / "sample_logs" / run / "tokens.parquet")
+        assert overview[run]["tokens_after_eos"] == after_eos(raw).sum() > 0
+        assert overview[run]["after_eos"] == "excluded"
+    html = " ".join((sample_report.out / "index.html").read_text().split())
+    assert "left out of every token analysis" in html and "--keep-after-eos" in html
+    markdown = (sample_report.out / "report.md").read_text()
+    assert "(left out) |" in markdown
+    vanilla = next(r for r in sample_report.model["runs"] if r["run"] == "vanilla")
+    rows = vanilla["forking"]["top_tokens"]
+    assert rows and all("special" in row for row in rows)
+    assert "<|im_start|>" not in {row["token"] for row in rows}

@@ -20,6 +20,7 @@ from entropylens.analysis.roles import RolesAggregator, _tables, detect_phases
 from entropylens.cli import app
 from entropylens.errors import EntropylensError
 from entropylens.store import Store
+from _eos import before_eos
 
 from roles_reference import (mann_kendall_exact_p, reference_spans, theil_sen,
                              token_char_spans)
@@ -223,6 +224,7 @@ def test_roles_json_matches_plain_python_on_the_shared_run(shared_store, shared_
     raw = pq.read_table(shared_run / "vanilla" / "tokens.parquet",
                         columns=["step", "prompt_idx", "sample_idx", "position", "token",
                                  "entropy", "logprob"]).to_pandas()
+    raw = before_eos(raw)   # the tokens after end-of-sequence are left out by default
     phrases = default_lexicon().phrases
     first = _independent_step(raw, 0, phrases)
     expected = _independent_step(raw, 3, phrases)

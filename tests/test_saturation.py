@@ -14,6 +14,7 @@ from entropylens.analysis.saturation import fit_arrays, join_curves
 from entropylens.cli import app
 from entropylens.errors import EntropylensError
 from entropylens.store import Store
+from _eos import before_eos
 
 runner = CliRunner()
 
@@ -23,8 +24,10 @@ def _law(h, a, b):
 
 
 def _independent_points(run_folder):
-    """(H, R) of the shared run joined plainly: validation steps, final one on the last step."""
-    tokens = pd.read_parquet(run_folder / "tokens.parquet", columns=["step", "entropy"])
+    """(H, R) of the shared run joined plainly: validation steps, final one on the last step;
+    the entropy without the tokens after end-of-sequence, as analyses see it by default."""
+    tokens = before_eos(pd.read_parquet(run_folder / "tokens.parquet", columns=[
+        "step", "prompt_idx", "sample_idx", "position", "token", "entropy"]))
     entropy = tokens.groupby("step")["entropy"].apply(lambda s: s.to_numpy(np.float64).mean())
     val = pd.read_csv(run_folder / "metrics.csv").dropna(subset=["val_acc"])
     steps = val["step"].astype(int).to_numpy()

@@ -5,6 +5,7 @@ import pytest
 
 import entropylens as el
 from entropylens.store import Store
+from _eos import after_eos, before_eos
 
 
 def _numpy_summary(tokens: pd.DataFrame) -> pd.DataFrame:
@@ -19,10 +20,12 @@ def _numpy_summary(tokens: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def test_summary_equals_numpy_on_the_shared_run(shared_store, shared_run):
-    result = el.summary(shared_store, "vanilla")
+@pytest.mark.parametrize("keep", [False, True])
+def test_summary_equals_numpy_on_the_shared_run(shared_store, shared_run, keep):
+    result = el.summary(shared_store, "vanilla", keep_after_eos=keep)
     raw = pd.read_parquet(shared_run / "vanilla" / "tokens.parquet")
-    expected = _numpy_summary(raw)
+    padding = int(after_eos(raw).sum())
+    expected = _numpy_summary(raw if keep else before_eos(raw))
     got = result.steps.reset_index(drop=True)
     assert got["step"].tolist() == expected["step"].tolist()
     assert got["tokens"].tolist() == expected["tokens"].tolist()
@@ -31,6 +34,11 @@ def test_summary_equals_numpy_on_the_shared_run(shared_store, shared_run):
                                    rtol=1e-9, err_msg=column)
     run = result.runs.iloc[0]
     assert run["tokens"] == len(raw) and run["entropy_source"] == "exact"
+    # counted either way, and the same count as the ingest's marks
+    assert run["tokens_after_eos"] == padding == 3627
+    assert shared_store.manifest("vanilla")["counts"]["tokens_after_eos"] == padding
+    assert run["after_eos"] == ("kept" if keep else "excluded")
+    assert result.to_dict()["runs"][0]["tokens_after_eos"] == padding
 
 
 def test_vanilla_sample_collapses_and_top20_does_not(sample_store):

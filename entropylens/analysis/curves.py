@@ -8,7 +8,9 @@ tokens with the best entropy source when the run has training tokens, else the r
 ``policy_entropy`` metric. The ``source`` column says which.
 
 :func:`performance` is what the entropy is traded against: validation accuracy when the run
-logged it, else the mean training reward, or any metric the caller names.
+logged it, else the mean training reward, or any metric the caller names. Its steps are
+aligned with the entropy curve's (:func:`align_metric_steps`): a validation score sits at
+the step whose entropy is that of the policy it validated.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..engine import Aggregator, Plan, run_plan
+from ..engine import Aggregator, Plan, run_plan, scan_selection
 from ..errors import EntropylensError
 from ..estimators import best_entropy_source
+from ..ingest.step_basis import source_step_basis, step_offset
 from ..store import Store
 from .distribution import StepStats
 
@@ -123,6 +126,9 @@ def policy_entropy(store: Store | str, run: str, *, engine: str = "local",
     store : Store or path
     run : str
     engine : {"local", "ray"}
+    **engine_options
+        ``workers``, ...; ``keep_after_eos=True`` keeps the tokens after the end of their
+        sequence, left out by default.
 
     Returns
     -------
@@ -156,8 +162,9 @@ def policy_entropy_plan(store: Store, run: str, *, engine: str = "local",
     """
     manifest = store.manifest(run)
     stamp = (store.run_dir(run) / "manifest.json").stat().st_mtime_ns
+    options = {**engine_options, **scan_selection()}
     key = (str(store.path.resolve()), run, manifest.get("created"), stamp, engine,
-           tuple(sorted((k, repr(v)) for k, v in engine_options.items())))
+           tuple(sorted((k, repr(v)) for k, v in options.items())))
     if key in _CURVE_CACHE:
         return _CURVE_CACHE[key].copy()
     frame = yield from _policy_entropy(store, run, manifest)
@@ -209,6 +216,62 @@ def _policy_entropy(store: Store, run: str, manifest: dict) -> Plan:
     return frame
 
 
+def run_step_basis(manifest: dict, table: str) -> str:
+    """The step basis of one table of a run: ``policy_version``, ``logged_step``, ``unknown``
+    or ``mixed`` (sources of that table disagree).
+
+    Runs ingested before the basis was recorded get it from their sources' formats.
+    """
+    recorded = manifest.get("step_basis")
+    if recorded:
+        return recorded.get(table, "unknown")
+    bases = {source_step_basis(source.get("format", "")) for source in manifest.get("sources", ())}
+    return bases.pop() if len(bases) == 1 else ("mixed" if bases else "unknown")
+
+
+def align_metric_steps(metrics: pd.DataFrame, manifest: dict) -> tuple[pd.DataFrame, dict]:
+    """Move metric rows onto the steps of the run's entropy curve, policy by policy.
+
+    A training row logged at step ``g`` of a ``logged_step`` source comes from the policy
+    after ``g - 1`` updates, a validation row from the policy after ``g`` updates (see
+    :mod:`entropylens.ingest.step_basis`); on a ``policy_version`` source both come from the
+    policy after ``g`` updates. Each row goes to the step at which the entropy curve (from
+    the run's tokens when it has them, else from its metrics) holds that same policy: from a
+    verl or Hugging Face tracker, validation logged at ``g`` moves to ``g + 1`` and training
+    rows stay. Unknown or mixed bases move nothing and say so.
+
+    Returns
+    -------
+    (DataFrame, dict)
+        The metrics with aligned ``step``, and ``{"entropy", "metrics", "val_shift",
+        "train_shift", "note"}`` describing what was done.
+    """
+    entropy_table = "tokens" if manifest.get("counts", {}).get("tokens") else "metrics"
+    entropy_basis = run_step_basis(manifest, entropy_table)
+    metric_basis = run_step_basis(manifest, "metrics")
+    info = {"entropy": entropy_basis, "metrics": metric_basis, "val_shift": 0,
+            "train_shift": 0, "note": None}
+    unclear = {entropy_basis, metric_basis} & {"unknown", "mixed"}
+    if unclear:
+        info["note"] = (f"step basis {'/'.join(sorted(unclear))}: validation is paired with "
+                        "the entropy logged at the same step, which may be one policy off")
+        return metrics, info
+    info["val_shift"] = step_offset(entropy_basis)
+    info["train_shift"] = step_offset(entropy_basis) - step_offset(metric_basis)
+    if not (info["val_shift"] or info["train_shift"]) or metrics.empty:
+        return metrics, info
+    is_val = (metrics["split"] == "val").fillna(False).to_numpy(bool)
+    aligned = metrics.copy()
+    aligned["step"] = metrics["step"] + np.where(is_val, info["val_shift"], info["train_shift"])
+    if info["val_shift"]:
+        info["note"] = (f"validation logged at step g ran on the policy after g updates: "
+                        f"paired with the entropy of step g+{info['val_shift']}")
+    else:
+        info["note"] = (f"training metrics logged at step g come from the policy after g-1 "
+                        f"updates: moved to step g{info['train_shift']:+d}")
+    return aligned, info
+
+
 def performance(store: Store | str, run: str, reward: str | None = None) -> pd.DataFrame:
     """The per-step performance curve of one run: validation accuracy, else mean reward.
 
@@ -234,9 +297,9 @@ def performance(store: Store | str, run: str, reward: str | None = None) -> pd.D
         When the run has neither metric (or not the one asked for).
     """
     store = open_store(store)
-    metrics = store.read_metrics(run)
+    metrics, alignment = align_metric_steps(store.read_metrics(run), store.manifest(run))
     candidates = [reward] if reward else ["val_accuracy", "reward_mean"]
-    notes: list[str] = []
+    notes: list[str] = [alignment["note"]] if alignment["note"] else []
     for name in candidates:
         series, raw_key, n_keys = _metric_series(metrics, name)
         if series.empty:
@@ -257,7 +320,7 @@ def performance(store: Store | str, run: str, reward: str | None = None) -> pd.D
                               "value": series["value"].to_numpy(dtype=float),
                               "metric": metric})
         frame.attrs.update({"metric": metric, "raw_key": raw_key, "scaled": scaled,
-                            "note": "; ".join(notes) or None})
+                            "step_basis": alignment, "note": "; ".join(notes) or None})
         return frame
     known = sorted(set(metrics["metric"].dropna()))
     if len(known) > 12:

@@ -38,9 +38,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from ..engine import Aggregator, Plan, run_plan
+from ..engine import Aggregator, Plan, run_plan, scan_selection
 from ..errors import EntropylensError
 from ..estimators import columns_for, token_entropy
+from ..schema import is_special_token
 from ..store import Store
 from .distribution import EXACT_GLOBAL_MAX_TOKENS, NO_STEP, step_array, token_runs
 from .sequences import step_rows
@@ -136,6 +137,9 @@ class ScopeThresholds:
         The entropy source the thresholds were computed from.
     options : dict
         ``vocab_size`` and ``top_k`` for the top-k estimate.
+    keep_after_eos : bool
+        Whether the thresholds were taken with the tokens after end-of-sequence; when not,
+        :func:`forking_mask` never flags such a token.
     """
 
     scope: str
@@ -145,6 +149,7 @@ class ScopeThresholds:
     batches: dict = field(default_factory=dict)
     source: str | None = None
     options: dict = field(default_factory=dict)
+    keep_after_eos: bool = False
 
     @classmethod
     def concat(cls, parts: Sequence["ScopeThresholds"], scope: str, ratio: float,
@@ -558,7 +563,7 @@ THRESHOLD_COLUMNS = {"step": ["run", "step", "threshold", "tokens"],
                      "global": ["run", "step", "threshold", "tokens"],
                      "sequence": ["run", "step", "sample_id", "threshold", "tokens"],
                      "batch": ["run", "step", "batch", "threshold", "tokens"]}
-TOKEN_COLUMNS = ["run", "token", "count", "forking_count", "forking_rate"]
+TOKEN_COLUMNS = ["run", "token", "count", "forking_count", "forking_rate", "special"]
 COMPOSITION_COLUMNS = ["run", "category", "forking_share", "all_share", "forking_tokens",
                        "tokens"]
 RUN_COLUMNS = ["run", "entropy_source", "tokens", "forking_tokens", "forking_fraction",
@@ -579,8 +584,9 @@ class Forking:
         for scope ``batch``; ``step`` is null for scope ``global``). ``tokens`` counts the
         scope's tokens with an entropy.
     top_tokens : pandas.DataFrame
-        ``run, token, count, forking_count, forking_rate``: the ``top_n`` token texts most
-        often forking.
+        ``run, token, count, forking_count, forking_rate, special``: the ``top_n`` token
+        texts most often forking; ``special`` marks tokenizer control tokens
+        (:func:`entropylens.schema.is_special_token`: EOS, chat-template markers).
     top_by_rate : pandas.DataFrame
         Same columns: the ``top_n`` highest forking rates among texts seen at least
         ``min_count`` times.
@@ -663,6 +669,7 @@ def thresholds_plan(store: Store, run: str, source: str, manifest: dict, *, scop
                                    sketch=large, **options)
     result = (yield {"t": aggregator})["t"]
     result.source, result.options = source, options
+    result.keep_after_eos = scan_selection()["keep_after_eos"]
     return result
 
 
@@ -688,6 +695,7 @@ def _forking_scans(store: Store, run: str, source: str, manifest: dict, *, scope
     scoped, counts = (yield {"f": ForkingScan(source, scope=scope, ratio=ratio,
                                               batch_size=batch_size, **options)})["f"]
     scoped.source, scoped.options = source, options
+    scoped.keep_after_eos = scan_selection()["keep_after_eos"]
     return scoped, counts
 
 
@@ -714,7 +722,8 @@ def _composition(run: str, counts: pd.DataFrame) -> pd.DataFrame:
 
 
 def _top(run: str, counts: pd.DataFrame, top_n: int, min_count: int):
-    counts = counts.assign(run=run, forking_rate=counts["forking_count"] / counts["count"])
+    counts = counts.assign(run=run, forking_rate=counts["forking_count"] / counts["count"],
+                           special=counts["token"].map(is_special_token).astype(bool))
     by_count = counts[counts["forking_count"] > 0].sort_values(
         ["forking_count", "count", "token"], ascending=[False, False, True]).head(top_n)
     by_rate = counts[(counts["count"] >= min_count) & (counts["forking_count"] > 0)] \
@@ -827,17 +836,28 @@ def _mask(tokens_table, scoped: ScopeThresholds) -> np.ndarray:
     missing = sorted(needed - set(tokens_table.schema.names))
     if missing:
         raise EntropylensError(f"the tokens table lacks column(s) {', '.join(missing)}")
-    return scoped.flags(*_key_arrays(tokens_table), scoped.entropy(tokens_table))
+    flags = scoped.flags(*_key_arrays(tokens_table), scoped.entropy(tokens_table))
+    if not scoped.keep_after_eos and "after_eos" in tokens_table.schema.names:
+        # left out of the thresholds and counts, so never forking
+        flags = flags & ~pc.fill_null(tokens_table.column("after_eos"), False) \
+            .to_numpy(zero_copy_only=False)
+    return flags
 
 
-def _step_tables(store: Store, run: str, columns: list[str], steps):
-    """One step's tokens at a time, for the given step keys (NO_STEP: tokens without one)."""
+def _step_tables(store: Store, run: str, columns: list[str], steps,
+                 keep_after_eos: bool = False):
+    """One step's tokens at a time, for the given step keys (NO_STEP: tokens without one);
+    tokens marked after the end of their sequence are left out unless ``keep_after_eos``."""
+    before_eos = None if keep_after_eos else \
+        ds.field("after_eos").is_null() | (ds.field("after_eos") == False)  # noqa: E712
     for step in steps:
         if step == NO_STEP:
-            yield step, store.read_tokens(run, columns=columns,
-                                          filter=ds.field("step").is_null())
+            where = ds.field("step").is_null()
+            yield step, store.read_tokens(run, columns=columns, filter=where if before_eos
+                                          is None else where & before_eos)
         else:
-            yield step, store.read_tokens(run, columns=columns, steps=[step])
+            yield step, store.read_tokens(run, columns=columns, steps=[step],
+                                          filter=before_eos)
 
 
 def forking_overlap(store: Store | str, run_a: str, run_b: str, ratio: float = 0.2,
@@ -890,7 +910,8 @@ def forking_overlap(store: Store | str, run_a: str, run_b: str, ratio: float = 0
     by_step = []
     # a run may be compared with itself: one reader per side, not one per name
     readers = [_step_tables(store, run, sorted(set(_KEY_COLUMNS) | {"token_id"}
-                                                | set(columns_for(chosen[run][0]))), common)
+                                                | set(columns_for(chosen[run][0]))), common,
+                            keep_after_eos=bool(engine_options.get("keep_after_eos")))
                for run in (run_a, run_b)]
     for (step, table_a), (_, table_b) in zip(*readers):
         frame_a = _flag_frame(table_a, scoped[run_a])

@@ -45,15 +45,11 @@ import pyarrow.compute as pc
 from ..aliases import canonical_metric
 from ..engine import Aggregator, Plan, run_plan
 from ..estimators import best_entropy_source
+from ..schema import EOS_TOKENS, eos_mask
 from ..store import Store
 from .distribution import NO_STEP, step_array
 from .sequences import inside_runs, run_keys, run_lengths, sequence_starts, step_groups
 
-#: Texts of end-of-sequence tokens across tokenizers (ChatML, Llama 2/3, GPT-2, Gemma, Phi,
-#: DeepSeek, gpt-oss, Mistral).
-EOS_TOKENS = ("<|im_end|>", "</s>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>",
-              "<eos>", "<end_of_turn>", "<|end|>", "<|eom_id|>", "<|return|>",
-              "<｜end▁of▁sentence｜>", "<|end▁of▁sentence|>", "[EOS]", "<|EOT|>")
 #: Entropies this far outside [0, log V] count as out of range (float32 rounding is smaller).
 ENTROPY_TOLERANCE = 1e-4
 #: Logprobs above this count as positive.
@@ -131,6 +127,7 @@ class QualityScan(Aggregator):
     """
 
     columns = _SCAN_COLUMNS
+    after_eos = True   # the checks count the tokens after EOS that analyses leave out
 
     def __init__(self, vocab_size: int | None = None):
         self.vocab_size = vocab_size
@@ -142,12 +139,7 @@ class QualityScan(Aggregator):
         steps = step_array(batch.column("step"))
         positions = batch.column("position").to_numpy(zero_copy_only=False).astype(np.int64)
         token = batch.column("token")
-        # judge each distinct text once (a batch repeats a few thousand texts)
-        encoded = pc.dictionary_encode(token)
-        eos_text = pc.fill_null(pc.is_in(pc.utf8_trim_whitespace(encoded.dictionary),
-                                         value_set=pa.array(EOS_TOKENS)), False)
-        is_eos = pc.fill_null(pc.take(eos_text, encoded.indices), False) \
-            .to_numpy(zero_copy_only=False)
+        is_eos = eos_mask(token)
         if is_eos.any():
             names = pd.Series(token.filter(pa.array(is_eos)).to_pylist()).value_counts()
             for name, count in names.items():
@@ -277,6 +269,7 @@ class AfterEos(Aggregator):
     """
 
     columns = ("step", "sample_id", "position", "token")
+    after_eos = True
 
     def __init__(self, first_eos: pd.DataFrame):
         self.index = pd.MultiIndex.from_frame(first_eos[_SEQ_KEYS])
@@ -329,9 +322,9 @@ def _token_checks(store: Store, run: str, manifest: dict, scan: _ScanState) -> P
         rows.append(_row(run, "tokens_after_eos", after["tokens"],
                          f"{after['tokens']} tokens in {len(suspects)} of "
                          f"{scan.completions} sequences come after an end-of-sequence token "
-                         f"({eos}); most common: {common}. They count in every statistic "
-                         "here; if the trainer's loss mask also kept them, the policy was "
-                         "trained on padding"))
+                         f"({eos}); most common: {common}. Token analyses leave them out "
+                         "unless asked to keep them (--keep-after-eos); if the trainer's "
+                         "loss mask also kept them, the policy was trained on padding"))
     if scan.duplicate_tokens:
         rows.append(_row(run, "duplicate_positions", scan.duplicate_tokens,
                          f"{scan.duplicate_tokens} tokens repeat a position already logged "

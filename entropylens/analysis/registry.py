@@ -57,6 +57,9 @@ NEEDS = {
 #: Keyword options of the engine rather than of an analysis (see
 #: :func:`entropylens.engine.run_aggregators`); results never depend on them.
 ENGINE_OPTIONS = ("batch_size", "unit_rows", "ray_address", "workers")
+#: Keyword options that select the tokens every scan sees, also handled by the engine:
+#: ``keep_after_eos`` keeps the tokens after the end of their sequence.
+SCAN_OPTIONS = ("keep_after_eos",)
 
 _REGISTRY: dict[str, "Analysis"] = {}
 _LOADED = False
@@ -341,7 +344,8 @@ def run_analysis(analysis: Analysis | str, store: Store | str,
         CPUs up to 4; 1: none).
     **options
         The analysis' own options (passed to ``plan`` and ``combine``); the engine's
-        (:data:`ENGINE_OPTIONS`: ``batch_size``, ``unit_rows``) go to the engine.
+        (:data:`ENGINE_OPTIONS`: ``batch_size``, ``unit_rows``) and the token selection
+        (:data:`SCAN_OPTIONS`: ``keep_after_eos``) go to the engine.
 
     Returns
     -------
@@ -350,7 +354,8 @@ def run_analysis(analysis: Analysis | str, store: Store | str,
     analysis = get(analysis) if isinstance(analysis, str) else analysis
     store = store if isinstance(store, Store) else Store.open(store)
     names = store.resolve_runs(runs)
-    engine_options = {k: options.pop(k) for k in ENGINE_OPTIONS if k in options}
+    engine_options = {k: options.pop(k) for k in (*ENGINE_OPTIONS, *SCAN_OPTIONS)
+                      if k in options}
     if workers is not None:
         engine_options["workers"] = workers
     parts, skipped = [], []

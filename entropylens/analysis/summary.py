@@ -8,13 +8,14 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from ..engine import Plan, run_plan
+from ..engine import Plan, run_plan, scan_selection
 from ..estimators import best_entropy_source
 from ..store import Store
 from .distribution import step_stats
 from .quality import QUALITY_COLUMNS, QualityScan, quality_plan
 
-RUN_COLUMNS = ["run", "tokens", "sequences", "steps", "entropy_source"]
+RUN_COLUMNS = ["run", "tokens", "sequences", "steps", "entropy_source", "tokens_after_eos",
+               "after_eos"]
 STEP_COLUMNS = ["run", "step", "tokens", "entropy_token_mean", "entropy_seq_mean", "p50", "p80",
                 "frac_below_0_01"]
 
@@ -26,7 +27,10 @@ class Summary:
     Attributes
     ----------
     runs : pandas.DataFrame
-        One row per run: ``run, tokens, sequences, steps, entropy_source``.
+        One row per run: ``run, tokens, sequences, steps, entropy_source,
+        tokens_after_eos, after_eos``: the tokens after the end of their sequence (padding
+        never sampled) and whether the statistics left them out (``"excluded"``, the
+        default) or kept them (``"kept"``, ``keep_after_eos=True``).
     steps : pandas.DataFrame
         One row per run and step: ``run, step, tokens, entropy_token_mean, entropy_seq_mean,
         p50, p80, frac_below_0_01``.
@@ -84,9 +88,13 @@ def summary_plan(store: Store, run: str) -> Plan:
         steps = _metric_steps(store, run)
         source = "metric" if len(steps) else None
     checks = yield from quality_plan(store, run, manifest, scan)
+    after = checks[checks["check"] == "tokens_after_eos"]["count"] if len(checks) else ()
     row = {"run": run, "tokens": counts.get("tokens", 0),
            "sequences": counts.get("sequences", 0), "steps": int(steps["step"].nunique()),
-           "entropy_source": source}
+           "entropy_source": source,
+           # counted by the quality checks from the data, so older stores have it too
+           "tokens_after_eos": int(sum(after)) if counts.get("tokens") else 0,
+           "after_eos": "kept" if scan_selection()["keep_after_eos"] else "excluded"}
     return steps, row, checks
 
 

@@ -202,6 +202,14 @@ def trainer_steps(frame: pd.DataFrame) -> tuple[pd.Series, str, int]:
         steps = steps.fillna(numeric[key])
     known = steps.notna()
     filled = steps.ffill()
+    if "_step" in frame.columns and filled.isna().any():
+        # rows before the first trainer step (verl's validation before training, logged with
+        # wandb.log(step=0)) take W&B's _step where it equals the trainer step on every row
+        # that has both: the trainer passed its own step to wandb.log
+        wandb_step = exact_steps(frame["_step"])
+        both = known & wandb_step.notna()
+        if both.any() and (wandb_step[both] == steps[both]).all():
+            filled = filled.fillna(wandb_step)
     return filled, "+".join(present), int((~known & filled.notna()).sum())
 
 

@@ -13,6 +13,7 @@ import math
 import re
 import sys
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from ..schema import SENTINEL_LOGPROB
 from ..store import RunWriter, Store, commit_runs, validate_run_name
 from . import registry
 from ._io import ProgressReader, open_binary, sha256_file
+from .step_basis import STEP_BASES, source_step_basis
 
 ON_ERROR = ("stop", "skip")
 #: The largest float32: logprobs and entropies are stored as float32.
@@ -341,7 +343,7 @@ def ingest(sources: str | Path | Sequence[str | Path], out: str | Path | Store, 
            vocab_size: int | None = None, logprob_basis: str | None = None,
            on_error: str = "stop", replace: bool = False,
            aliases: Mapping[str, str] | None = None, progress: bool | None = None,
-           on_duplicate: str = "error") -> list[str]:
+           on_duplicate: str = "error", step_basis: str | None = None) -> list[str]:
     """Read log files into a store.
 
     Parameters
@@ -375,6 +377,9 @@ def ingest(sources: str | Path | Sequence[str | Path], out: str | Path | Store, 
         Token rows repeating a (step, sample_id, position) anywhere in one run (two runs
         given as one, a record logged twice) are an error, or keep the row ingested first
         or last; the manifest counts the rows dropped (``counts.duplicates_dropped``).
+    step_basis : {"policy_version", "logged_step", "unknown"}, optional
+        What the sources' steps count (see :mod:`entropylens.ingest.step_basis`); overrides
+        what the formats imply. Recorded per source in the manifest.
 
     Returns
     -------
@@ -396,6 +401,8 @@ def ingest(sources: str | Path | Sequence[str | Path], out: str | Path | Store, 
         raise EntropylensError(f"--on-duplicate must be one of {', '.join(ON_DUPLICATE)}")
     if logprob_basis is not None and logprob_basis not in LOGPROB_BASES:
         raise EntropylensError(f"logprob basis must be one of {', '.join(LOGPROB_BASES)}")
+    if step_basis is not None and step_basis not in STEP_BASES:
+        raise EntropylensError(f"step basis must be one of {', '.join(STEP_BASES)}")
     if temperature is not None and not (math.isfinite(temperature) and temperature > 0):
         raise EntropylensError(f"temperature must be positive, got {temperature}")
     if vocab_size is not None and vocab_size <= 1:
@@ -434,6 +441,8 @@ def ingest(sources: str | Path | Sequence[str | Path], out: str | Path | Store, 
             used: set[str] = set()
             # a subfolder of a folder of runs is a run of its own: <run>-<folder> or <folder>
             default = base if run_folder is None else _run_folder_name(run_folder, run)
+            stepped: dict[str, set[str]] = {}   # run -> tables that got rows with a step
+            first_train: dict[str, float] = {}  # run -> first step of a training row
             for chunk in _read_chunks(fmt, path, ctx):
                 chunk = registry.Chunk(*chunk) if not isinstance(chunk, registry.Chunk) else chunk
                 data = chunk.data
@@ -445,6 +454,11 @@ def ingest(sources: str | Path | Sequence[str | Path], out: str | Path | Store, 
                     used.add(writer.name)
                     if source_run is not None:  # the run's name in the file, unsanitised
                         writer.manifest.setdefault("source_run", source_run)
+                    if "step" in rows.column_names and rows.num_rows \
+                            and rows.column("step").null_count < rows.num_rows:
+                        stepped.setdefault(writer.name, set()).add(chunk.kind)
+                        first_train[writer.name] = min(first_train.get(writer.name, math.inf),
+                                                       _first_train_step(rows))
                     if chunk.kind == "tokens":
                         rows, sentinels = _clean_tokens(rows)
                         counts = writer.manifest["counts"]
@@ -461,13 +475,15 @@ def ingest(sources: str | Path | Sequence[str | Path], out: str | Path | Store, 
             if not used:
                 used.add(writer_for(None, default).name)
             for name in used:
-                _stamp(writers[name], path, fmt, ctx)
+                _stamp(writers[name], path, fmt, ctx, stepped.get(name, set()), step_basis,
+                       first_train.get(name))
         if not writers:
             raise FormatError("no data found", path=resolved[0][0])
         for writer in writers.values():
             _require_known_metrics(writer, options)
             _resolve_duplicates(writer, on_duplicate)
             _finish_provenance(writer, options, temperature, vocab_size, logprob_basis)
+            _summarise_step_basis(writer)
             if not any(writer.counts[k] for k in ("tokens", "sequences", "metrics")):
                 files = [s["path"] for s in writer.manifest["sources"]]
                 raise FormatError("no tokens, sequences or metrics found"
@@ -517,12 +533,31 @@ def _read_chunks(fmt: registry.Format, path: Path, ctx: IngestContext) -> Iterat
                           + (f": {detail}" if detail else ""), path=path) from None
 
 
-def _stamp(writer: RunWriter, path: Path, fmt: registry.Format, ctx: IngestContext) -> None:
+def _first_train_step(rows: pa.Table) -> float:
+    """The smallest step of the rows not in the val split (inf when none has a step, or
+    when the steps are not numbers yet: conforming the rows names the bad one)."""
+    step = rows.column("step")
+    if not (pa.types.is_integer(step.type) or pa.types.is_floating(step.type)):
+        return math.inf
+    if "split" in rows.column_names:
+        step = step.filter(pc.fill_null(pc.not_equal(rows.column("split"), "val"), True))
+    low = pc.min(step).as_py() if len(step) else None
+    return math.inf if low is None or not math.isfinite(low) else float(low)
+
+
+def _stamp(writer: RunWriter, path: Path, fmt: registry.Format, ctx: IngestContext,
+           stepped: set[str], step_basis: str | None, first_train: float | None) -> None:
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     reason = ctx.notes.get("format_reason")
+    # the basis matters only for tables whose rows carry a training step
+    basis = source_step_basis(fmt.name, ctx.notes, step_basis,
+                              first_train_step=first_train) if stepped else None
+    extra = {"step_basis": basis, "stepped_tables": sorted(stepped)} if basis else {}
+    if reason:
+        extra["reason"] = reason
     for file in files:
         writer.add_source(file.resolve(), format=fmt.name, size=file.stat().st_size,
-                          sha256=sha256_file(file), **({"reason": reason} if reason else {}))
+                          sha256=sha256_file(file), **extra)
     for example in ctx.rejected:
         writer.reject(path=example["file"], line=example["line"], message=example["message"])
     # the manifest counts every rejected record, not only the kept examples
@@ -696,3 +731,33 @@ def ingest_report(store: Store, run: str) -> list[str]:
 def _listed(items: list[str], limit: int = 12) -> str:
     return ", ".join(items[:limit]) + (f" and {len(items) - limit} more"
                                        if len(items) > limit else "")
+def _summarise_step_basis(writer: RunWriter) -> None:
+    """Record the run's step basis per table (``manifest["step_basis"]``) and warn when it
+    is unknown or mixed, so that no analysis pairs steps on a silent guess."""
+    by_table: dict[str, set[str]] = {}
+    for source in writer.manifest["sources"]:
+        for table in source.get("stepped_tables", ()):
+            by_table.setdefault(table, set()).add(source["step_basis"])
+    summary = {table: (bases.pop() if len(bases) == 1 else "mixed")
+               for table, bases in sorted(by_table.items())}
+    if not summary:
+        return
+    writer.manifest["step_basis"] = summary
+    unclear = sorted(table for table, basis in summary.items() if basis in ("unknown", "mixed"))
+    if unclear:
+        message = (f"run {writer.name!r}: the step basis of its {' and '.join(unclear)} is "
+                   f"{' / '.join(sorted({summary[t] for t in unclear}))}: steps are paired as "
+                   "logged (say --step-basis policy_version or logged_step at ingest)")
+        writer.manifest.setdefault("warnings", []).append(message)
+        warnings.warn(message, StepBasisWarning, stacklevel=3)
+
+
+class StepBasisWarning(UserWarning):
+    """A run's steps could not be placed on a known basis (see
+    :mod:`entropylens.ingest.step_basis`)."""
+
+
+def _cleanup(store: Store, created: bool) -> None:
+    """Remove a store folder this call created when it ends up holding nothing."""
+    if created and not store.runs():
+        shutil.rmtree(store.path, ignore_errors=True)

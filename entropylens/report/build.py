@@ -208,7 +208,8 @@ def _unavailable(model: dict) -> list[dict]:
 
 
 def build_report(store: Store | str, out: str | Path, runs: str | Sequence[str] | None = None,
-                 *, engine: str = "local", title: str = "entropylens report") -> Report:
+                 *, engine: str = "local", title: str = "entropylens report",
+                 keep_after_eos: bool = False) -> Report:
     """Write the diagnostic report of ``runs`` of ``store`` into the folder ``out``.
 
     Parameters
@@ -220,6 +221,9 @@ def build_report(store: Store | str, out: str | Path, runs: str | Sequence[str] 
         Default: every run.
     engine : {"local", "ray"}
     title : str
+    keep_after_eos : bool
+        Keep the tokens after the end of their sequence in the token analyses (left out by
+        default; their count is reported either way).
 
     Returns
     -------
@@ -230,7 +234,7 @@ def build_report(store: Store | str, out: str | Path, runs: str | Sequence[str] 
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise EntropylensError("report output exists and is not a folder", path=out)
-    results = collect(store, names, engine=engine)
+    results = collect(store, names, engine=engine, keep_after_eos=keep_after_eos)
 
     figures: list[FigureFile] = []
     run_models = []

@@ -178,7 +178,7 @@ def _outcome(value: Any, assemble: Callable | None = None) -> Part:
 
 
 def _run_plans(store: Store, run: str, manifest: dict, source: str | None,
-               engine: str) -> dict[str, Any]:
+               engine: str, keep_after_eos: bool = False) -> dict[str, Any]:
     """Every token analysis of one run as plans over shared scans (one read per round)."""
     plans = {"summary": summary_plan(store, run),
              "curve": policy_entropy_plan(store, run, engine=engine)}
@@ -187,10 +187,11 @@ def _run_plans(store: Store, run: str, manifest: dict, source: str | None,
         plans["forking"] = forking_plan(store, run, source, manifest)
         plans["roles"] = roles_plan(store, run)
         plans["covariance"] = covariance_plan(store, run, engine=engine)
-    return run_plans(store, run, plans, engine=engine)
+    return run_plans(store, run, plans, engine=engine, keep_after_eos=keep_after_eos)
 
 
-def collect(store: Store, runs: list[str], *, engine: str = "local") -> Results:
+def collect(store: Store, runs: list[str], *, engine: str = "local",
+            keep_after_eos: bool = False) -> Results:
     """Run the report's analyses on ``runs`` of ``store``.
 
     The token analyses of a run (summary and data quality, policy-entropy curve,
@@ -205,22 +206,24 @@ def collect(store: Store, runs: list[str], *, engine: str = "local") -> Results:
     runs : list of str
         Run names (already resolved).
     engine : {"local", "ray"}
+    keep_after_eos : bool
+        Keep the tokens after the end of their sequence (left out by default).
 
     Returns
     -------
     Results
     """
     with session():   # engine workers, if any, serve every run
-        return _collect(store, runs, engine)
+        return _collect(store, runs, engine, keep_after_eos)
 
 
-def _collect(store: Store, runs: list[str], engine: str) -> Results:
+def _collect(store: Store, runs: list[str], engine: str, keep_after_eos: bool = False) -> Results:
     summary_parts, entries = [], []
     for run in runs:
         manifest = store.manifest(run)
         source = best_entropy_source(manifest) if manifest.get("counts", {}).get("tokens") \
             else None
-        outcomes = _run_plans(store, run, manifest, source, engine)
+        outcomes = _run_plans(store, run, manifest, source, engine, keep_after_eos)
         if isinstance(outcomes["summary"], Failed):
             raise outcomes["summary"].error   # the store itself cannot be read
         summary_parts.append(outcomes["summary"])
@@ -233,8 +236,10 @@ def _collect(store: Store, runs: list[str], engine: str) -> Results:
         parts["curve"] = _non_empty(_outcome(outcomes["curve"]), None,
                                     "no policy entropy points")
         parts["performance"] = attempt("performance", store, run)
-        parts["phases"] = _first_run(attempt("phases", store, run, engine=engine), run)
-        parts["fit"] = _usable_fit(attempt("fit_saturation", store, run, engine=engine))
+        parts["phases"] = _first_run(attempt("phases", store, run, engine=engine,
+                                             keep_after_eos=keep_after_eos), run)
+        parts["fit"] = _usable_fit(attempt("fit_saturation", store, run, engine=engine,
+                                           keep_after_eos=keep_after_eos))
         if source is None:
             reason = "the run has no tokens (only step metrics)"
             for name in ("distribution", "forking", "roles", "covariance"):
@@ -255,7 +260,8 @@ def _collect(store: Store, runs: list[str], engine: str) -> Results:
     # the summary plans ran every data-quality check on their own scans
     results.parts["quality"] = Part(value=summary.quality)
     if len(runs) > 1:
-        results.parts["compare"] = attempt("compare", store, runs, engine=engine)
+        results.parts["compare"] = attempt("compare", store, runs, engine=engine,
+                                           keep_after_eos=keep_after_eos)
     else:
         results.parts["compare"] = Part(reason="the report holds a single run")
     return results
