@@ -40,7 +40,16 @@ from ..workers import session
 #: Modules that register analyses, imported on first use of the registry (so that importing
 #: the package stays cheap and a broken optional analysis cannot break the others).
 MODULES: list[str] = [
+    "entropylens.analysis.curves",
+    "entropylens.analysis.summary",
+    "entropylens.analysis.quality",
+    "entropylens.analysis.phases",
+    "entropylens.analysis.distribution",
+    "entropylens.analysis.saturation",
+    "entropylens.analysis.forking",
+    "entropylens.analysis.roles",
     "entropylens.analysis.covariance",
+    "entropylens.analysis.compare",
 ]
 
 #: What a run can hold, as counted in its manifest (``counts``), and how to say it is missing.
@@ -69,10 +78,14 @@ class Outcome:
         The combined result of that run alone (None when missing).
     reason : str or None
         Why the result is missing, in plain words; None when it is there.
+    error : Exception or None
+        The error behind ``reason`` (an analysis that requires this one re-raises it, so the
+        caller sees the original message and path).
     """
 
     value: Any = None
     reason: str | None = None
+    error: BaseException | None = field(default=None, repr=False, compare=False)
 
     @property
     def ok(self) -> bool:
@@ -182,6 +195,12 @@ class Analysis:
     def findings(self, result: Any, run: str) -> list[Finding]:
         """Sentences for the report's list of findings about ``run``."""
         return []
+
+    def placeholder(self, run: str, reason: str) -> Any:
+        """The part standing for a run left out of a several-run result (None: the run is
+        only listed in ``skipped``). Analyses whose results keep one entry per run asked for
+        (phases, the saturation fits) return an entry that carries ``reason``."""
+        return None
 
     def missing(self, manifest: Mapping) -> str | None:
         """Why a run with this manifest cannot have the analysis, from :attr:`needs`."""
@@ -312,11 +331,11 @@ def run_parts(store: Store, run: str, analyses: Sequence[Analysis | str], *,
 def outcome(analysis: Analysis, part: Any, **options) -> Outcome:
     """One run's part as an :class:`Outcome` (its combined result, or the reason)."""
     if isinstance(part, Failed):
-        return Outcome(reason=_reason(part.error))
+        return Outcome(reason=_reason(part.error), error=part.error)
     try:
         return Outcome(value=analysis.combine([part], **options))
     except Exception as exc:  # noqa: BLE001 - one analysis must not sink the others
-        return Outcome(reason=_reason(exc))
+        return Outcome(reason=_reason(exc), error=exc)
 
 
 def run_analysis(analysis: Analysis | str, store: Store | str,
@@ -359,9 +378,11 @@ def run_analysis(analysis: Analysis | str, store: Store | str,
                 if len(names) == 1 or not isinstance(part.error, EntropylensError):
                     raise part.error
                 skipped.append(f"{run}: {part.error.message}")
-                continue
+                part = analysis.placeholder(run, part.error.message)
+                if part is None:
+                    continue
             parts.append(part)
-    if not parts:
+    if len(skipped) == len(names):
         raise EntropylensError(f"no run can have the {analysis.name} analysis: "
                                + "; ".join(skipped), path=store.path)
     return analysis.combine(parts, skipped=skipped, **options)
@@ -376,3 +397,15 @@ class RunOutcomes:
 
     def __getitem__(self, name: str) -> Outcome:
         return self.outcomes.get(name, Outcome(reason="not computed"))
+
+
+def required(inputs: Mapping[str, Outcome], name: str) -> Any:
+    """The value of the required analysis ``name`` for this run, or its error raised again
+    (so a run without, say, a policy-entropy curve fails every analysis built on it with the
+    curve's own message)."""
+    found = inputs[name]
+    if found.ok:
+        return found.value
+    if isinstance(found.error, EntropylensError):
+        raise found.error
+    raise EntropylensError(found.reason)

@@ -8,11 +8,12 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from ..engine import Plan, run_plan
+from ..engine import Plan
 from ..estimators import best_entropy_source
 from ..store import Store
 from .distribution import step_stats
 from .quality import QUALITY_COLUMNS, QualityScan, quality_plan
+from .registry import Analysis, register, run_analysis
 
 RUN_COLUMNS = ["run", "tokens", "sequences", "steps", "entropy_source"]
 STEP_COLUMNS = ["run", "step", "tokens", "entropy_token_mean", "entropy_seq_mean", "p50", "p80",
@@ -35,6 +36,8 @@ class Summary:
     quality : pandas.DataFrame
         Every data-quality finding (:func:`entropylens.analysis.quality.quality`):
         ``run, check, severity, count, message``.
+    skipped : list of str
+        Runs that could not be read, with the reason (several runs asked for).
     """
 
     runs: pd.DataFrame
@@ -42,6 +45,7 @@ class Summary:
     warnings: list[str] = field(default_factory=list)
     quality: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(
         columns=QUALITY_COLUMNS))
+    skipped: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         """The JSON shape of ``entropylens summary --json`` (DESIGN.md section 6)."""
@@ -91,12 +95,13 @@ def summary_plan(store: Store, run: str) -> Plan:
 
 
 def summary(store: Store | str, runs: str | Sequence[str] | None = None, *,
-            engine: str = "local", **engine_options) -> Summary:
+            engine: str = "local", workers: int | None = None, **engine_options) -> Summary:
     """Summarise runs: contents and per-step entropy statistics.
 
     Per-step statistics come from the best entropy source of each run's tokens (exact, then
     top-k, then surprisal); a run with only step metrics reports its ``policy_entropy``
-    metric as ``entropy_token_mean`` and ``metric`` as its source.
+    metric as ``entropy_token_mean`` and ``metric`` as its source. The data-quality checks
+    (:func:`entropylens.analysis.quality.quality`) ride on the same scan.
 
     Parameters
     ----------
@@ -104,18 +109,34 @@ def summary(store: Store | str, runs: str | Sequence[str] | None = None, *,
     runs : str or sequence of str, optional
         Default: every run.
     engine : {"local", "ray"}
+    workers : int, optional
+        Worker processes of the local engine (1: none).
 
     Returns
     -------
     Summary
     """
-    store = store if isinstance(store, Store) else Store.open(store)
-    return summary_from_parts([run_plan(store, run, summary_plan(store, run), engine=engine,
-                                        **engine_options)
-                               for run in store.resolve_runs(runs)])
+    return run_analysis("summary", store, runs, engine=engine, workers=workers,
+                        **engine_options)
 
 
-def summary_from_parts(parts: list[tuple]) -> Summary:
+class SummaryAnalysis(Analysis):
+    """Registered form of :func:`summary`. The report shows it as its overview table (and
+    its data-quality rows as the data-quality section), not as a per-run section."""
+
+    name = "summary"
+    title = "Runs"
+    in_report = False
+    order = 0
+
+    def plan(self, store: Store, run: str, inputs) -> Plan:
+        return summary_plan(store, run)
+
+    def combine(self, parts, *, skipped=(), **options) -> Summary:
+        return summary_from_parts(list(parts), skipped=skipped)
+
+
+def summary_from_parts(parts: list[tuple], *, skipped: Sequence[str] = ()) -> Summary:
     """The :class:`Summary` of runs from the results of their :func:`summary_plan`."""
     step_frames = [steps for steps, _, _ in parts]
     run_rows = [row for _, row, _ in parts]
@@ -127,4 +148,7 @@ def summary_from_parts(parts: list[tuple]) -> Summary:
     warnings = [f"{row.run}: {row.message}" for row in quality.itertuples()
                 if row.severity == "warning"]
     return Summary(runs=pd.DataFrame(run_rows, columns=RUN_COLUMNS), steps=steps,
-                   warnings=warnings, quality=quality)
+                   warnings=warnings, quality=quality, skipped=list(skipped))
+
+
+register(SummaryAnalysis())
