@@ -313,7 +313,7 @@ def run_parts(store: Store, run: str, analyses: Sequence[Analysis | str], *,
         for analysis in ready:
             reason = analysis.missing(manifest)
             if reason is not None:
-                done[analysis.name] = Failed(EntropylensError(reason))
+                done[analysis.name] = Failed(EntropylensError(reason, path=store.run_dir(run)))
                 continue
             inputs = {name: outcomes[name] for name in analysis.requires}
             try:
