@@ -399,7 +399,8 @@ def forks(
                                     engine=_engine(engine, ray_address, workers))
         pair = api.forking_overlap(store, overlap[0], overlap[1], ratio=ratio,
                                    scope=scope.value, batch_size=batch_size,
-                                   engine=_engine(engine, ray_address, workers)) if overlap else None
+                                   engine=_engine(engine, ray_address, workers)).to_dict() \
+            if overlap else None
     if as_json:
         out = result.to_dict()
         if pair is not None:

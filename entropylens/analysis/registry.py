@@ -29,6 +29,7 @@ in :data:`MODULES`, and (for the report) its two template blocks.
 from __future__ import annotations
 
 import importlib
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
 
@@ -357,7 +358,8 @@ def run_analysis(analysis: Analysis | str, store: Store | str,
         CPUs up to 4; 1: none).
     **options
         The analysis' own options (passed to ``plan`` and ``combine``); the engine's
-        (:data:`ENGINE_OPTIONS`: ``batch_size``, ``unit_rows``) go to the engine.
+        (:data:`ENGINE_OPTIONS`: ``batch_size``, ``unit_rows``) go to the engine unless
+        the analysis' ``plan`` takes an option of that name.
 
     Returns
     -------
@@ -366,7 +368,10 @@ def run_analysis(analysis: Analysis | str, store: Store | str,
     analysis = get(analysis) if isinstance(analysis, str) else analysis
     store = store if isinstance(store, Store) else Store.open(store)
     names = store.resolve_runs(runs)
-    engine_options = {k: options.pop(k) for k in ENGINE_OPTIONS if k in options}
+    # an analysis' own option of the same name as an engine option (forking's batch_size:
+    # tokens per batch) stays the analysis'
+    own = inspect.signature(analysis.plan).parameters
+    engine_options = {k: options.pop(k) for k in ENGINE_OPTIONS if k in options and k not in own}
     if workers is not None:
         engine_options["workers"] = workers
     parts, skipped = [], []
