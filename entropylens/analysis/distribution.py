@@ -549,7 +549,8 @@ class DistributionAnalysis(Analysis):
 
         if result.steps[result.steps["run"] == run].empty:
             raise EntropylensError("no token entropies")
-        return {"global_quantiles": _records(
+        return {"steps": _records(result.steps[result.steps["run"] == run]),
+                "global_quantiles": _records(
             result.global_quantiles[result.global_quantiles["run"] == run])}
 
 
