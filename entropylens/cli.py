@@ -267,10 +267,9 @@ def fit(
     """Fit the saturation law R = -a*exp(H) + b and its ceiling b - a."""
     with _user_errors():
         result = api.fit_saturation(store, run or None, reward=reward, engine=_engine(engine, ray_address, workers))
-    fits = result if isinstance(result, list) else [result]
+    fits = getattr(result, "fits", [result])
     if as_json:
-        _emit_json(result.to_dict() if not isinstance(result, list)
-                   else {"fits": [f.to_dict() for f in fits]})
+        _emit_json(result.to_dict())
         return
     for item in fits:
         if item.error:
