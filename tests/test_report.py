@@ -25,8 +25,9 @@ SCRIPT = "<script>alert(1)</script>"
 MD_SPECIALS = "**bold** _it_ [link](http://example.com/x) | # `code` ![img](y.png) & <b>b</b>"
 TOP_KEYS = {"title", "store", "generated", "entropylens_version", "runs", "verdicts",
             "overview", "summary_steps", "warnings", "compare", "quality", "token_scale",
-            "figures", "unavailable", "definitions"}
-RUN_SECTIONS = ("entropy", "distribution", "fit", "forking", "roles", "covariance", "examples")
+            "figures", "unavailable", "definitions", "sections"}
+#: The registered analyses the report shows per run (report.json: run["sections"][name]).
+RUN_SECTIONS = ("phases", "distribution", "saturation", "forking", "roles", "covariance")
 
 
 def tricky_store(path: Path) -> Store:
@@ -102,9 +103,13 @@ def test_files_json_keys_and_figures(sample_report):
     model = json.loads((out / "report.json").read_text())
     assert set(model) == TOP_KEYS
     assert [r["run"] for r in model["runs"]] == ["top20", "vanilla"]
+    assert [s["name"] for s in model["sections"]] == list(RUN_SECTIONS)
     for run in model["runs"]:
-        for section in RUN_SECTIONS:
-            assert run[section]["available"], (run["run"], section, run[section]["reason"])
+        assert list(run["sections"]) == list(RUN_SECTIONS)
+        for name, section in run["sections"].items():
+            assert section["available"], (run["run"], name, section["reason"])
+            assert section["name"] == name and section["title"]
+        assert run["examples"]["available"]
     assert model["unavailable"] == []
     assert [run["examples"]["note"] for run in model["runs"]] == [None, None]
     assert model["compare"]["available"] and model["quality"]["available"]
@@ -142,7 +147,7 @@ def test_verdicts_match_independent_numbers(sample_report, sample_store):
     share = (curve.iloc[0] - curve.loc[phases.arrival_step]) / (curve.iloc[0] - floor)
     assert numbers["drop_share_by_arrival"] == pytest.approx(share, rel=1e-9)
     assert f"{share:.0%} of the drop happened by step {phases.arrival_step}" in collapsed["text"]
-    assert collapsed["anchor"] == "fig-entropy-r1-vanilla"
+    assert collapsed["anchor"] == "sec-phases-r1-vanilla"
     assert not verdicts[("top20", "entropy")]["text"].startswith("entropy collapsed")
     # the fitted ceiling the verdict states is the fit's b - a
     fit = el.fit_saturation(sample_store, "vanilla")
@@ -256,7 +261,7 @@ def test_a_run_with_tokens_but_no_completions_shows_its_first_and_last_step(tmp_
     html = report.html.read_text()
     assert "<b>" not in html and "&lt;" in html
     # no reward or accuracy metric: no fit, said so
-    assert not report.model["runs"][0]["fit"]["available"]
+    assert not report.model["runs"][0]["sections"]["saturation"]["available"]
 
 
 def test_completions_that_match_no_tokens_are_shown_as_text_with_a_note(tmp_path):
@@ -288,11 +293,13 @@ def test_metric_only_run_degrades_section_by_section(tmp_path, shared_run):
     el.ingest(shared_run / "vanilla" / "metrics.csv", tmp_path / "s", run="m")
     report = build_report(tmp_path / "s", tmp_path / "out")
     run = report.model["runs"][0]
-    assert run["entropy"]["available"] and run["fit"]["available"]
-    assert {row["source"] for row in run["entropy"]["curve"]} == {"metric"}
-    for section in ("distribution", "forking", "roles", "covariance"):
-        assert run[section] == {"available": False, "figure": None,
-                                "reason": "the run has no tokens (only step metrics)"}
+    sections = run["sections"]
+    assert sections["phases"]["available"] and sections["saturation"]["available"]
+    assert {row["source"] for row in sections["phases"]["curve"]} == {"metric"}
+    for name in ("distribution", "forking", "roles", "covariance"):
+        assert sections[name] == {"name": name, "title": sections[name]["title"],
+                                  "available": False, "figures": [],
+                                  "reason": "the run has no tokens (only step metrics)"}
     assert not run["examples"]["available"]
     assert sorted(p.name for p in (tmp_path / "out" / "figures").glob("*.png")) == \
         ["entropy-r0-m.png", "fit-r0-m.png"]
