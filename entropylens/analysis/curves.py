@@ -274,8 +274,10 @@ def is_number(value: Any) -> bool:
 
 def _curve_records(frames: Sequence[pd.DataFrame], runs: Sequence[str]) -> pd.DataFrame:
     """Per-run curves as one long table with a leading ``run`` column."""
-    return pd.concat([frame.assign(run=run)[["run", *frame.columns]]
+    long = pd.concat([frame.assign(run=run)[["run", *frame.columns]]
                       for run, frame in zip(runs, frames)], ignore_index=True)
+    long.attrs = {}   # what the parts carried in attrs is in the result's fields
+    return long
 
 
 @dataclass
@@ -299,7 +301,7 @@ class PolicyEntropy:
     def of(self, run: str) -> pd.DataFrame:
         """The curve of ``run`` as :func:`policy_entropy` returns it."""
         frame = self.curve[self.curve["run"] == run].drop(columns="run").reset_index(drop=True)
-        frame.attrs["raw_key"] = self.raw_key.get(run)
+        frame.attrs = {"raw_key": self.raw_key.get(run)}
         return frame
 
     def to_dict(self) -> dict:
@@ -316,7 +318,7 @@ class PolicyEntropyAnalysis(Analysis):
     name = "policy_entropy"
     title = "Policy entropy"
     in_report = False
-    order = 10
+    order = 5
 
     def plan(self, store: Store, run: str, inputs) -> Plan:
         frame = yield from policy_entropy_plan(store, run)
@@ -355,8 +357,8 @@ class Performance:
     def of(self, run: str) -> pd.DataFrame:
         """The curve of ``run`` as :func:`performance` returns it (``attrs`` included)."""
         frame = self.curve[self.curve["run"] == run].drop(columns="run").reset_index(drop=True)
-        frame.attrs.update({"metric": self.metric.get(run), "raw_key": self.raw_key.get(run),
-                            "scaled": self.scaled.get(run, False), "note": self.note.get(run)})
+        frame.attrs = {"metric": self.metric.get(run), "raw_key": self.raw_key.get(run),
+                       "scaled": self.scaled.get(run, False), "note": self.note.get(run)}
         return frame
 
     def to_dict(self) -> dict:
@@ -373,7 +375,7 @@ class PerformanceAnalysis(Analysis):
     name = "performance"
     title = "Performance"
     in_report = False
-    order = 11
+    order = 6
 
     def plan(self, store: Store, run: str, inputs, *, reward: str | None = None) -> Plan:
         frame = performance_curve(store, run, reward)
