@@ -218,9 +218,9 @@ class CovarianceAnalysis(Analysis):
                         f"mean Cov(log π, A) and the next step's entropy change correlate with "
                         f"Pearson r = {r:.2f} over {n} steps (theory: negative, entropy falls "
                         f"when confident tokens are reinforced)",
-                        numbers={"pearson_r": r, "n": n,
+                        numbers={"pearson_r": r,
                                  "spearman_r": None if spearman is None or pd.isna(spearman)
-                                 else float(spearman)})]
+                                 else float(spearman), "n": n})]
 
 
 register(CovarianceAnalysis())
