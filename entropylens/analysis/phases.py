@@ -60,7 +60,6 @@ import numpy as np
 import pandas as pd
 
 from ..engine import Plan
-from ..errors import EntropylensError
 from ..store import Store
 from .curves import open_store
 from .registry import Analysis, FigureSpec, Finding, register, required, run_analysis
