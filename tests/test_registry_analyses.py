@@ -68,7 +68,6 @@ def test_quality_is_a_dataclass_equal_to_the_summary_checks(sample_store):
     summary = el.summary(sample_store)
     assert quality.to_dict()["checks"] == summary.to_dict()["quality"]
     assert set(quality.warnings["severity"]) <= {"warning"}
-    assert quality.skipped == []
 
 
 def test_overlap_result_is_the_cli_json(sample_store):
@@ -201,3 +200,20 @@ def test_the_report_shows_a_registered_analysis_without_touching_build(tmp_path,
     markdown = report.markdown.read_text()
     assert "### Steps <counted>" not in markdown and "## Headline block" in markdown
     assert "(figures/stepcount-r1-r.png)" in markdown
+
+
+def test_analyses_that_describe_every_run_raise_for_one_that_fails(tmp_path):
+    store = Store.create(tmp_path / "s")
+    for name, token in (("ids-only", None), ("text", "x")):
+        with store.write_run(name) as writer:
+            table = {"step": [0, 0], "sample_id": ["a", "a"], "position": [0, 1],
+                     "token_id": [5, 6], "entropy": [0.5, 0.25]}
+            if token is not None:
+                table["token"] = [token, token]
+            writer.write_tokens(pa.table(table))
+    with pytest.raises(el.EntropylensError, match="no token text"):
+        el.roles(store)
+    # the token analyses still describe both runs
+    dist = el.distribution(store)
+    assert list(dist.runs["run"]) == ["ids-only", "text"] and dist.skipped == []
+    np.testing.assert_allclose(dist.runs["entropy_token_mean"], [0.375, 0.375])

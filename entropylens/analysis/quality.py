@@ -459,12 +459,9 @@ class Quality:
     checks : pandas.DataFrame
         ``run, check, severity, count, message``: one row per problem found (severity
         ``warning`` or ``info``); no row when a run is clean.
-    skipped : list of str
-        Runs that could not be read, with the reason (several runs asked for).
     """
 
     checks: pd.DataFrame
-    skipped: list[str] = field(default_factory=list)
 
     @property
     def warnings(self) -> pd.DataFrame:
@@ -472,19 +469,18 @@ class Quality:
         return self.checks[self.checks["severity"] == "warning"]
 
     def to_dict(self) -> dict:
-        """JSON-ready: ``{"checks": [...], "skipped": [...]}``."""
+        """JSON-ready: ``{"checks": [...]}``."""
         from .summary import _records
 
-        return {"checks": _records(self.checks), "skipped": list(self.skipped)}
+        return {"checks": _records(self.checks)}
 
 
-def quality_from_parts(parts: Sequence[pd.DataFrame], *,
-                       skipped: Sequence[str] = ()) -> Quality:
+def quality_from_parts(parts: Sequence[pd.DataFrame]) -> Quality:
     """The :class:`Quality` of runs from their check tables (in run order)."""
     frames = [frame for frame in parts if len(frame)]
     checks = pd.concat(frames, ignore_index=True) if frames else \
         pd.DataFrame(columns=QUALITY_COLUMNS)
-    return Quality(checks=checks, skipped=list(skipped))
+    return Quality(checks=checks)
 
 
 class QualityAnalysis(Analysis):
@@ -496,12 +492,13 @@ class QualityAnalysis(Analysis):
     title = "Data quality"
     in_report = False
     order = 1
+    skip_runs = False   # every run asked for, or its error
 
     def plan(self, store: Store, run: str, inputs) -> Plan:
         return _quality_run(store, run)
 
     def combine(self, parts, *, skipped=(), **options) -> Quality:
-        return quality_from_parts(parts, skipped=skipped)
+        return quality_from_parts(parts)
 
 
 register(QualityAnalysis())

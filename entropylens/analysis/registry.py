@@ -164,6 +164,11 @@ class Analysis:
     headline : bool
         Its section is shown at the top of the report, one block per run, before the
         details (the diagnosis).
+    skip_runs : bool
+        With several runs asked for, a run that cannot have the analysis is left out (its
+        reason in the result's ``skipped``, or a :meth:`placeholder` part). False: its error
+        is raised, as for a single run (the summary and data-quality checks describe every
+        run or fail).
     """
 
     name: ClassVar[str] = ""
@@ -173,6 +178,7 @@ class Analysis:
     in_report: ClassVar[bool] = True
     order: ClassVar[int] = 100
     headline: ClassVar[bool] = False
+    skip_runs: ClassVar[bool] = True
 
     def plan(self, store: Store, run: str, inputs: Mapping[str, Outcome], **options) -> Plan:
         """The run's part, as a plan. Raise :class:`EntropylensError` when the run cannot
@@ -380,7 +386,8 @@ def run_analysis(analysis: Analysis | str, store: Store | str,
             part = run_parts(store, run, [analysis], options={analysis.name: options},
                              engine=engine, **engine_options)[analysis.name]
             if isinstance(part, Failed):
-                if len(names) == 1 or not isinstance(part.error, EntropylensError):
+                if len(names) == 1 or not analysis.skip_runs \
+                        or not isinstance(part.error, EntropylensError):
                     raise part.error
                 skipped.append(f"{run}: {part.error.message}")
                 part = analysis.placeholder(run, part.error.message)

@@ -536,9 +536,6 @@ class Roles:
         ``run, gram, count, steps``: the strategic grams found, most frequent first.
     phases : dict
         Run name to the list of phase dicts of :func:`detect_phases`.
-    skipped : list of str
-        Runs left out, with the reason (several runs asked for); not part of the
-        ``roles --json`` output.
     """
 
     runs: pd.DataFrame
@@ -546,7 +543,6 @@ class Roles:
     semantic: pd.DataFrame
     grams: pd.DataFrame
     phases: dict = field(default_factory=dict)
-    skipped: list[str] = field(default_factory=list)
 
     @property
     def phase_table(self) -> pd.DataFrame:
@@ -665,13 +661,13 @@ def roles_plan(store: Store, run: str, *, lexicon: Lexicon | None = None,
     return row, steps, semantic, grams, detect_phases(steps, semantic, window=window)
 
 
-def roles_from_parts(parts: list[tuple], *, skipped: Sequence[str] = ()) -> Roles:
+def roles_from_parts(parts: list[tuple]) -> Roles:
     """The :class:`Roles` result of runs from the results of their plans."""
     return Roles(runs=pd.DataFrame([p[0] for p in parts], columns=RUN_COLUMNS),
                  steps=pd.concat([p[1] for p in parts], ignore_index=True),
                  semantic=pd.concat([p[2] for p in parts], ignore_index=True),
                  grams=pd.concat([p[3] for p in parts], ignore_index=True),
-                 phases={p[0]["run"]: p[4] for p in parts}, skipped=list(skipped))
+                 phases={p[0]["run"]: p[4] for p in parts})
 
 
 def phase_rows(result: Roles, run: str) -> pd.DataFrame:
@@ -691,13 +687,14 @@ class RolesAnalysis(Analysis):
     name = "roles"
     title = "Planning vs execution tokens"
     order = 50
+    skip_runs = False   # every run asked for, or its error
 
     def plan(self, store: Store, run: str, inputs, *, lexicon=None, convention: str = "auto",
              window: int | None = None) -> Plan:
         return roles_plan(store, run, lexicon=lexicon, convention=convention, window=window)
 
     def combine(self, parts, *, skipped=(), **options) -> Roles:
-        return roles_from_parts(list(parts), skipped=skipped)
+        return roles_from_parts(list(parts))
 
     def figures(self, result: Roles, run: str) -> list[FigureSpec]:
         from ..plots import planning_execution

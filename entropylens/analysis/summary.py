@@ -36,8 +36,6 @@ class Summary:
     quality : pandas.DataFrame
         Every data-quality finding (:func:`entropylens.analysis.quality.quality`):
         ``run, check, severity, count, message``.
-    skipped : list of str
-        Runs that could not be read, with the reason (several runs asked for).
     """
 
     runs: pd.DataFrame
@@ -45,7 +43,6 @@ class Summary:
     warnings: list[str] = field(default_factory=list)
     quality: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(
         columns=QUALITY_COLUMNS))
-    skipped: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         """The JSON shape of ``entropylens summary --json`` (DESIGN.md section 6)."""
@@ -128,15 +125,16 @@ class SummaryAnalysis(Analysis):
     title = "Runs"
     in_report = False
     order = 0
+    skip_runs = False   # every run asked for, or its error
 
     def plan(self, store: Store, run: str, inputs) -> Plan:
         return summary_plan(store, run)
 
     def combine(self, parts, *, skipped=(), **options) -> Summary:
-        return summary_from_parts(list(parts), skipped=skipped)
+        return summary_from_parts(list(parts))
 
 
-def summary_from_parts(parts: list[tuple], *, skipped: Sequence[str] = ()) -> Summary:
+def summary_from_parts(parts: list[tuple]) -> Summary:
     """The :class:`Summary` of runs from the results of their :func:`summary_plan`."""
     step_frames = [steps for steps, _, _ in parts]
     run_rows = [row for _, row, _ in parts]
@@ -148,7 +146,7 @@ def summary_from_parts(parts: list[tuple], *, skipped: Sequence[str] = ()) -> Su
     warnings = [f"{row.run}: {row.message}" for row in quality.itertuples()
                 if row.severity == "warning"]
     return Summary(runs=pd.DataFrame(run_rows, columns=RUN_COLUMNS), steps=steps,
-                   warnings=warnings, quality=quality, skipped=list(skipped))
+                   warnings=warnings, quality=quality)
 
 
 register(SummaryAnalysis())
