@@ -8,7 +8,8 @@ declares
 - ``plan(store, run, inputs, **options)``: the per-run work, a generator over shared scans
   (:data:`entropylens.engine.Plan`: it yields the aggregators it needs, receives their
   results and returns the run's *part*); ``requires`` names analyses whose per-run results
-  it reads (handed over in ``inputs``, each an :class:`Outcome`);
+  it reads (handed over in ``inputs``, each an :class:`Outcome`; :func:`required` gives the
+  value or raises the reason it is missing);
 - ``combine(parts, skipped=..., **options)``: the result dataclass (with ``to_dict()``) of
   one or several runs' parts;
 - optionally its report: ``figures(result, run)`` (:class:`FigureSpec`, drawn by the report),
@@ -398,17 +399,6 @@ def run_analysis(analysis: Analysis | str, store: Store | str,
         raise EntropylensError(f"no run can have the {analysis.name} analysis: "
                                + "; ".join(skipped), path=store.path)
     return analysis.combine(parts, skipped=skipped, **options)
-
-
-@dataclass
-class RunOutcomes:
-    """Every analysis outcome of one run (what the report shows about it)."""
-
-    run: str
-    outcomes: dict[str, Outcome] = field(default_factory=dict)
-
-    def __getitem__(self, name: str) -> Outcome:
-        return self.outcomes.get(name, Outcome(reason="not computed"))
 
 
 def required(inputs: Mapping[str, Outcome], name: str) -> Any:
