@@ -94,7 +94,7 @@ results = collect(store, [sys.argv[2]], engine=sys.argv[3])
 seconds = time.perf_counter() - started
 done.set()
 watcher.join()
-failed = {name: part.reason for entry in results.runs for name, part in entry.parts.items()
+failed = {name: part.reason for entry in results.runs for name, part in entry.outcomes.items()
           if not part.ok}
 print(json.dumps({"seconds": seconds, "failed": failed, "peak_rss_mb": peak[0] / 2**20}))
 """

@@ -15,19 +15,21 @@ __all__ = ["DemoResult", "EntropylensError", "Store", "demo", "formats", "ingest
            "summary", "__version__"]
 
 # -- trend analyses: per-step curves, collapse phases, saturation law, covariance, compare --
-from .api import (Comparison, Covariance, Phases, RunPhases, SaturationFit,  # noqa: E402
-                  compare, covariance, fit_saturation, performance, phases, policy_entropy)
+from .api import (Comparison, Covariance, Performance, Phases, PolicyEntropy,  # noqa: E402
+                  RunPhases, SaturationFit, SaturationFits, compare, covariance,
+                  fit_saturation, performance, phases, policy_entropy)
 
-__all__ += ["Comparison", "Covariance", "Phases", "RunPhases", "SaturationFit", "compare",
-            "covariance", "fit_saturation", "performance", "phases", "policy_entropy"]
+__all__ += ["Comparison", "Covariance", "Performance", "Phases", "PolicyEntropy", "RunPhases",
+            "SaturationFit", "SaturationFits", "compare", "covariance", "fit_saturation",
+            "performance", "phases", "policy_entropy"]
 # -- end trend analyses --
 
 # -- token analyses: distributions, forking tokens, data quality --
-from .api import (Distribution, Forking, distribution, forking_mask,  # noqa: E402
-                  forking_overlap, forking_tokens, quality)
+from .api import (Distribution, Forking, ForkingOverlap, Quality,  # noqa: E402
+                  distribution, forking_mask, forking_overlap, forking_tokens, quality)
 
-__all__ += ["Distribution", "Forking", "distribution", "forking_mask", "forking_overlap",
-            "forking_tokens", "quality"]
+__all__ += ["Distribution", "Forking", "ForkingOverlap", "Quality", "distribution",
+            "forking_mask", "forking_overlap", "forking_tokens", "quality"]
 # -- end token analyses --
 
 # -- report: figures, HTML, Markdown and JSON --

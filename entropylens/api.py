@@ -21,22 +21,24 @@ __all__ = ["open", "ingest", "formats", "summary", "demo", "DemoResult"]
 # -- trend analyses: per-step curves, collapse phases, saturation law, covariance, compare --
 from .analysis.compare import Comparison, compare  # noqa: E402
 from .analysis.covariance import Covariance, covariance  # noqa: E402
-from .analysis.curves import performance, policy_entropy  # noqa: E402
+from .analysis.curves import (Performance, PolicyEntropy, performance,  # noqa: E402
+                               policy_entropy)
 from .analysis.phases import Phases, RunPhases, phases  # noqa: E402
-from .analysis.saturation import SaturationFit, fit_saturation  # noqa: E402
+from .analysis.saturation import SaturationFit, SaturationFits, fit_saturation  # noqa: E402
 
-__all__ += ["policy_entropy", "performance", "phases", "Phases", "RunPhases", "fit_saturation",
-            "SaturationFit", "covariance", "Covariance", "compare", "Comparison"]
+__all__ += ["policy_entropy", "PolicyEntropy", "performance", "Performance", "phases", "Phases",
+            "RunPhases", "fit_saturation", "SaturationFit", "SaturationFits", "covariance",
+            "Covariance", "compare", "Comparison"]
 # -- end trend analyses --
 
 # -- token analyses: distributions, forking tokens, data quality --
 from .analysis.distribution import Distribution, distribution  # noqa: E402
-from .analysis.forking import (Forking, forking_mask, forking_overlap,  # noqa: E402
-                               forking_tokens)
-from .analysis.quality import quality  # noqa: E402
+from .analysis.forking import (Forking, ForkingOverlap, forking_mask,  # noqa: E402
+                               forking_overlap, forking_tokens)
+from .analysis.quality import Quality, quality  # noqa: E402
 
 __all__ += ["distribution", "Distribution", "forking_tokens", "Forking", "forking_overlap",
-            "forking_mask", "quality"]
+            "ForkingOverlap", "forking_mask", "quality", "Quality"]
 # -- end token analyses --
 
 # -- roles: planning versus execution tokens, strategic-gram lexicons --

@@ -312,10 +312,9 @@ def fit(
         result = api.fit_saturation(store, run or None, reward=reward,
                                     engine=_engine(engine, ray_address, workers),
                                     keep_after_eos=keep_after_eos)
-    fits = result if isinstance(result, list) else [result]
+    fits = getattr(result, "fits", [result])
     if as_json:
-        _emit_json(result.to_dict() if not isinstance(result, list)
-                   else {"fits": [f.to_dict() for f in fits]})
+        _emit_json(result.to_dict())
         return
     for item in fits:
         if item.error:
@@ -459,7 +458,8 @@ def forks(
         pair = api.forking_overlap(store, overlap[0], overlap[1], ratio=ratio,
                                    scope=scope.value, batch_size=batch_size,
                                    engine=_engine(engine, ray_address, workers),
-                                   keep_after_eos=keep_after_eos) if overlap else None
+                                   keep_after_eos=keep_after_eos).to_dict() \
+            if overlap else None
     if as_json:
         out = result.to_dict()
         if pair is not None:
@@ -471,7 +471,6 @@ def forks(
 
 def _print_forks(result, pair) -> None:
     from rich.console import Console
-    from rich.markup import escape
     from rich.table import Table
 
     console = Console()

@@ -350,7 +350,7 @@ fig.tight_layout()'''),
     ("md", '''\
 ## Saturation fits
 
-With several runs and no `run=`, `el.fit_saturation` returns one fit per run. A fit with a
+With several runs and no `runs=`, `el.fit_saturation` returns one fit per run. A fit with a
 low R² or a ≤ 0 says the law does not describe that run (entropy did not fall): read its
 ceiling as "no prediction".'''),
     ("code", '''\

@@ -34,7 +34,7 @@ def test_distribution_equals_numpy_on_the_shared_run(shared_store, shared_run):
         h = group["entropy"].to_numpy(np.float64)
         row = steps.loc[step]
         assert row["tokens"] == len(h)
-        assert row["mean"] == pytest.approx(h.mean(), rel=1e-12)
+        assert row["entropy_token_mean"] == pytest.approx(h.mean(), rel=1e-12)
         np.testing.assert_array_equal(row[QNAMES].to_numpy(float),
                                       np.quantile(h, DISTRIBUTION_QUANTILES))
         assert row["frac_below_0_01"] == np.mean(h < 0.01)
@@ -48,7 +48,7 @@ def test_distribution_equals_numpy_on_the_shared_run(shared_store, shared_run):
     assert run["frac_below_0_01"] == np.mean(every < 0.01)
     # the run's mean: the per-step sums added in step order, as numpy adds them
     sums = [group["entropy"].to_numpy(np.float64).sum() for _, group in raw.groupby("step")]
-    assert run["mean"] == np.sum(sums) / len(every)
+    assert run["entropy_token_mean"] == np.sum(sums) / len(every)
     assert (result.steps["entropy_source"] == "exact").all()
     # every token lands in exactly one bin
     assert result.histogram["count"].sum() == len(every)
@@ -58,10 +58,10 @@ def test_distribution_of_both_runs_and_its_json(shared_store):
     result = el.distribution(shared_store)
     assert set(result.steps["run"]) == {"vanilla", "top20"}
     data = result.to_dict()
-    assert set(data) == {"bins", "runs", "steps", "histogram", "global_quantiles"}
+    assert set(data) == {"bins", "runs", "steps", "histogram", "global_quantiles", "skipped"}
     assert data["bins"][0] == 0.0 and data["bins"][-1] is not None
     first = data["steps"][0]
-    assert {"run", "step", "tokens", "mean", "p10", "p99", "frac_below_0_01",
+    assert {"run", "step", "tokens", "entropy_token_mean", "p10", "p99", "frac_below_0_01",
             "entropy_source"} <= set(first)
     # vanilla collapses: far more near-deterministic tokens than top20
     runs = result.runs.set_index("run")
@@ -87,7 +87,7 @@ def test_one_token_step_equal_entropies_custom_bins_and_nan(tmp_path):
     assert (steps.loc[0, QNAMES] == np.float32(0.3)).all()
     assert (steps.loc[1, QNAMES] == np.float32(0.7)).all()
     # the token without entropy is left out, not counted as zero
-    assert steps.loc[2, "tokens"] == 1 and steps.loc[2, "mean"] == 5.0
+    assert steps.loc[2, "tokens"] == 1 and steps.loc[2, "entropy_token_mean"] == 5.0
     hist = result.histogram.set_index(["step", "bin_left"])["count"]
     assert hist.loc[(0, 0.0)] == 1 and hist.loc[(1, 0.5)] == 3
     assert hist.loc[(2, 0.5)] == 1      # above the last edge: counted in the last bin
@@ -107,7 +107,7 @@ def test_tokens_without_a_step_and_topk_source(tmp_path):
 
 def test_bad_bins_and_runs_without_tokens_are_errors(tmp_path, shared_run):
     el.ingest(shared_run / "vanilla" / "metrics.csv", tmp_path / "m", run="m")
-    with pytest.raises(EntropylensError, match="no token entropies"):
+    with pytest.raises(EntropylensError, match="runs/m: the run has no tokens"):
         el.distribution(tmp_path / "m")
     store = _store(tmp_path, {"step": [0], "sample_id": ["a"], "position": [0],
                               "entropy": [0.1]})

@@ -118,7 +118,8 @@ def test_per_step_statistics_match_numpy(synthetic_store, unit_rows, batch_size)
     # synthetic shape: about half the tokens below 0.01 nats
     assert 0.45 < result.runs["frac_below_0_01"][0] < 0.55
     assert result.runs["tokens"][0] == 300_000
-    np.testing.assert_allclose(result.runs["mean"][0], frame["entropy"].mean(), rtol=1e-12)
+    np.testing.assert_allclose(result.runs["entropy_token_mean"][0], frame["entropy"].mean(),
+                               rtol=1e-12)
 
 
 def test_overlapping_parts_and_null_steps(shuffled_store):

@@ -181,13 +181,13 @@ def test_overlap_of_two_runs_scored_on_the_same_tokens(tmp_path):
             for run in ("a", "b")}
     both = int((fork["a"] & fork["b"]).sum())
     result = el.forking_overlap(store, "a", "b")
-    assert result["shared_positions"] == 100
-    assert result["forking_a"] == fork["a"].sum() and result["both"] == both
-    assert result["overlap"] == pytest.approx(both / fork["a"].sum())
-    assert result["jaccard"] == pytest.approx(both / (fork["a"] | fork["b"]).sum())
-    assert result["token_mismatches"] == 0 and result["warning"] is None
-    assert [s["step"] for s in result["by_step"]] == [0, 1]
-    assert el.forking_overlap(store, "a", "a")["overlap"] == 1.0
+    assert result.shared_positions == 100
+    assert result.forking_a == fork["a"].sum() and result.both == both
+    assert result.overlap == pytest.approx(both / fork["a"].sum())
+    assert result.jaccard == pytest.approx(both / (fork["a"] | fork["b"]).sum())
+    assert result.token_mismatches == 0 and result.warning is None
+    assert [s["step"] for s in result.by_step] == [0, 1]
+    assert el.forking_overlap(store, "a", "a").overlap == 1.0
     with pytest.raises(EntropylensError, match="share no token position"):
         el.forking_overlap(store, "a", "other")
 

@@ -77,8 +77,8 @@ def test_quantile_fan_pairs_symmetric_quantiles(sample_store):
     x = steps["step"].to_numpy(float)
     median = by_gid(ax.lines, "line:p50")
     np.testing.assert_array_equal(median.get_ydata(), np.maximum(steps["p50"], floor))
-    np.testing.assert_array_equal(by_gid(ax.lines, "line:mean").get_ydata(),
-                                  np.maximum(steps["mean"], floor))
+    np.testing.assert_array_equal(by_gid(ax.lines, "line:entropy_token_mean").get_ydata(),
+                                  np.maximum(steps["entropy_token_mean"], floor))
     bands = [c for c in ax.collections if isinstance(c, PolyCollection)]
     assert sorted(b.get_gid() for b in bands) == ["band:p10-p90", "band:p25-p75"]
     band = by_gid(bands, "band:p10-p90")

@@ -21,7 +21,7 @@ def _after_eos_with_pandas(tokens: pd.DataFrame) -> tuple[int, int]:
 
 
 def test_tokens_after_eos_in_the_shared_run(shared_store, shared_run):
-    result = el.quality(shared_store)
+    result = el.quality(shared_store).checks
     for run in ("vanilla", "top20"):
         raw = pd.read_parquet(shared_run / run / "tokens.parquet")
         tokens, sequences = _after_eos_with_pandas(raw)
@@ -83,7 +83,7 @@ def _counts(frame: pd.DataFrame, run: str) -> dict:
 
 
 def test_every_check_counts_what_it_should(faulty):
-    counts = _counts(el.quality(faulty, "bad"), "bad")
+    counts = _counts(el.quality(faulty, "bad").checks, "bad")
     assert counts["tokens_after_eos"] == 9          # sequence a after its </s> at position 9
     assert counts["duplicate_positions"] == 2
     # a: 0..17 logged, nothing missing below its last position; b: position 3
@@ -97,17 +97,17 @@ def test_every_check_counts_what_it_should(faulty):
 
 def test_duplicates_split_across_batches_are_still_found(faulty):
     # a scan in batches of 3 rows splits sequence a's repeated positions over batches
-    counts = _counts(el.quality(faulty, "bad", batch_size=3), "bad")
+    counts = _counts(el.quality(faulty, "bad", batch_size=3).checks, "bad")
     assert counts["duplicate_positions"] == 2 and counts["missing_positions"] == 1
     assert counts["tokens_after_eos"] == 9
 
 
 def test_metric_only_and_clean_runs(faulty):
-    result = el.quality(faulty, ["m", "clean"])
+    result = el.quality(faulty, ["m", "clean"]).checks
     assert _counts(result, "m") == {"approximate_metric": 3}
     assert "train/approx_entropy" in result["message"].iloc[0]
     assert _counts(result, "clean") == {}
-    empty = el.quality(faulty, "clean")
+    empty = el.quality(faulty, "clean").checks
     assert empty.empty and list(empty.columns) == QUALITY_COLUMNS
 
 
@@ -117,7 +117,7 @@ def test_entropy_source_notes(tmp_path):
                            "top_logprobs": pa.array([[-0.1]], pa.list_(pa.float32()))})
     _write(store, "surprisal", {"sample_id": ["a"], "position": [0], "logprob": [-0.1]},
            logprob_basis="raw", temperature=0.7)
-    result = el.quality(store)
+    result = el.quality(store).checks
     notes = result[result["check"] != "thin_steps"].set_index("run")
     assert notes.loc["topk", "check"] == "topk_without_vocab"
     assert notes.loc["surprisal", "check"] == "surprisal_source"
@@ -135,5 +135,5 @@ def test_values_nulled_at_ingest_are_reported(tmp_path):
             for i in range(12)]
     path.write_text("\n".join(json.dumps(row) for row in rows))
     el.ingest(path, tmp_path / "s", run="r")
-    counts = _counts(el.quality(tmp_path / "s"), "r")
+    counts = _counts(el.quality(tmp_path / "s").checks, "r")
     assert counts == {"entropy_out_of_range": 1, "null_logprobs": 1}

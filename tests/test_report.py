@@ -26,8 +26,10 @@ SCRIPT = "<script>alert(1)</script>"
 MD_SPECIALS = "**bold** _it_ [link](http://example.com/x) | # `code` ![img](y.png) & <b>b</b>"
 TOP_KEYS = {"title", "store", "generated", "entropylens_version", "runs", "verdicts",
             "overview", "summary_steps", "warnings", "compare", "quality", "token_scale",
-            "figures", "unavailable", "definitions"}
-RUN_SECTIONS = ("entropy", "distribution", "fit", "forking", "roles", "covariance", "examples")
+            "figures", "unavailable", "definitions", "sections"}
+#: The registered analyses the report shows per run (report.json: run["sections"][name]).
+RUN_SECTIONS = ("diagnose", "phases", "distribution", "saturation", "forking", "roles",
+                "covariance", "diversity")
 
 
 def tricky_store(path: Path) -> Store:
@@ -103,15 +105,19 @@ def test_files_json_keys_and_figures(sample_report):
     model = json.loads((out / "report.json").read_text())
     assert set(model) == TOP_KEYS
     assert [r["run"] for r in model["runs"]] == ["top20", "vanilla"]
+    assert [s["name"] for s in model["sections"]] == [*RUN_SECTIONS, "origins"]
     for run in model["runs"]:
-        for section in RUN_SECTIONS:
-            assert run[section]["available"], (run["run"], section, run[section]["reason"])
+        assert list(run["sections"]) == list(RUN_SECTIONS)
+        for name, section in run["sections"].items():
+            assert section["available"], (run["run"], name, section["reason"])
+            assert section["name"] == name and section["title"]
+        assert run["examples"]["available"]
     assert model["unavailable"] == []
     assert [run["examples"]["note"] for run in model["runs"]] == [None, None]
     assert model["compare"]["available"] and model["quality"]["available"]
     files = sorted(p.name for p in (out / "figures").glob("*.png"))
     assert files == sorted(Path(f["file"]).name for f in model["figures"])
-    assert len(files) == 13  # six per run and the comparison
+    assert len(files) == 23  # eleven per run (diagnosis 1, diversity 4) and the comparison
     for path in (out / "figures").glob("*.png"):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     html = (out / "index.html").read_text()
@@ -143,7 +149,7 @@ def test_verdicts_match_independent_numbers(sample_report, sample_store):
     share = (curve.iloc[0] - curve.loc[phases.arrival_step]) / (curve.iloc[0] - floor)
     assert numbers["drop_share_by_arrival"] == pytest.approx(share, rel=1e-9)
     assert f"{share:.0%} of the drop happened by step {phases.arrival_step}" in collapsed["text"]
-    assert collapsed["anchor"] == "fig-entropy-r1-vanilla"
+    assert collapsed["anchor"] == "sec-phases-r1-vanilla"
     # top20's entropy did not fall: no entropy verdict (the diagnosis says it is not learning)
     assert ("top20", "entropy") not in verdicts
     # the fitted ceiling the verdict states is the fit's b - a
@@ -257,7 +263,7 @@ def test_a_run_with_tokens_but_no_completions_shows_its_first_and_last_step(tmp_
     html = report.html.read_text()
     assert "<b>" not in html and "&lt;" in html
     # no reward or accuracy metric: no fit, said so
-    assert not report.model["runs"][0]["fit"]["available"]
+    assert not report.model["runs"][0]["sections"]["saturation"]["available"]
 
 
 def test_completions_that_match_no_tokens_are_shown_as_text_with_a_note(tmp_path):
@@ -281,7 +287,7 @@ def test_single_run_store_has_no_comparison(sample_store, tmp_path):
                                 "figure": None}
     assert {"run": None, "section": "compare", "reason": "the report holds a single run"} \
         in model["unavailable"]
-    assert len(list((tmp_path / "out" / "figures").glob("*.png"))) == 6
+    assert len(list((tmp_path / "out" / "figures").glob("*.png"))) == 11
     assert "Not available: the report holds a single run" in report.html.read_text()
 
 
@@ -289,14 +295,16 @@ def test_metric_only_run_degrades_section_by_section(tmp_path, shared_run):
     el.ingest(shared_run / "vanilla" / "metrics.csv", tmp_path / "s", run="m")
     report = build_report(tmp_path / "s", tmp_path / "out")
     run = report.model["runs"][0]
-    assert run["entropy"]["available"] and run["fit"]["available"]
-    assert {row["source"] for row in run["entropy"]["curve"]} == {"metric"}
-    for section in ("distribution", "forking", "roles", "covariance"):
-        assert run[section] == {"available": False, "figure": None,
-                                "reason": "the run has no tokens (only step metrics)"}
+    sections = run["sections"]
+    assert sections["phases"]["available"] and sections["saturation"]["available"]
+    assert {row["source"] for row in sections["phases"]["curve"]} == {"metric"}
+    for name in ("distribution", "forking", "roles", "covariance"):
+        assert sections[name] == {"name": name, "title": sections[name]["title"],
+                                  "available": False, "figures": [],
+                                  "reason": "the run has no tokens (only step metrics)"}
     assert not run["examples"]["available"]
     assert sorted(p.name for p in (tmp_path / "out" / "figures").glob("*.png")) == \
-        ["entropy-r0-m.png", "fit-r0-m.png"]
+        ["diagnose-r0-m.png", "entropy-r0-m.png", "fit-r0-m.png"]
     html = report.html.read_text()
     assert html.count("Not available: the run has no tokens (only step metrics)") == 4
     kinds = {v["kind"] for v in report.model["verdicts"]}
@@ -374,6 +382,6 @@ def test_tokens_after_eos_are_counted_and_said(sample_report, sample_store):
     markdown = (sample_report.out / "report.md").read_text()
     assert "(left out) |" in markdown
     vanilla = next(r for r in sample_report.model["runs"] if r["run"] == "vanilla")
-    rows = vanilla["forking"]["top_tokens"]
+    rows = vanilla["sections"]["forking"]["top_tokens"]
     assert rows and all("special" in row for row in rows)
     assert "<|im_start|>" not in {row["token"] for row in rows}

@@ -189,10 +189,10 @@ def test_source_tokens_keep_logged_positions_and_forking_overlap(logged_store, m
     assert len(joined) == len(mine) and (joined["token_id"] == joined["token_id_log"]).all()
     overlap = el.forking_overlap(logged_store, "base-logged", "vanilla", ratio=0.2,
                                  scope="sequence")
-    assert overlap["token_mismatches"] == 0
-    assert overlap["shared_positions"] == len(mine)
+    assert overlap.token_mismatches == 0
+    assert overlap.shared_positions == len(mine)
     # the same weights on the same tokens: forking positions agree but for near-ties
-    assert overlap["overlap"] > 0.9
+    assert overlap.overlap > 0.9
 
 
 def test_rescore_sequence_file_with_the_cli(tmp_path, model, shared_run, monkeypatch):

@@ -13,11 +13,13 @@ from typing import Sequence
 
 import pandas as pd
 
+from ..engine import Plan
 from ..errors import EntropylensError
 from ..store import Store
-from .curves import open_store, performance, policy_entropy
+from .curves import open_store, performance_curve
 from .phases import analyse_curve
 from .saturation import BOOTSTRAP, fit_curves
+from .registry import Analysis, register, run_analysis
 from .summary import _records
 
 TABLE_COLUMNS = ["run", "steps", "first_step", "last_step", "entropy_source", "first_entropy",
@@ -60,7 +62,7 @@ def _curve_rows(run: str, frame: pd.DataFrame, metric: str, column: str) -> pd.D
 
 def compare(store: Store | str, runs: str | Sequence[str] | None = None, *,
             reward: str | None = None, bootstrap: int = BOOTSTRAP, engine: str = "local",
-            **engine_options) -> Comparison:
+            workers: int | None = None, **engine_options) -> Comparison:
     """Compare runs: entropy curve ends, phases, saturation fits and curves.
 
     Parameters
@@ -75,64 +77,106 @@ def compare(store: Store | str, runs: str | Sequence[str] | None = None, *,
         Bootstrap resamples of the fits (their intervals are not in the table; 0 is
         fastest).
     engine : {"local", "ray"}
+    workers : int, optional
+        Worker processes of the local engine (1: none).
 
     Returns
     -------
     Comparison
     """
-    store = open_store(store)
-    rows, curves = [], []
-    for run in store.resolve_runs(runs):
-        row: dict = {"run": run}
-        notes = []
+    return run_analysis("compare", open_store(store), runs, engine=engine, workers=workers,
+                        reward=reward, bootstrap=bootstrap, **engine_options)
+
+
+def _value_or_note(outcome, run: str, notes: list[str]):
+    """The run's curve of a required analysis, or None with its reason added to ``notes``."""
+    if outcome.ok:
+        return outcome.value.of(run)
+    notes.append(outcome.reason)
+    return None
+
+
+def compare_plan(store: Store, run: str, inputs, *, reward: str | None = None,
+                 bootstrap: int = BOOTSTRAP) -> Plan:
+    """One run's ``(table row, curve frames)`` of :func:`compare`, as a plan; the curves
+    come in ``inputs`` (the ``policy_entropy`` and ``performance`` outcomes)."""
+    row: dict = {"run": run}
+    notes: list[str] = []
+    curves: list[pd.DataFrame] = []
+    entropy = _value_or_note(inputs["policy_entropy"], run, notes)
+    if reward is None:
+        perf = _value_or_note(inputs["performance"], run, notes)
+    else:
         try:
-            entropy = policy_entropy(store, run, engine=engine, **engine_options)
-        except EntropylensError as exc:
-            entropy = None
-            notes.append(exc.message)
-        try:
-            perf = performance(store, run, reward)
+            perf = performance_curve(store, run, reward)
         except EntropylensError as exc:
             perf = None
             notes.append(exc.message)
-        if entropy is not None:
-            curves.append(_curve_rows(run, entropy, "policy_entropy", "entropy"))
-            phases = analyse_curve(entropy["step"], entropy["entropy"], perf=perf, run=run,
-                                   source=str(entropy["source"].iloc[0]))
-            collapse = phases.collapse or {}
-            row.update(steps=len(entropy), first_step=int(entropy["step"].iloc[0]),
-                       last_step=int(entropy["step"].iloc[-1]),
-                       entropy_source=str(entropy["source"].iloc[0]),
-                       first_entropy=float(entropy["entropy"].iloc[0]),
-                       last_entropy=float(entropy["entropy"].iloc[-1]), floor=phases.floor,
-                       drop=phases.total_drop, early_drop_fraction=phases.early_drop_fraction,
-                       arrival_step=phases.arrival_step,
-                       collapse_start=collapse.get("start_step"),
-                       collapse_end=collapse.get("end_step"), alarm=phases.alarm)
-        if perf is not None:
-            metric = perf.attrs["metric"]
-            curves.append(_curve_rows(run, perf, metric, "value"))
-            if metric == "val_accuracy" and reward is None:
-                try:
-                    train = performance(store, run, "reward_mean")
-                    curves.append(_curve_rows(run, train, "reward_mean", "value"))
-                except EntropylensError:
-                    pass
-            row.update(performance_metric=metric,
-                       first_performance=float(perf["value"].iloc[0]),
-                       final_performance=float(perf["value"].iloc[-1]))
-        if entropy is not None and perf is not None:
+    if entropy is not None:
+        curves.append(_curve_rows(run, entropy, "policy_entropy", "entropy"))
+        phases = analyse_curve(entropy["step"], entropy["entropy"], perf=perf, run=run,
+                               source=str(entropy["source"].iloc[0]))
+        collapse = phases.collapse or {}
+        row.update(steps=len(entropy), first_step=int(entropy["step"].iloc[0]),
+                   last_step=int(entropy["step"].iloc[-1]),
+                   entropy_source=str(entropy["source"].iloc[0]),
+                   first_entropy=float(entropy["entropy"].iloc[0]),
+                   last_entropy=float(entropy["entropy"].iloc[-1]), floor=phases.floor,
+                   drop=phases.total_drop, early_drop_fraction=phases.early_drop_fraction,
+                   arrival_step=phases.arrival_step,
+                   collapse_start=collapse.get("start_step"),
+                   collapse_end=collapse.get("end_step"), alarm=phases.alarm)
+    if perf is not None:
+        metric = perf.attrs["metric"]
+        curves.append(_curve_rows(run, perf, metric, "value"))
+        if metric == "val_accuracy" and reward is None:
             try:
-                fit = fit_curves(entropy, perf, run=run, bootstrap=bootstrap)
-                row.update(ceiling=fit.ceiling, r2=fit.r2, fit_n=fit.n)
-            except EntropylensError as exc:
-                notes.append(f"no fit: {exc.message}")
-        row["note"] = "; ".join(notes) or None
-        rows.append(row)
-    table = pd.DataFrame(rows).reindex(columns=TABLE_COLUMNS)
+                train = performance_curve(store, run, "reward_mean")
+                curves.append(_curve_rows(run, train, "reward_mean", "value"))
+            except EntropylensError:
+                pass
+        row.update(performance_metric=metric,
+                   first_performance=float(perf["value"].iloc[0]),
+                   final_performance=float(perf["value"].iloc[-1]))
+    if entropy is not None and perf is not None:
+        try:
+            fit = fit_curves(entropy, perf, run=run, bootstrap=bootstrap)
+            row.update(ceiling=fit.ceiling, r2=fit.r2, fit_n=fit.n)
+        except EntropylensError as exc:
+            notes.append(f"no fit: {exc.message}")
+    row["note"] = "; ".join(notes) or None
+    return row, curves
+    yield  # no scan of its own: the curves are its inputs
+
+
+def compare_from_parts(parts: Sequence[tuple]) -> Comparison:
+    """The :class:`Comparison` of runs from the results of their :func:`compare_plan`."""
+    table = pd.DataFrame([row for row, _ in parts]).reindex(columns=TABLE_COLUMNS)
     for column in ("steps", "first_step", "last_step", "arrival_step", "collapse_start",
                    "collapse_end", "fit_n"):
         table[column] = table[column].astype("Int64")
+    curves = [frame for _, frames in parts for frame in frames]
     curves_frame = pd.concat(curves, ignore_index=True) if curves else \
         pd.DataFrame(columns=CURVE_COLUMNS)
     return Comparison(table=table, curves=curves_frame[CURVE_COLUMNS])
+
+
+class CompareAnalysis(Analysis):
+    """Registered form of :func:`compare`: one part per run, combined across runs. The
+    report shows it once for all its runs (not as a per-run section)."""
+
+    name = "compare"
+    title = "Runs compared"
+    requires = ("policy_entropy", "performance")
+    in_report = False
+    order = 90
+
+    def plan(self, store: Store, run: str, inputs, *, reward: str | None = None,
+             bootstrap: int = BOOTSTRAP) -> Plan:
+        return compare_plan(store, run, inputs, reward=reward, bootstrap=bootstrap)
+
+    def combine(self, parts, *, skipped=(), **options) -> Comparison:
+        return compare_from_parts(parts)
+
+
+register(CompareAnalysis())

@@ -36,7 +36,7 @@ from ..engine import Aggregator, Plan
 from ..errors import EntropylensError
 from ..store import Store
 from .curves import TrainTokens, open_store, policy_entropy_plan
-from .registry import Analysis, FigureSpec, register, run_analysis
+from .registry import Analysis, FigureSpec, Finding, register, run_analysis
 from .sequences import step_rows
 from .summary import _records
 
@@ -207,6 +207,20 @@ class CovarianceAnalysis(Analysis):
 
     def section(self, result: Covariance, run: str) -> dict:
         return {"groups": _records(result.groups), "correlation": _records(result.correlation)}
+
+    def findings(self, result: Covariance, run: str) -> list[Finding]:
+        row = result.correlation.iloc[0] if len(result.correlation) else None
+        if row is None or row["pearson_r"] is None or pd.isna(row["pearson_r"]):
+            return []
+        r, n = float(row["pearson_r"]), int(row["n"])
+        spearman = row["spearman_r"]
+        return [Finding("covariance",
+                        f"mean Cov(log π, A) and the next step's entropy change correlate with "
+                        f"Pearson r = {r:.2f} over {n} steps (theory: negative, entropy falls "
+                        f"when confident tokens are reinforced)",
+                        numbers={"pearson_r": r,
+                                 "spearman_r": None if spearman is None or pd.isna(spearman)
+                                 else float(spearman), "n": n})]
 
 
 register(CovarianceAnalysis())

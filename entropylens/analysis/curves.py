@@ -16,19 +16,21 @@ the step whose entropy is that of the policy it validated.
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..engine import Aggregator, Plan, run_plan, scan_selection
+from ..engine import Aggregator, Plan, scan_selection
 from ..errors import EntropylensError
 from ..estimators import best_entropy_source
 from ..ingest.step_basis import source_step_basis, step_offset
 from ..store import Store
 from .distribution import StepStats
+from .registry import Analysis, register, run_analysis
 
 ENTROPY_COLUMNS = ["step", "entropy", "source", "tokens", "entropy_seq_mean"]
 PERFORMANCE_COLUMNS = ["step", "value", "metric"]
@@ -118,7 +120,7 @@ def _metric_series(metrics: pd.DataFrame, name: str) -> tuple[pd.DataFrame, str 
 
 
 def policy_entropy(store: Store | str, run: str, *, engine: str = "local",
-                   **engine_options) -> pd.DataFrame:
+                   workers: int | None = None, **engine_options) -> pd.DataFrame:
     """The per-step policy-entropy curve of one run.
 
     Parameters
@@ -126,9 +128,11 @@ def policy_entropy(store: Store | str, run: str, *, engine: str = "local",
     store : Store or path
     run : str
     engine : {"local", "ray"}
+    workers : int, optional
+        Worker processes of the local engine (1: none).
     **engine_options
-        ``workers``, ...; ``keep_after_eos=True`` keeps the tokens after the end of their
-        sequence, left out by default.
+        ``keep_after_eos=True`` keeps the tokens after the end of their sequence, left out
+        by default; engine options such as ``batch_size``.
 
     Returns
     -------
@@ -140,17 +144,16 @@ def policy_entropy(store: Store | str, run: str, *, engine: str = "local",
         logged ``policy_entropy`` metric with ``source`` = ``"metric"`` and ``tokens`` = 0
         when the run has no training tokens. ``entropy_seq_mean`` is the other definition,
         the mean over sequences of each sequence's token mean (arXiv 2505.22617, Eq. 5;
-        NaN for a logged metric). ``attrs["raw_key"]`` names the metric's raw key.
+        NaN for a logged metric). ``attrs["raw_key"]`` names the metric's raw key (also
+        :attr:`PolicyEntropy.raw_key` of the registered analysis).
 
     Raises
     ------
     EntropylensError
         When the run has neither training tokens nor a ``policy_entropy`` metric.
     """
-    store = open_store(store)
-    return run_plan(store, run, policy_entropy_plan(store, run, engine=engine,
-                                                    **engine_options),
-                    engine=engine, **engine_options)
+    return run_analysis("policy_entropy", open_store(store), [run], engine=engine,
+                        workers=workers, **engine_options).of(run)
 
 
 def policy_entropy_plan(store: Store, run: str, *, engine: str = "local",
@@ -296,7 +299,11 @@ def performance(store: Store | str, run: str, reward: str | None = None) -> pd.D
     EntropylensError
         When the run has neither metric (or not the one asked for).
     """
-    store = open_store(store)
+    return run_analysis("performance", open_store(store), [run], reward=reward).of(run)
+
+
+def performance_curve(store: Store, run: str, reward: str | None = None) -> pd.DataFrame:
+    """:func:`performance` of one run, read directly (a read of the run's metrics)."""
     metrics, alignment = align_metric_steps(store.read_metrics(run), store.manifest(run))
     candidates = [reward] if reward else ["val_accuracy", "reward_mean"]
     notes: list[str] = [alignment["note"]] if alignment["note"] else []
@@ -340,3 +347,126 @@ def is_number(value: Any) -> bool:
     """True for a finite int or float (not None, NaN or pandas NA)."""
     return isinstance(value, (int, float, np.integer, np.floating)) \
         and not isinstance(value, bool) and math.isfinite(float(value))
+
+
+def _curve_records(frames: Sequence[pd.DataFrame], runs: Sequence[str]) -> pd.DataFrame:
+    """Per-run curves as one long table with a leading ``run`` column."""
+    long = pd.concat([frame.assign(run=run)[["run", *frame.columns]]
+                      for run, frame in zip(runs, frames)], ignore_index=True)
+    long.attrs = {}   # what the parts carried in attrs is in the result's fields
+    return long
+
+
+@dataclass
+class PolicyEntropy:
+    """Result of the registered ``policy_entropy`` analysis: the curves of one or more runs.
+
+    Attributes
+    ----------
+    curve : pandas.DataFrame
+        ``run, step, entropy, source, tokens`` (see :func:`policy_entropy`).
+    raw_key : dict
+        Run name to the raw metric key the curve was read from (None for token curves).
+    skipped : list of str
+        Why runs were left out.
+    """
+
+    curve: pd.DataFrame
+    raw_key: dict = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+
+    def of(self, run: str) -> pd.DataFrame:
+        """The curve of ``run`` as :func:`policy_entropy` returns it."""
+        frame = self.curve[self.curve["run"] == run].drop(columns="run").reset_index(drop=True)
+        frame.attrs = {"raw_key": self.raw_key.get(run)}
+        return frame
+
+    def to_dict(self) -> dict:
+        from .summary import _records
+
+        return {"curve": _records(self.curve), "raw_key": dict(self.raw_key),
+                "skipped": list(self.skipped)}
+
+
+class PolicyEntropyAnalysis(Analysis):
+    """The policy-entropy curve: the shared input of phases, the saturation fit and compare
+    (they name it in ``requires``, so the report computes it once per run)."""
+
+    name = "policy_entropy"
+    title = "Policy entropy"
+    in_report = False
+    order = 5
+
+    def plan(self, store: Store, run: str, inputs) -> Plan:
+        frame = yield from policy_entropy_plan(store, run)
+        frame.attrs["run"] = run
+        return frame
+
+    def combine(self, parts, *, skipped=(), **options) -> PolicyEntropy:
+        runs = [part.attrs["run"] for part in parts]
+        return PolicyEntropy(curve=_curve_records(parts, runs),
+                             raw_key={run: part.attrs.get("raw_key")
+                                      for run, part in zip(runs, parts)},
+                             skipped=list(skipped))
+
+
+@dataclass
+class Performance:
+    """Result of the registered ``performance`` analysis.
+
+    Attributes
+    ----------
+    curve : pandas.DataFrame
+        ``run, step, value, metric`` (see :func:`performance`).
+    metric, raw_key, scaled, note : dict
+        Run name to the metric chosen, its raw key, whether percentages were divided by 100
+        and a sentence saying what was chosen or changed (None when nothing was).
+    skipped : list of str
+    """
+
+    curve: pd.DataFrame
+    metric: dict = field(default_factory=dict)
+    raw_key: dict = field(default_factory=dict)
+    scaled: dict = field(default_factory=dict)
+    note: dict = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+
+    def of(self, run: str) -> pd.DataFrame:
+        """The curve of ``run`` as :func:`performance` returns it (``attrs`` included)."""
+        frame = self.curve[self.curve["run"] == run].drop(columns="run").reset_index(drop=True)
+        frame.attrs = {"metric": self.metric.get(run), "raw_key": self.raw_key.get(run),
+                       "scaled": self.scaled.get(run, False), "note": self.note.get(run)}
+        return frame
+
+    def to_dict(self) -> dict:
+        from .summary import _records
+
+        return {"curve": _records(self.curve), "metric": dict(self.metric),
+                "raw_key": dict(self.raw_key), "scaled": dict(self.scaled),
+                "note": dict(self.note), "skipped": list(self.skipped)}
+
+
+class PerformanceAnalysis(Analysis):
+    """The performance curve (validation accuracy, else mean reward, or ``reward=``)."""
+
+    name = "performance"
+    title = "Performance"
+    in_report = False
+    order = 6
+
+    def plan(self, store: Store, run: str, inputs, *, reward: str | None = None) -> Plan:
+        frame = performance_curve(store, run, reward)
+        frame.attrs["run"] = run
+        return frame
+        yield  # a plan without a scan: the metrics are read directly
+
+    def combine(self, parts, *, skipped=(), **options) -> Performance:
+        runs = [part.attrs["run"] for part in parts]
+        return Performance(curve=_curve_records(parts, runs),
+                           **{key: {run: part.attrs.get(key) for run, part in zip(runs, parts)}
+                              for key in ("metric", "raw_key", "scaled", "note")},
+                           skipped=list(skipped))
+
+
+register(PolicyEntropyAnalysis())
+register(PerformanceAnalysis())

@@ -12,17 +12,19 @@ percentile 0.672.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..engine import Aggregator, Plan, run_plan
+from ..engine import Aggregator, Plan
 from ..errors import EntropylensError
 from ..estimators import best_entropy_source, columns_for, token_entropy
 from ..store import Store
 from .sequences import run_keys, run_lengths, sequence_starts, step_rows
+from .registry import Analysis, FigureSpec, register, run_analysis
 from .sketch import DEFAULT_ALPHA, QuantileSketch
 
 #: A token below this entropy (nats) counts as near-deterministic (arXiv 2506.01939).
@@ -349,10 +351,10 @@ class DistributionStats(Aggregator):
                 "global": pd.DataFrame({"q": list(self.quantiles), "value": overall})}
 
 
-STEP_COLUMNS = ["run", "step", "tokens", "mean", "seq_mean",
+STEP_COLUMNS = ["run", "step", "tokens", "entropy_token_mean", "entropy_seq_mean",
                 *[quantile_name(q) for q in DISTRIBUTION_QUANTILES], "frac_below_0_01",
                 "entropy_source"]
-RUN_COLUMNS = ["run", "entropy_source", "tokens", "mean", "frac_below_0_01"]
+RUN_COLUMNS = ["run", "entropy_source", "tokens", "entropy_token_mean", "frac_below_0_01"]
 
 
 @dataclass
@@ -362,18 +364,21 @@ class Distribution:
     Attributes
     ----------
     steps : pandas.DataFrame
-        One row per run and step: ``run, step, tokens, mean, seq_mean, p10, p25, p50, p75,
-        p80, p90, p95, p99, frac_below_0_01, entropy_source`` (``mean`` is the token mean,
-        ``seq_mean`` the mean of per-sequence means).
+        One row per run and step: ``run, step, tokens, entropy_token_mean, entropy_seq_mean,
+        p10, p25, p50, p75, p80, p90, p95, p99, frac_below_0_01, entropy_source`` (the token
+        mean and the mean of per-sequence means, named as in :class:`Summary`).
     histogram : pandas.DataFrame
         ``run, step, bin_left, bin_right, count`` on the same fixed bins for every step
         (empty bins included, so steps line up).
     global_quantiles : pandas.DataFrame
         ``run, q, value``: quantiles over every token of the run.
     runs : pandas.DataFrame
-        ``run, entropy_source, tokens, mean, frac_below_0_01`` over the whole run.
+        ``run, entropy_source, tokens, entropy_token_mean, frac_below_0_01`` over the whole
+        run.
     bins : numpy.ndarray
         The histogram edges.
+    skipped : list of str
+        Runs left out (no per-token entropies), with the reason.
     """
 
     steps: pd.DataFrame
@@ -381,6 +386,7 @@ class Distribution:
     global_quantiles: pd.DataFrame
     runs: pd.DataFrame
     bins: np.ndarray
+    skipped: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         """JSON-ready: ``{"bins", "runs", "steps", "histogram", "global_quantiles"}``."""
@@ -388,7 +394,8 @@ class Distribution:
 
         return {"bins": [float(b) for b in self.bins], "runs": _records(self.runs),
                 "steps": _records(self.steps), "histogram": _records(self.histogram),
-                "global_quantiles": _records(self.global_quantiles)}
+                "global_quantiles": _records(self.global_quantiles),
+                "skipped": list(self.skipped)}
 
 
 def token_runs(store: Store, runs) -> list[tuple[str, str, dict]]:
@@ -415,7 +422,8 @@ def token_runs(store: Store, runs) -> list[tuple[str, str, dict]]:
 
 
 def distribution(store: Store | str, runs=None, bins=None, *, engine: str = "local",
-                 global_quantiles: str = "auto", **engine_options) -> Distribution:
+                 workers: int | None = None, global_quantiles: str = "auto",
+                 **engine_options) -> Distribution:
     """Token-entropy distributions per step and per run.
 
     Parameters
@@ -423,10 +431,12 @@ def distribution(store: Store | str, runs=None, bins=None, *, engine: str = "loc
     store : Store or path
     runs : str or sequence of str, optional
         Default: every run. Runs without per-token data are left out (``summary`` reports
-        their metric curves).
+        their metric curves) and listed in ``skipped``.
     bins : sequence of float, optional
         Histogram edges in nats (default :data:`DEFAULT_BINS`, log-spaced).
     engine : {"local", "ray"}
+    workers : int, optional
+        Worker processes of the local engine (1: none).
     global_quantiles : {"auto", "exact", "sketch"}
         How ``global_quantiles`` are computed. ``auto`` (default): exact for runs of at most
         :data:`EXACT_GLOBAL_MAX_TOKENS` tokens, else from a mergeable sketch whose estimate
@@ -438,16 +448,12 @@ def distribution(store: Store | str, runs=None, bins=None, *, engine: str = "loc
     Distribution
         Every row says its ``entropy_source``.
     """
-    store = store if isinstance(store, Store) else Store.open(store)
     edges = _check_bins(bins)
     if global_quantiles not in GLOBAL_MODES:
         raise EntropylensError(f"global_quantiles must be one of {', '.join(GLOBAL_MODES)}, "
                                f"got {global_quantiles!r}")
-    return distribution_from_parts(
-        [run_plan(store, run, distribution_plan(store, run, source, manifest, bins=edges,
-                                                global_quantiles=global_quantiles),
-                  engine=engine, **engine_options)
-         for run, source, manifest in token_runs(store, runs)], bins=edges)
+    return run_analysis("distribution", store, runs, engine=engine, workers=workers,
+                        bins=edges, global_quantiles=global_quantiles, **engine_options)
 
 
 def step_stats(source: str, manifest: dict) -> StepStats:
@@ -469,8 +475,7 @@ def distribution_plan(store: Store, run: str, source: str, manifest: dict, *, bi
         source, bins=_check_bins(bins), vocab_size=manifest.get("vocab_size"),
         top_k=manifest.get("top_k"), global_quantiles=mode)}
     steps, result = results["steps"], results["dist"]
-    frame = steps.rename(columns={"entropy_token_mean": "mean",
-                                  "entropy_seq_mean": "seq_mean"})
+    frame = steps.copy()
     frame.insert(0, "run", run)
     frame["entropy_source"] = source
     histogram = result["histogram"]
@@ -481,15 +486,72 @@ def distribution_plan(store: Store, run: str, source: str, manifest: dict, *, bi
     below = int(steps["tokens_below_0_01"].sum())
     total = float(np.sum(steps["entropy_sum"].to_numpy(np.float64)))
     row = {"run": run, "entropy_source": source, "tokens": tokens,
-           "mean": total / tokens if tokens else np.nan,
+           "entropy_token_mean": total / tokens if tokens else np.nan,
            "frac_below_0_01": below / tokens if tokens else np.nan}
     return frame[STEP_COLUMNS], histogram, overall, row
 
 
-def distribution_from_parts(parts: list[tuple], *, bins=None) -> Distribution:
+def distribution_from_parts(parts: list[tuple], *, bins=None,
+                            skipped: Sequence[str] = ()) -> Distribution:
     """The :class:`Distribution` of runs from the results of their plans."""
     return Distribution(steps=pd.concat([p[0] for p in parts], ignore_index=True),
                         histogram=pd.concat([p[1] for p in parts], ignore_index=True),
                         global_quantiles=pd.concat([p[2] for p in parts], ignore_index=True),
                         runs=pd.DataFrame([p[3] for p in parts], columns=RUN_COLUMNS),
-                        bins=_check_bins(bins))
+                        bins=_check_bins(bins), skipped=list(skipped))
+
+
+def token_source(store: Store, run: str) -> tuple[str, dict]:
+    """The entropy source and manifest of a run with token entropies.
+
+    Raises
+    ------
+    EntropylensError
+        When the run has no tokens with an entropy source.
+    """
+    manifest = store.manifest(run)
+    source = best_entropy_source(manifest) if manifest.get("counts", {}).get("tokens") \
+        else None
+    if source is None:
+        raise EntropylensError(f"run {run!r} has no token entropies: this analysis needs "
+                               "per-token logs (entropy, top-k logprobs or logprobs)",
+                               path=store.run_dir(run))
+    return source, manifest
+
+
+class DistributionAnalysis(Analysis):
+    """Registered form of :func:`distribution`: the quantile fan of each run."""
+
+    name = "distribution"
+    title = "Token-entropy distribution per step"
+    needs = ("tokens",)
+    order = 20
+
+    def plan(self, store: Store, run: str, inputs, *, bins=None,
+             global_quantiles: str = "auto") -> Plan:
+        source, manifest = token_source(store, run)
+        return (yield from distribution_plan(store, run, source, manifest, bins=bins,
+                                             global_quantiles=global_quantiles))
+
+    def combine(self, parts, *, skipped=(), bins=None, **options) -> Distribution:
+        return distribution_from_parts(list(parts), bins=bins, skipped=skipped)
+
+    def figures(self, result: Distribution, run: str) -> list[FigureSpec]:
+        from ..plots import quantile_fan
+
+        return [FigureSpec("quantiles", f"{run}: token-entropy quantiles per step",
+                           "Bands between symmetric per-step quantiles, median in black, mean "
+                           "dashed (log scale).",
+                           lambda ax: quantile_fan(result.steps, run=run, ax=ax))]
+
+    def section(self, result: Distribution, run: str) -> dict:
+        from .summary import _records
+
+        if result.steps[result.steps["run"] == run].empty:
+            raise EntropylensError("no token entropies")
+        return {"steps": _records(result.steps[result.steps["run"] == run]),
+                "global_quantiles": _records(
+            result.global_quantiles[result.global_quantiles["run"] == run])}
+
+
+register(DistributionAnalysis())

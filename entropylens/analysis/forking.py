@@ -43,7 +43,9 @@ from ..errors import EntropylensError
 from ..estimators import columns_for, token_entropy
 from ..schema import is_special_token
 from ..store import Store
-from .distribution import EXACT_GLOBAL_MAX_TOKENS, NO_STEP, step_array, token_runs
+from .distribution import (EXACT_GLOBAL_MAX_TOKENS, NO_STEP, step_array, token_runs,
+                           token_source)
+from .registry import Analysis, FigureSpec, Finding, register, run_analysis
 from .sequences import step_rows
 from .sketch import QuantileSketch
 
@@ -597,6 +599,9 @@ class Forking:
     runs : pandas.DataFrame
         ``run, entropy_source, tokens, forking_tokens, forking_fraction, units``.
     min_count : int
+    skipped : list of str
+        Runs left out (no per-token entropies), with the reason; not part of the
+        ``forks --json`` output.
     """
 
     ratio: float
@@ -609,6 +614,7 @@ class Forking:
     runs: pd.DataFrame
     min_count: int = 5
     _scopes: dict = field(default_factory=dict, repr=False)
+    skipped: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         """The JSON shape of ``entropylens forks --json`` (DESIGN.md section 6)."""
@@ -734,7 +740,8 @@ def _top(run: str, counts: pd.DataFrame, top_n: int, min_count: int):
 
 def forking_tokens(store: Store | str, runs=None, *, ratio: float = 0.2, scope: str = "step",
                    batch_size: int | None = None, min_count: int = 5, top_n: int = 30,
-                   engine: str = "local", **engine_options) -> Forking:
+                   engine: str = "local", workers: int | None = None,
+                   **engine_options) -> Forking:
     """Forking tokens: thresholds, the tokens most often forking, and their composition.
 
     Parameters
@@ -753,6 +760,8 @@ def forking_tokens(store: Store | str, runs=None, *, ratio: float = 0.2, scope: 
     top_n : int
         Rows per run of ``top_tokens`` and ``top_by_rate``.
     engine : {"local", "ray"}
+    workers : int, optional
+        Worker processes of the local engine (1: none).
 
     Returns
     -------
@@ -767,15 +776,9 @@ def forking_tokens(store: Store | str, runs=None, *, ratio: float = 0.2, scope: 
         runs without per-token data.
     """
     _check_options(ratio, scope, batch_size)
-    store = store if isinstance(store, Store) else Store.open(store)
-    ratio, batch_size = float(ratio), (int(batch_size) if batch_size is not None else None)
-    return forking_from_parts(
-        [run_plan(store, run, forking_plan(store, run, source, manifest, ratio=ratio,
-                                           scope=scope, batch_size=batch_size,
-                                           min_count=min_count, top_n=top_n),
-                  engine=engine, **engine_options)
-         for run, source, manifest in token_runs(store, runs)],
-        ratio=ratio, scope=scope, batch_size=batch_size, min_count=min_count)
+    return run_analysis("forking", store, runs, engine=engine, workers=workers, ratio=ratio,
+                        scope=scope, batch_size=batch_size, min_count=min_count, top_n=top_n,
+                        **engine_options)
 
 
 def forking_plan(store: Store, run: str, source: str, manifest: dict, *, ratio: float = 0.2,
@@ -797,7 +800,8 @@ def forking_plan(store: Store, run: str, source: str, manifest: dict, *, ratio: 
 
 
 def forking_from_parts(parts: list[tuple], *, ratio: float = 0.2, scope: str = "step",
-                       batch_size: int | None = None, min_count: int = 5) -> Forking:
+                       batch_size: int | None = None, min_count: int = 5,
+                       skipped: Sequence[str] = ()) -> Forking:
     """The :class:`Forking` result of runs from the results of their plans."""
     ratio, batch_size = float(ratio), (int(batch_size) if batch_size is not None else None)
     return Forking(ratio=ratio, scope=scope, batch_size=batch_size,
@@ -806,7 +810,74 @@ def forking_from_parts(parts: list[tuple], *, ratio: float = 0.2, scope: str = "
                    top_by_rate=pd.concat([p[4] for p in parts], ignore_index=True),
                    composition=pd.concat([p[5] for p in parts], ignore_index=True),
                    runs=pd.DataFrame([p[6] for p in parts], columns=RUN_COLUMNS),
-                   min_count=min_count, _scopes={p[0]: p[1] for p in parts})
+                   min_count=min_count, _scopes={p[0]: p[1] for p in parts},
+                   skipped=list(skipped))
+
+
+class ForkingAnalysis(Analysis):
+    """Registered form of :func:`forking_tokens`."""
+
+    name = "forking"
+    title = "Forking tokens"
+    needs = ("tokens",)
+    order = 40
+
+    def plan(self, store: Store, run: str, inputs, *, ratio: float = 0.2,
+             scope: str = "step", batch_size: int | None = None, min_count: int = 5,
+             top_n: int = 30) -> Plan:
+        source, manifest = token_source(store, run)
+        return (yield from forking_plan(store, run, source, manifest, ratio=ratio,
+                                        scope=scope, batch_size=batch_size,
+                                        min_count=min_count, top_n=top_n))
+
+    def combine(self, parts, *, skipped=(), ratio: float = 0.2, scope: str = "step",
+                batch_size: int | None = None, min_count: int = 5, **options) -> Forking:
+        return forking_from_parts(list(parts), ratio=ratio, scope=scope,
+                                  batch_size=batch_size, min_count=min_count, skipped=skipped)
+
+    def figures(self, result: Forking, run: str) -> list[FigureSpec]:
+        from ..plots import forking_tokens_bar
+
+        top = _of_run(result.top_tokens, run)
+        if top.empty:
+            return []
+        n = min(20, len(top))
+        return [FigureSpec("forking", f"{run}: most frequent forking tokens",
+                           "How often each token is among the forking (highest-entropy) "
+                           "tokens.",
+                           lambda ax: forking_tokens_bar(result.top_tokens, run=run, top_n=n,
+                                                         ax=ax),
+                           figsize=(6.5, 0.24 * n + 1.2))]
+
+    def section(self, result: Forking, run: str) -> dict:
+        from ..plots._display import token_label
+        from .summary import _records
+
+        top = _records(_of_run(result.top_tokens, run))
+        for row in top:
+            row["label"] = token_label(row.get("token"))
+        return {"ratio": result.ratio, "scope": result.scope, "top_tokens": top,
+                "composition": _records(_of_run(result.composition, run))}
+
+    def findings(self, result: Forking, run: str, shown: int = 6) -> list[Finding]:
+        from ..plots._display import token_label
+
+        top = _of_run(result.top_tokens, run).head(shown)
+        if top.empty:
+            return []
+        labels = [f"“{token_label(t)}”" for t in top["token"]]
+        rule = f" (top {result.ratio:.0%} entropy per {result.scope})"
+        return [Finding("forking", f"most frequent forking tokens{rule}: {', '.join(labels)}",
+                        tier="key",
+                        numbers={"tokens": [str(t) for t in top["token"]],
+                                 "forking_count": [int(c) for c in top["forking_count"]]})]
+
+
+def _of_run(frame: pd.DataFrame, run: str) -> pd.DataFrame:
+    return frame[frame["run"] == run] if "run" in frame.columns else frame
+
+
+register(ForkingAnalysis())
 
 
 def forking_mask(tokens_table: pa.Table | pa.RecordBatch, forking: Forking, *,
@@ -860,9 +931,59 @@ def _step_tables(store: Store, run: str, columns: list[str], steps,
                                           filter=before_eos)
 
 
+@dataclass
+class ForkingOverlap:
+    """Result of :func:`forking_overlap`.
+
+    Attributes
+    ----------
+    run_a, run_b : str
+    ratio : float
+    scope : str
+    shared_positions : int
+        Positions ``(step, sample_id, position)`` where both runs have an entropy.
+    forking_a, forking_b, both : int
+        Forking positions of each run, and of both, among the shared ones.
+    overlap : float or None
+        Share of ``run_a``'s forking positions also forking in ``run_b``.
+    jaccard : float or None
+    token_mismatches : int
+        Shared positions whose token ids differ (the runs were then not scored on the same
+        tokens).
+    warning : str or None
+        A message when there are mismatches.
+    by_step : list of dict
+        ``{step, shared_positions, overlap}`` per step.
+    """
+
+    run_a: str
+    run_b: str
+    ratio: float
+    scope: str
+    shared_positions: int
+    forking_a: int
+    forking_b: int
+    both: int
+    overlap: float | None
+    jaccard: float | None
+    token_mismatches: int
+    warning: str | None
+    by_step: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """The ``overlap`` object of ``entropylens forks --overlap A B --json``."""
+        return {"run_a": self.run_a, "run_b": self.run_b, "ratio": self.ratio,
+                "scope": self.scope, "shared_positions": self.shared_positions,
+                "forking_a": self.forking_a, "forking_b": self.forking_b, "both": self.both,
+                "overlap": self.overlap, "jaccard": self.jaccard,
+                "token_mismatches": self.token_mismatches, "warning": self.warning,
+                "by_step": [dict(row) for row in self.by_step]}
+
+
 def forking_overlap(store: Store | str, run_a: str, run_b: str, ratio: float = 0.2,
                     scope: str = "step", *, batch_size: int | None = None,
-                    engine: str = "local", **engine_options) -> dict:
+                    engine: str = "local", workers: int | None = None,
+                    **engine_options) -> ForkingOverlap:
     """Overlap of the forking positions of two runs scored on the same tokens.
 
     Each run's forking tokens come from its own thresholds over all its tokens; positions are
@@ -874,19 +995,14 @@ def forking_overlap(store: Store | str, run_a: str, run_b: str, ratio: float = 0
     store : Store or path
     run_a, run_b : str
         Two runs holding the same completions (e.g. one checkpoint rescored by another).
-    ratio, scope, batch_size, engine
+    ratio, scope, batch_size, engine, workers
         As in :func:`forking_tokens`.
 
     Returns
     -------
-    dict
-        ``run_a, run_b, ratio, scope, shared_positions, forking_a, forking_b, both,
-        overlap`` (the share of ``run_a``'s forking positions also forking in ``run_b``),
-        ``jaccard``, ``token_mismatches`` (shared positions whose token ids differ: the runs
-        were then not scored on the same tokens), ``warning`` (a message when there are
-        mismatches, else None) and ``by_step`` (a list of ``{step,
-        shared_positions, overlap}``). Counts are over shared positions where both runs have
-        an entropy.
+    ForkingOverlap
+        Counts are over shared positions where both runs have an entropy; ``to_dict()`` is
+        the ``overlap`` object of ``entropylens forks --overlap A B --json``.
 
     Raises
     ------
@@ -900,6 +1016,8 @@ def forking_overlap(store: Store | str, run_a: str, run_b: str, ratio: float = 0
     for run in (run_a, run_b):
         if run not in chosen:
             raise EntropylensError(f"run {run!r} has no per-token entropies", path=store.path)
+    if workers is not None:
+        engine_options["workers"] = workers
     scoped = {run: run_thresholds(store, run, *chosen[run], scope=scope, ratio=float(ratio),
                                   batch_size=batch_size, engine=engine, **engine_options)
               for run in (run_a, run_b)}
@@ -936,17 +1054,16 @@ def forking_overlap(store: Store | str, run_a: str, run_b: str, ratio: float = 0
                                "(step, sample_id, position) with entropies in both: overlap "
                                "needs two runs scored on the same tokens", path=store.path)
     union = totals["a"] + totals["b"] - totals["both"]
-    return {"run_a": run_a, "run_b": run_b, "ratio": float(ratio), "scope": scope,
-            "shared_positions": totals["shared"], "forking_a": totals["a"],
-            "forking_b": totals["b"], "both": totals["both"],
-            "overlap": totals["both"] / totals["a"] if totals["a"] else None,
-            "jaccard": totals["both"] / union if union else None,
-            "token_mismatches": totals["mismatch"],
-            "warning": (f"{totals['mismatch']} of {totals['shared']} shared positions hold "
-                        "different token ids: the runs were not scored on the same tokens, "
-                        "so the overlap compares different text") if totals["mismatch"]
-            else None,
-            "by_step": by_step}
+    return ForkingOverlap(
+        run_a=run_a, run_b=run_b, ratio=float(ratio), scope=scope,
+        shared_positions=totals["shared"], forking_a=totals["a"], forking_b=totals["b"],
+        both=totals["both"], overlap=totals["both"] / totals["a"] if totals["a"] else None,
+        jaccard=totals["both"] / union if union else None,
+        token_mismatches=totals["mismatch"],
+        warning=(f"{totals['mismatch']} of {totals['shared']} shared positions hold "
+                 "different token ids: the runs were not scored on the same tokens, so the "
+                 "overlap compares different text") if totals["mismatch"] else None,
+        by_step=by_step)
 
 
 def _flag_frame(table: pa.Table, scoped: ScopeThresholds) -> pd.DataFrame:

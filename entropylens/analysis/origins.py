@@ -160,6 +160,7 @@ class OriginsAnalysis(Analysis):
     title = "Token statistics by origin (on-policy versus refinement)"
     needs = ("tokens",)
     order = 75
+    only_where_present = True
 
     def plan(self, store: Store, run: str, inputs, **options) -> Plan:
         return origins_plan(store, run)

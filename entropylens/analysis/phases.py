@@ -73,10 +73,11 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from ..errors import EntropylensError
+from ..engine import Plan
 from ..store import Store
-from .curves import open_store, performance, policy_entropy
+from .curves import open_store
 from .noise import curve_noise, metric_range, residual_scatter, trend_change
+from .registry import Analysis, FigureSpec, Finding, register, required, run_analysis
 
 PHASE_LABELS = ("rapid_collapse", "slow_decline", "plateau", "rise", "recovery")
 SEGMENT_COLUMNS = ["start_step", "end_step", "label", "start_entropy", "end_entropy", "slope"]
@@ -193,9 +194,27 @@ class RunPhases:
 
 @dataclass
 class Phases:
-    """Result of :func:`phases`: one :class:`RunPhases` per run."""
+    """Result of :func:`phases`: one :class:`RunPhases` per run.
+
+    Attributes
+    ----------
+    runs : list of RunPhases
+        One per run asked for (a run without an entropy curve, among several, has an empty
+        entry whose ``note`` says why).
+    curves : dict
+        Run name to the policy-entropy curve the phases were found on
+        (:func:`~entropylens.analysis.curves.policy_entropy`).
+    performance : dict
+        Run name to the performance curve (:func:`~entropylens.analysis.curves.performance`),
+        or None with the reason in ``performance_reason``.
+    performance_reason : dict
+        Run name to why it has no performance curve (None when it has one).
+    """
 
     runs: list[RunPhases]
+    curves: dict = field(default_factory=dict, repr=False)
+    performance: dict = field(default_factory=dict, repr=False)
+    performance_reason: dict = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict:
         """The JSON shape of ``entropylens phases --json`` (DESIGN.md section 6)."""
@@ -499,7 +518,7 @@ def seq_mean_summary(curve: pd.DataFrame) -> dict | None:
 
 
 def phases(store: Store | str, runs: str | Sequence[str] | None = None, *,
-           engine: str = "local", **engine_options) -> Phases:
+           engine: str = "local", workers: int | None = None, **engine_options) -> Phases:
     """Collapse phases of each run's policy-entropy curve.
 
     Parameters
@@ -508,6 +527,8 @@ def phases(store: Store | str, runs: str | Sequence[str] | None = None, *,
     runs : str or sequence of str, optional
         Default: every run.
     engine : {"local", "ray"}
+    workers : int, optional
+        Worker processes of the local engine (1: none).
 
     Returns
     -------
@@ -515,24 +536,138 @@ def phases(store: Store | str, runs: str | Sequence[str] | None = None, *,
         ``.runs`` holds one :class:`RunPhases` per run; ``.to_dict()`` is the JSON of
         ``entropylens phases --json``. The module docstring defines every number.
     """
-    store = open_store(store)
-    names = store.resolve_runs(runs)
-    results = []
-    for run in names:
-        try:
-            curve = policy_entropy(store, run, engine=engine, **engine_options)
-        except EntropylensError as exc:
-            if len(names) == 1:
-                raise
-            # one run without an entropy curve must not hide the phases of the others
-            results.append(_empty(run, f"skipped: {exc.message}"))
-            continue
-        try:
-            perf = performance(store, run)
-        except EntropylensError:
-            perf = None
-        item = analyse_curve(curve["step"], curve["entropy"], perf=perf, run=run,
-                             source=str(curve["source"].iloc[0]))
-        item.seq_mean = seq_mean_summary(curve)
-        results.append(item)
-    return Phases(runs=results)
+    return run_analysis("phases", open_store(store), runs, engine=engine, workers=workers,
+                        **engine_options)
+
+
+class PhasesAnalysis(Analysis):
+    """Registered form of :func:`phases`. In the report it is the run's first block: the
+    policy-entropy curve with its phases shaded and the performance on the right axis."""
+
+    name = "phases"
+    title = "Policy entropy and phases"
+    requires = ("policy_entropy", "performance")
+    order = 10
+
+    def plan(self, store: Store, run: str, inputs) -> Plan:
+        curve = required(inputs, "policy_entropy").of(run)
+        perf_outcome = inputs["performance"]
+        perf = perf_outcome.value.of(run) if perf_outcome.ok else None
+        found = analyse_curve(curve["step"], curve["entropy"], perf=perf, run=run,
+                              source=str(curve["source"].iloc[0]))
+        found.seq_mean = seq_mean_summary(curve)
+        return found, curve, perf, perf_outcome.reason
+        yield  # no scan of its own: the curves are its inputs
+
+    def placeholder(self, run: str, reason: str):
+        # one run without an entropy curve must not hide the phases of the others
+        return _empty(run, f"skipped: {reason}"), None, None, None
+
+    def combine(self, parts, *, skipped=(), **options) -> Phases:
+        runs = [part[0] for part in parts]
+        return Phases(runs=runs,
+                      curves={r.run: part[1] for r, part in zip(runs, parts)
+                              if part[1] is not None},
+                      performance={r.run: part[2] for r, part in zip(runs, parts)},
+                      performance_reason={r.run: part[3] for r, part in zip(runs, parts)})
+
+    def figures(self, result: Phases, run: str) -> list[FigureSpec]:
+        from ..plots import entropy_curve
+
+        found, curve = result.runs[0], result.curves[run]
+        perf = result.performance.get(run)
+        segments = found.segments
+        return [FigureSpec(
+            "entropy", f"{run}: policy entropy per step",
+            "Token-mean policy entropy per step"
+            + (", detected phases shaded" if len(segments) else "")
+            + (f", {perf['metric'].iloc[0]} on the right axis" if perf is not None else "")
+            + ".",
+            lambda ax: entropy_curve(curve, phases=segments, performance=perf,
+                                     arrival_step=found.arrival_step, ax=ax))]
+
+    def section(self, result: Phases, run: str) -> dict:
+        from .summary import _records
+
+        perf = result.performance.get(run)
+        return {"curve": _records(result.curves[run]),
+                "performance": _records(perf) if perf is not None else [],
+                "performance_reason": result.performance_reason.get(run),
+                "phases": result.runs[0].to_dict(), "phases_reason": None}
+
+    def findings(self, result: Phases, run: str) -> list[Finding]:
+        found, curve = result.runs[0], result.curves[run]
+        # the plateau alarm stays in the phases' JSON; the report says it once, through the
+        # diagnosis (collapsed_plateau), which judges the plateau beyond noise
+        out = []
+        trend = entropy_trend(curve, found)
+        if trend is not None:
+            out.append(trend)
+        return out
+
+
+def _finite(value) -> bool:
+    try:
+        return value is not None and value is not pd.NA and math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def entropy_trend(curve: pd.DataFrame, found: RunPhases) -> Finding | None:
+    """Collapsed, declined, rose or held steady, with when and how fast (the report's first
+    sentence about a run).
+
+    - **collapsed**: entropy came within 10% of its floor (an ``arrival_step`` exists) and the
+      floor is at most 25% of the starting entropy; the sentence gives the share of the drop
+      reached by the arrival step, the share in the first twelfth of training and the
+      fastest-falling segment.
+    - **declined**: the curve falls but does not collapse.
+
+    A rise or a steady entropy gives no sentence: whether that is an explosion or a run that
+    does not learn is the diagnosis' to judge, beyond noise (:mod:`.diagnose`).
+    """
+    curve = curve.sort_values("step")
+    steps = curve["step"].to_numpy(dtype=float)
+    values = curve["entropy"].to_numpy(dtype=float)
+    if not len(values):
+        return None
+    start = found.start_entropy if _finite(found.start_entropy) else float(values[0])
+    floor = found.floor if _finite(found.floor) \
+        else float(values[-max(3, math.ceil(len(values) / 10)):].mean())
+    arrival, early = found.arrival_step, found.early_drop_fraction
+    numbers = {"start_entropy": start, "floor": floor, "first_step": int(steps[0]),
+               "last_step": int(steps[-1]), "entropy_source": str(curve["source"].iloc[0])
+               if "source" in curve.columns else None}
+    drop = start - floor
+    if arrival is not None and start > 0 and floor <= COLLAPSED_SHARE * start:
+        at_arrival = float(np.interp(arrival, steps, values))
+        share = (start - at_arrival) / drop if drop > 0 else None
+        twelfth = steps[0] + (steps[-1] - steps[0]) * EARLY_FRACTION
+        numbers.update(arrival_step=int(arrival), drop_share_by_arrival=share,
+                       relative_drop=drop / start, early_drop_fraction=early,
+                       early_step=float(twelfth))
+        text = (f"entropy collapsed from {start:.2f} to {floor:.2f} nats "
+                f"({drop / start:.0%} lower): {share:.0%} of the drop happened by step "
+                f"{arrival}")
+        if _finite(early):
+            text += f"; {early:.0%} in the first twelfth of training (by step {twelfth:.0f})"
+        collapse = found.collapse
+        if collapse:
+            numbers.update(fastest_start_step=collapse["start_step"],
+                           fastest_end_step=collapse["end_step"], fastest_drop=collapse["drop"])
+            text += (f"; fastest fall steps {collapse['start_step']}–{collapse['end_step']} "
+                     f"(−{collapse['drop']:.2f} nats)")
+        return Finding("entropy", text, severity="warning", tier="key", numbers=numbers)
+    numbers["relative_change"] = (floor - start) / start if start > 0 else None
+    if drop > 0 and _finite(early) and start > 0:
+        numbers.update(arrival_step=arrival, early_drop_fraction=early)
+        text = (f"entropy declined from {start:.2f} to {floor:.2f} nats ({drop / start:.0%} "
+                f"lower) without collapsing")
+        if arrival is not None:
+            text += f"; within 10% of its floor from step {arrival}"
+    else:
+        return None
+    return Finding("entropy", text, tier="key", numbers=numbers)
+
+
+register(PhasesAnalysis())

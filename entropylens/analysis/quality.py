@@ -36,6 +36,7 @@ stored, and these checks say which of them look suspicious. Checks (``check`` co
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -43,11 +44,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..aliases import canonical_metric
-from ..engine import Aggregator, Plan, run_plan
+from ..engine import Aggregator, Plan
 from ..estimators import best_entropy_source
 from ..schema import EOS_TOKENS, eos_mask
 from ..store import Store
 from .distribution import NO_STEP, step_array
+from .registry import Analysis, register, run_analysis
 from .sequences import inside_runs, run_keys, run_lengths, sequence_starts, step_groups
 
 #: Entropies this far outside [0, log V] count as out of range (float32 rounding is smaller).
@@ -441,8 +443,62 @@ def _quality_run(store: Store, run: str) -> Plan:
     return (yield from quality_plan(store, run, manifest, scan))
 
 
+@dataclass
+class Quality:
+    """Result of :func:`quality`.
+
+    Attributes
+    ----------
+    checks : pandas.DataFrame
+        ``run, check, severity, count, message``: one row per problem found (severity
+        ``warning`` or ``info``); no row when a run is clean.
+    """
+
+    checks: pd.DataFrame
+
+    @property
+    def warnings(self) -> pd.DataFrame:
+        """The rows of severity ``warning``."""
+        return self.checks[self.checks["severity"] == "warning"]
+
+    def to_dict(self) -> dict:
+        """JSON-ready: ``{"checks": [...]}``."""
+        from .summary import _records
+
+        return {"checks": _records(self.checks)}
+
+
+def quality_from_parts(parts: Sequence[pd.DataFrame]) -> Quality:
+    """The :class:`Quality` of runs from their check tables (in run order)."""
+    frames = [frame for frame in parts if len(frame)]
+    checks = pd.concat(frames, ignore_index=True) if frames else \
+        pd.DataFrame(columns=QUALITY_COLUMNS)
+    return Quality(checks=checks)
+
+
+class QualityAnalysis(Analysis):
+    """Registered form of :func:`quality`. The report takes the checks from the summary's
+    scan (:func:`~entropylens.analysis.summary.summary_plan` runs the same checks), so it
+    does not run this one."""
+
+    name = "quality"
+    title = "Data quality"
+    in_report = False
+    order = 1
+    skip_runs = False   # every run asked for, or its error
+
+    def plan(self, store: Store, run: str, inputs) -> Plan:
+        return _quality_run(store, run)
+
+    def combine(self, parts, *, skipped=(), **options) -> Quality:
+        return quality_from_parts(parts)
+
+
+register(QualityAnalysis())
+
+
 def quality(store: Store | str, runs=None, *, engine: str = "local",
-            **engine_options) -> pd.DataFrame:
+            workers: int | None = None, **engine_options) -> Quality:
     """Data-quality checks of runs (see the module notes for the list).
 
     Parameters
@@ -451,18 +507,14 @@ def quality(store: Store | str, runs=None, *, engine: str = "local",
     runs : str or sequence of str, optional
         Default: every run.
     engine : {"local", "ray"}
+    workers : int, optional
+        Worker processes of the local engine (1: none).
 
     Returns
     -------
-    pandas.DataFrame
-        ``run, check, severity, count, message``: one row per problem found (severity
-        ``warning`` or ``info``); no row when a run is clean. Nothing is dropped from the data.
+    Quality
+        ``.checks``: ``run, check, severity, count, message``, one row per problem found.
+        Nothing is dropped from the data.
     """
-    store = store if isinstance(store, Store) else Store.open(store)
-    frames = []
-    for run in store.resolve_runs(runs):
-        frames.append(run_plan(store, run, _quality_run(store, run), engine=engine,
-                               **engine_options))
-    frames = [f for f in frames if len(f)]
-    return pd.concat(frames, ignore_index=True) if frames else \
-        pd.DataFrame(columns=QUALITY_COLUMNS)
+    return run_analysis("quality", store, runs, engine=engine, workers=workers,
+                        **engine_options)

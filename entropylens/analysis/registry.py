@@ -8,7 +8,8 @@ declares
 - ``plan(store, run, inputs, **options)``: the per-run work, a generator over shared scans
   (:data:`entropylens.engine.Plan`: it yields the aggregators it needs, receives their
   results and returns the run's *part*); ``requires`` names analyses whose per-run results
-  it reads (handed over in ``inputs``, each an :class:`Outcome`);
+  it reads (handed over in ``inputs``, each an :class:`Outcome`; :func:`required` gives the
+  value or raises the reason it is missing);
 - ``combine(parts, skipped=..., **options)``: the result dataclass (with ``to_dict()``) of
   one or several runs' parts;
 - optionally its report: ``figures(result, run)`` (:class:`FigureSpec`, drawn by the report),
@@ -29,6 +30,7 @@ in :data:`MODULES`, and (for the report) its two template blocks.
 from __future__ import annotations
 
 import importlib
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
 
@@ -40,7 +42,16 @@ from ..workers import session
 #: Modules that register analyses, imported on first use of the registry (so that importing
 #: the package stays cheap and a broken optional analysis cannot break the others).
 MODULES: list[str] = [
+    "entropylens.analysis.curves",
+    "entropylens.analysis.summary",
+    "entropylens.analysis.quality",
+    "entropylens.analysis.phases",
+    "entropylens.analysis.distribution",
+    "entropylens.analysis.saturation",
+    "entropylens.analysis.forking",
+    "entropylens.analysis.roles",
     "entropylens.analysis.covariance",
+    "entropylens.analysis.compare",
     "entropylens.analysis.diagnose",
     "entropylens.analysis.diversity",
     "entropylens.analysis.origins",
@@ -75,10 +86,14 @@ class Outcome:
         The combined result of that run alone (None when missing).
     reason : str or None
         Why the result is missing, in plain words; None when it is there.
+    error : Exception or None
+        The error behind ``reason`` (an analysis that requires this one re-raises it, so the
+        caller sees the original message and path).
     """
 
     value: Any = None
     reason: str | None = None
+    error: BaseException | None = field(default=None, repr=False, compare=False)
 
     @property
     def ok(self) -> bool:
@@ -156,6 +171,11 @@ class Analysis:
     headline : bool
         Its section is shown at the top of the report, one block per run, before the
         details (the diagnosis).
+    skip_runs : bool
+        With several runs asked for, a run that cannot have the analysis is left out (its
+        reason in the result's ``skipped``, or a :meth:`placeholder` part). False: its error
+        is raised, as for a single run (the summary and data-quality checks describe every
+        run or fail).
     """
 
     name: ClassVar[str] = ""
@@ -165,6 +185,8 @@ class Analysis:
     in_report: ClassVar[bool] = True
     order: ClassVar[int] = 100
     headline: ClassVar[bool] = False
+    only_where_present: ClassVar[bool] = False
+    skip_runs: ClassVar[bool] = True
 
     def plan(self, store: Store, run: str, inputs: Mapping[str, Outcome], **options) -> Plan:
         """The run's part, as a plan. Raise :class:`EntropylensError` when the run cannot
@@ -188,6 +210,12 @@ class Analysis:
     def findings(self, result: Any, run: str) -> list[Finding]:
         """Sentences for the report's list of findings about ``run``."""
         return []
+
+    def placeholder(self, run: str, reason: str) -> Any:
+        """The part standing for a run left out of a several-run result (None: the run is
+        only listed in ``skipped``). Analyses whose results keep one entry per run asked for
+        (phases, the saturation fits) return an entry that carries ``reason``."""
+        return None
 
     def missing(self, manifest: Mapping) -> str | None:
         """Why a run with this manifest cannot have the analysis, from :attr:`needs`."""
@@ -300,7 +328,7 @@ def run_parts(store: Store, run: str, analyses: Sequence[Analysis | str], *,
         for analysis in ready:
             reason = analysis.missing(manifest)
             if reason is not None:
-                done[analysis.name] = Failed(EntropylensError(reason))
+                done[analysis.name] = Failed(EntropylensError(reason, path=store.run_dir(run)))
                 continue
             inputs = {name: outcomes[name] for name in analysis.requires}
             try:
@@ -318,11 +346,11 @@ def run_parts(store: Store, run: str, analyses: Sequence[Analysis | str], *,
 def outcome(analysis: Analysis, part: Any, **options) -> Outcome:
     """One run's part as an :class:`Outcome` (its combined result, or the reason)."""
     if isinstance(part, Failed):
-        return Outcome(reason=_reason(part.error))
+        return Outcome(reason=_reason(part.error), error=part.error)
     try:
         return Outcome(value=analysis.combine([part], **options))
     except Exception as exc:  # noqa: BLE001 - one analysis must not sink the others
-        return Outcome(reason=_reason(exc))
+        return Outcome(reason=_reason(exc), error=exc)
 
 
 def run_analysis(analysis: Analysis | str, store: Store | str,
@@ -344,8 +372,9 @@ def run_analysis(analysis: Analysis | str, store: Store | str,
         CPUs up to 4; 1: none).
     **options
         The analysis' own options (passed to ``plan`` and ``combine``); the engine's
-        (:data:`ENGINE_OPTIONS`: ``batch_size``, ``unit_rows``) and the token selection
-        (:data:`SCAN_OPTIONS`: ``keep_after_eos``) go to the engine.
+        (:data:`ENGINE_OPTIONS`: ``batch_size``, ``unit_rows``) go to the engine unless
+        the analysis' ``plan`` takes an option of that name; the token selection
+        (:data:`SCAN_OPTIONS`: ``keep_after_eos``) goes to the engine.
 
     Returns
     -------
@@ -354,8 +383,11 @@ def run_analysis(analysis: Analysis | str, store: Store | str,
     analysis = get(analysis) if isinstance(analysis, str) else analysis
     store = store if isinstance(store, Store) else Store.open(store)
     names = store.resolve_runs(runs)
+    # an analysis' own option of the same name as an engine option (forking's batch_size:
+    # tokens per batch) stays the analysis'
+    own = inspect.signature(analysis.plan).parameters
     engine_options = {k: options.pop(k) for k in (*ENGINE_OPTIONS, *SCAN_OPTIONS)
-                      if k in options}
+                      if k in options and k not in own}
     if workers is not None:
         engine_options["workers"] = workers
     parts, skipped = [], []
@@ -364,23 +396,27 @@ def run_analysis(analysis: Analysis | str, store: Store | str,
             part = run_parts(store, run, [analysis], options={analysis.name: options},
                              engine=engine, **engine_options)[analysis.name]
             if isinstance(part, Failed):
-                if len(names) == 1 or not isinstance(part.error, EntropylensError):
+                if len(names) == 1 or not analysis.skip_runs \
+                        or not isinstance(part.error, EntropylensError):
                     raise part.error
                 skipped.append(f"{run}: {part.error.message}")
-                continue
+                part = analysis.placeholder(run, part.error.message)
+                if part is None:
+                    continue
             parts.append(part)
-    if not parts:
+    if len(skipped) == len(names):
         raise EntropylensError(f"no run can have the {analysis.name} analysis: "
                                + "; ".join(skipped), path=store.path)
     return analysis.combine(parts, skipped=skipped, **options)
 
 
-@dataclass
-class RunOutcomes:
-    """Every analysis outcome of one run (what the report shows about it)."""
-
-    run: str
-    outcomes: dict[str, Outcome] = field(default_factory=dict)
-
-    def __getitem__(self, name: str) -> Outcome:
-        return self.outcomes.get(name, Outcome(reason="not computed"))
+def required(inputs: Mapping[str, Outcome], name: str) -> Any:
+    """The value of the required analysis ``name`` for this run, or its error raised again
+    (so a run without, say, a policy-entropy curve fails every analysis built on it with the
+    curve's own message)."""
+    found = inputs[name]
+    if found.ok:
+        return found.value
+    if isinstance(found.error, EntropylensError):
+        raise found.error
+    raise EntropylensError(found.reason)

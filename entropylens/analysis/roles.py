@@ -55,12 +55,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from scipy import stats
 
-from ..engine import Aggregator, Plan, run_plan
+from ..engine import Aggregator, Plan
 from ..errors import EntropylensError
 from ..estimators import best_entropy_source, columns_for, token_entropy
 from ..store import Store
 from .distribution import NO_STEP, step_array
 from .lexicon import (CONVENTIONS, Lexicon, PlanningMatcher, detect_convention, load_lexicon)
+from .registry import NEEDS, Analysis, FigureSpec, Finding, register, run_analysis
 from .summary import _records
 from .sequences import inside_runs, run_keys, sequence_starts, step_groups
 
@@ -586,7 +587,8 @@ class Roles:
 
 def roles(store: Store | str, runs: str | Sequence[str] | None = None, *,
           lexicon=None, lexicon_mode: str = "replace", convention: str = "auto",
-          window: int | None = None, engine: str = "local", **engine_options) -> Roles:
+          window: int | None = None, engine: str = "local", workers: int | None = None,
+          **engine_options) -> Roles:
     """Planning versus execution tokens per step, semantic entropy and the two phases.
 
     Parameters
@@ -604,6 +606,8 @@ def roles(store: Store | str, runs: str | Sequence[str] | None = None, *,
     window : int, optional
         Window of the phase rule (default ``max(5, ceil(steps / 10))``).
     engine : {"local", "ray"}
+    workers : int, optional
+        Worker processes of the local engine (1: none).
 
     Returns
     -------
@@ -614,16 +618,12 @@ def roles(store: Store | str, runs: str | Sequence[str] | None = None, *,
     A run without tokens but with completions in its sequences table gets the semantic
     entropy from the completions (``semantic_from = "completions"``) and no class rows.
     """
-    store = store if isinstance(store, Store) else Store.open(store)
     lex = load_lexicon(lexicon, mode=lexicon_mode)
     if convention != "auto" and convention not in CONVENTIONS:
         raise EntropylensError(f"unknown tokenizer convention {convention!r} (one of auto, "
                                f"{', '.join(CONVENTIONS)})")
-    return roles_from_parts([run_plan(store, run, roles_plan(store, run, lexicon=lex,
-                                                             convention=convention,
-                                                             window=window),
-                                      engine=engine, **engine_options)
-                             for run in store.resolve_runs(runs)])
+    return run_analysis("roles", store, runs, engine=engine, workers=workers, lexicon=lex,
+                        convention=convention, window=window, **engine_options)
 
 
 def roles_plan(store: Store, run: str, *, lexicon: Lexicon | None = None,
@@ -668,3 +668,88 @@ def roles_from_parts(parts: list[tuple]) -> Roles:
                  semantic=pd.concat([p[2] for p in parts], ignore_index=True),
                  grams=pd.concat([p[3] for p in parts], ignore_index=True),
                  phases={p[0]["run"]: p[4] for p in parts})
+
+
+def phase_rows(result: Roles, run: str) -> pd.DataFrame:
+    """The planning/execution phases of ``run``: ``name, detected, start_step, end_step,
+    signal, window, reason`` (``detected`` a plain boolean)."""
+    rows = [{k: v for k, v in phase.items() if k != "evidence"}
+            for phase in result.phases.get(run, [])]
+    frame = pd.DataFrame(rows, columns=["name", "detected", "start_step", "end_step", "signal",
+                                        "window", "reason"])
+    frame["detected"] = frame["detected"].fillna(False).astype(bool)
+    return frame
+
+
+class RolesAnalysis(Analysis):
+    """Registered form of :func:`roles`."""
+
+    name = "roles"
+    title = "Planning vs execution tokens"
+    order = 50
+    skip_runs = False   # every run asked for, or its error
+
+    def plan(self, store: Store, run: str, inputs, *, lexicon=None, convention: str = "auto",
+             window: int | None = None) -> Plan:
+        return roles_plan(store, run, lexicon=lexicon, convention=convention, window=window)
+
+    def combine(self, parts, *, skipped=(), **options) -> Roles:
+        return roles_from_parts(list(parts))
+
+    def figures(self, result: Roles, run: str) -> list[FigureSpec]:
+        from ..plots import planning_execution
+
+        if _of_run(result.steps, run).empty:
+            return []
+        detected = phase_rows(result, run)
+        detected = detected[detected["detected"]] if len(detected) else detected
+        return [FigureSpec(
+            "roles", f"{run}: planning vs execution tokens",
+            "Mean entropy of planning and execution tokens per step; semantic entropy of the "
+            "strategic grams dashed, on the right axis"
+            + ("; detected phases shaded." if len(detected) else "."),
+            lambda ax: planning_execution(result.steps, run=run, semantic=result.semantic,
+                                          phases=detected, ax=ax))]
+
+    def section(self, result: Roles, run: str) -> dict:
+        row = _of_run(result.runs, run)
+        if row.empty or not row["tokens"].iloc[0]:
+            # completions alone give a semantic entropy but no planning/execution split
+            raise EntropylensError(NEEDS["tokens"])
+        return {"steps": _records(_of_run(result.steps, run)),
+                "semantic": _records(_of_run(result.semantic, run)),
+                "phases": _records(phase_rows(result, run))}
+
+    def findings(self, result: Roles, run: str) -> list[Finding]:
+        steps = _of_run(result.steps, run).dropna(subset=["mean_entropy", "tokens"])
+        means, counts = {}, {}
+        for cls in ("planning", "execution"):
+            rows = steps[steps["cls"] == cls]
+            total = float(rows["tokens"].sum())
+            if total > 0:
+                counts[cls] = total
+                means[cls] = float((rows["mean_entropy"] * rows["tokens"]).sum() / total)
+        if len(means) < 2:
+            return []
+        share = counts["planning"] / (counts["planning"] + counts["execution"])
+        text = (f"planning tokens average {means['planning']:.2f} nats of entropy, execution "
+                f"tokens {means['execution']:.2f} ({share:.1%} of tokens are planning tokens)")
+        numbers = {"planning_entropy": means["planning"],
+                   "execution_entropy": means["execution"], "planning_share": share}
+        phases = result.phases.get(run, [])
+        found = [p for p in phases if p.get("detected")]
+        if found:
+            text += "; " + ", ".join(f"{p['name']} phase from step {p['start_step']} to "
+                                     f"{p['end_step']}" for p in found)
+            numbers["phases"] = [{"name": p["name"], "start_step": p["start_step"],
+                                  "end_step": p["end_step"]} for p in found]
+        elif phases:
+            text += "; neither the consolidation nor the exploration phase is detected"
+        return [Finding("roles", text, numbers=numbers)]
+
+
+def _of_run(frame: pd.DataFrame, run: str) -> pd.DataFrame:
+    return frame[frame["run"] == run] if "run" in frame.columns else frame
+
+
+register(RolesAnalysis())

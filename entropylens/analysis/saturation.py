@@ -45,16 +45,19 @@ predictions on the remaining points (the paper reports about 1%).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
+from ..engine import Plan
 from ..errors import EntropylensError
 from ..store import Store
-from .curves import entropy_label, open_store, performance, policy_entropy
+from .curves import entropy_label, open_store, performance_curve
 from .noise import metric_range
+from .registry import Analysis, FigureSpec, Finding, register, required, run_analysis
 
 #: Fewer points than this cannot be fitted with a residual left to judge the fit.
 MIN_POINTS = 3
@@ -323,17 +326,6 @@ def join_curves(entropy: pd.DataFrame, perf: pd.DataFrame) -> tuple[pd.DataFrame
     return frame, counts
 
 
-def _fit_run(store: Store, run: str, reward: str | None, *, bootstrap: int, seed: int,
-             early_fraction: float, engine: str, engine_options: dict) -> SaturationFit:
-    curve = policy_entropy(store, run, engine=engine, **engine_options)
-    perf = performance(store, run, reward)
-    try:
-        return fit_curves(curve, perf, run=run, bootstrap=bootstrap, seed=seed,
-                          early_fraction=early_fraction)
-    except EntropylensError as exc:
-        raise EntropylensError(f"run {run!r}: {exc.message}", path=store.run_dir(run)) from None
-
-
 def fit_curves(curve: pd.DataFrame, perf: pd.DataFrame, *, run: str | None = None,
                bootstrap: int = BOOTSTRAP, seed: int = 0,
                early_fraction: float = EARLY_FRACTION) -> SaturationFit:
@@ -374,16 +366,48 @@ def _seq_mean_fit(curve: pd.DataFrame, perf: pd.DataFrame, **options) -> dict | 
             "r2": _num(other.r2), "n": other.n, "above_ceiling": other.above_ceiling}
 
 
-def fit_saturation(store: Store | str, run: str | Sequence[str] | None = None, *,
+@dataclass
+class SaturationFits:
+    """Result of :func:`fit_saturation` over several runs: one fit per run, in run order.
+
+    Iterating, ``len`` and indexing go over :attr:`fits`.
+
+    Attributes
+    ----------
+    fits : list of SaturationFit
+        A run that cannot be fitted has ``error`` set and no numbers.
+    skipped : list of str
+        ``"RUN: reason"`` for those runs.
+    """
+
+    fits: list[SaturationFit]
+    skipped: list[str] = field(default_factory=list)
+
+    def __iter__(self):
+        return iter(self.fits)
+
+    def __len__(self) -> int:
+        return len(self.fits)
+
+    def __getitem__(self, index):
+        return self.fits[index]
+
+    def to_dict(self) -> dict:
+        """The JSON of ``entropylens fit --json`` for several runs."""
+        return {"fits": [fit.to_dict() for fit in self.fits]}
+
+
+def fit_saturation(store: Store | str, runs: str | Sequence[str] | None = None, *,
                    reward: str | None = None, bootstrap: int = BOOTSTRAP, seed: int = 0,
                    early_fraction: float = EARLY_FRACTION, engine: str = "local",
-                   **engine_options) -> SaturationFit | list[SaturationFit]:
+                   workers: int | None = None, run: str | Sequence[str] | None = None,
+                   **engine_options) -> SaturationFit | SaturationFits:
     """Fit the saturation law R = -a * exp(H) + b to each run.
 
     Parameters
     ----------
     store : Store or path
-    run : str or sequence of str, optional
+    runs : str or sequence of str, optional
         Default: every run.
     reward : str, optional
         Performance metric to use instead of ``val_accuracy`` / ``reward_mean``.
@@ -394,33 +418,115 @@ def fit_saturation(store: Store | str, run: str | Sequence[str] | None = None, *
     early_fraction : float
         Share of the first points the early prediction is fitted on.
     engine : {"local", "ray"}
+    workers : int, optional
+        Worker processes of the local engine (1: none).
+    run : str or sequence of str, optional
+        Deprecated spelling of ``runs``.
 
     Returns
     -------
-    SaturationFit or list of SaturationFit
-        One fit when one run is asked for or the store holds one run, else a list. In a list,
-        a run that cannot be fitted has ``error`` set and no numbers; a single run that cannot
-        be fitted, or a list where none can, raises.
+    SaturationFit or SaturationFits
+        One fit when one run is asked for or the store holds one run, else one per run
+        (:class:`SaturationFits`, which iterates like the list it used to be). There, a run
+        that cannot be fitted has ``error`` set and no numbers; a single run that cannot be
+        fitted, or several where none can, raises.
 
     Raises
     ------
     EntropylensError
         Too few points, constant entropy, or no entropy or performance curve (single run).
     """
-    store = open_store(store)
-    names = store.resolve_runs(run)
-    options = dict(bootstrap=bootstrap, seed=seed, early_fraction=early_fraction,
-                   engine=engine, engine_options=engine_options)
-    if len(names) == 1:
-        return _fit_run(store, names[0], reward, **options)
-    fits = []
-    for name in names:
+    if run is not None:
+        warnings.warn("fit_saturation(run=...) is deprecated: use runs=", DeprecationWarning,
+                      stacklevel=2)
+        if runs is not None:
+            raise EntropylensError("pass runs= only (run= is its deprecated spelling)")
+        runs = run
+    return run_analysis("saturation", open_store(store), runs, engine=engine, workers=workers,
+                        reward=reward, bootstrap=bootstrap, seed=seed,
+                        early_fraction=early_fraction, **engine_options)
+
+
+class SaturationAnalysis(Analysis):
+    """Registered form of :func:`fit_saturation`."""
+
+    name = "saturation"
+    title = "Saturation law"
+    requires = ("policy_entropy", "performance")
+    order = 30
+
+    def plan(self, store: Store, run: str, inputs, *, reward: str | None = None,
+             bootstrap: int = BOOTSTRAP, seed: int = 0,
+             early_fraction: float = EARLY_FRACTION) -> Plan:
+        curve = required(inputs, "policy_entropy").of(run)
+        perf = required(inputs, "performance").of(run) if reward is None \
+            else performance_curve(store, run, reward)
         try:
-            fits.append(_fit_run(store, name, reward, **options))
+            return fit_curves(curve, perf, run=run, bootstrap=bootstrap, seed=seed,
+                              early_fraction=early_fraction)
         except EntropylensError as exc:
-            fits.append(SaturationFit(run=name, x=None, y=None, a=None, b=None, ceiling=None,
-                                      r2=None, n=0, a_ci=None, b_ci=None, error=exc.message))
-    if all(f.error for f in fits):
-        raise EntropylensError("no run could be fitted: " + "; ".join(f.error for f in fits),
-                               path=store.path)
-    return fits
+            raise EntropylensError(f"run {run!r}: {exc.message}",
+                                   path=store.run_dir(run)) from None
+        yield  # no scan of its own: the curves are its inputs
+
+    def placeholder(self, run: str, reason: str) -> SaturationFit:
+        return SaturationFit(run=run, x=None, y=None, a=None, b=None, ceiling=None, r2=None,
+                             n=0, a_ci=None, b_ci=None, error=reason)
+
+    def combine(self, parts, *, skipped=(), **options) -> SaturationFit | SaturationFits:
+        if len(parts) == 1 and not skipped:
+            return parts[0]
+        if all(fit.error for fit in parts):
+            raise EntropylensError("no run could be fitted: "
+                                   + "; ".join(fit.error for fit in parts))
+        return SaturationFits(fits=list(parts), skipped=list(skipped))
+
+    def figures(self, result: SaturationFit, run: str) -> list[FigureSpec]:
+        from ..plots import saturation_fit
+
+        return [FigureSpec("fit", f"{run}: saturation law",
+                           "Performance against policy entropy per step, the fitted law "
+                           "R = −a·exp(H) + b, its interval band and the predicted ceiling at "
+                           "H = 0.", lambda ax: saturation_fit(result, ax=ax))]
+
+    def section(self, result: SaturationFit, run: str) -> dict:
+        if result.a is None:
+            raise EntropylensError(result.error or "the law could not be fitted")
+        return {"result": result.to_dict()}
+
+    def findings(self, result: SaturationFit, run: str) -> list[Finding]:
+        fit = result
+        if fit.a is None:
+            return []
+        numbers = {"a": fit.a, "b": fit.b, "ceiling": fit.ceiling, "r2": fit.r2, "n": fit.n,
+                   "performance": fit.y, "ceiling_reason": fit.ceiling_reason}
+        if not _finite(fit.ceiling):
+            # the fit's own quality gate (ceiling_gate) refused a ceiling
+            text = (f"the saturation law R = −a·exp(H) + b does not describe this run "
+                    f"({fit.ceiling_reason or 'no fit'}, {fit.n} points): no ceiling is "
+                    "predicted")
+            return [Finding("fit", text, tier="key", numbers=numbers)]
+        text = (f"the fitted saturation law R = −a·exp(H) + b predicts a ceiling of "
+                f"{fit.ceiling:.2f} {fit.y} (the fitted performance at zero entropy; R² "
+                f"{fit.r2:.2f}, {fit.n} points, {fit.above_ceiling} observations above it)")
+        observed = fit.data["R"].dropna()
+        if len(observed):
+            best = float(observed.max())
+            numbers["best_observed"] = best
+            text += f"; the best value reached so far is {best:.2f}"
+        early = fit.early or {}
+        if _finite(early.get("rmse")) and early.get("fraction"):
+            numbers.update(early_fraction=early["fraction"], early_rmse=early["rmse"])
+            text += (f"; fitted on the first {early['fraction']:.0%} of points it predicts the "
+                     f"rest with RMSE {early['rmse']:.3f}")
+        return [Finding("fit", text, tier="key", numbers=numbers)]
+
+
+def _finite(value) -> bool:
+    try:
+        return value is not None and value is not pd.NA and math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+register(SaturationAnalysis())

@@ -8,11 +8,12 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from ..engine import Plan, run_plan, scan_selection
+from ..engine import Plan, scan_selection
 from ..estimators import best_entropy_source
 from ..store import Store
 from .distribution import step_stats
 from .quality import QUALITY_COLUMNS, QualityScan, quality_plan
+from .registry import Analysis, register, run_analysis
 
 RUN_COLUMNS = ["run", "tokens", "sequences", "steps", "entropy_source", "tokens_after_eos",
                "after_eos"]
@@ -99,12 +100,13 @@ def summary_plan(store: Store, run: str) -> Plan:
 
 
 def summary(store: Store | str, runs: str | Sequence[str] | None = None, *,
-            engine: str = "local", **engine_options) -> Summary:
+            engine: str = "local", workers: int | None = None, **engine_options) -> Summary:
     """Summarise runs: contents and per-step entropy statistics.
 
     Per-step statistics come from the best entropy source of each run's tokens (exact, then
     top-k, then surprisal); a run with only step metrics reports its ``policy_entropy``
-    metric as ``entropy_token_mean`` and ``metric`` as its source.
+    metric as ``entropy_token_mean`` and ``metric`` as its source. The data-quality checks
+    (:func:`entropylens.analysis.quality.quality`) ride on the same scan.
 
     Parameters
     ----------
@@ -112,15 +114,32 @@ def summary(store: Store | str, runs: str | Sequence[str] | None = None, *,
     runs : str or sequence of str, optional
         Default: every run.
     engine : {"local", "ray"}
+    workers : int, optional
+        Worker processes of the local engine (1: none).
 
     Returns
     -------
     Summary
     """
-    store = store if isinstance(store, Store) else Store.open(store)
-    return summary_from_parts([run_plan(store, run, summary_plan(store, run), engine=engine,
-                                        **engine_options)
-                               for run in store.resolve_runs(runs)])
+    return run_analysis("summary", store, runs, engine=engine, workers=workers,
+                        **engine_options)
+
+
+class SummaryAnalysis(Analysis):
+    """Registered form of :func:`summary`. The report shows it as its overview table (and
+    its data-quality rows as the data-quality section), not as a per-run section."""
+
+    name = "summary"
+    title = "Runs"
+    in_report = False
+    order = 0
+    skip_runs = False   # every run asked for, or its error
+
+    def plan(self, store: Store, run: str, inputs) -> Plan:
+        return summary_plan(store, run)
+
+    def combine(self, parts, *, skipped=(), **options) -> Summary:
+        return summary_from_parts(list(parts))
 
 
 def summary_from_parts(parts: list[tuple]) -> Summary:
@@ -136,3 +155,6 @@ def summary_from_parts(parts: list[tuple]) -> Summary:
                 if row.severity == "warning"]
     return Summary(runs=pd.DataFrame(run_rows, columns=RUN_COLUMNS), steps=steps,
                    warnings=warnings, quality=quality)
+
+
+register(SummaryAnalysis())

@@ -755,9 +755,3 @@ def _summarise_step_basis(writer: RunWriter) -> None:
 class StepBasisWarning(UserWarning):
     """A run's steps could not be placed on a known basis (see
     :mod:`entropylens.ingest.step_basis`)."""
-
-
-def _cleanup(store: Store, created: bool) -> None:
-    """Remove a store folder this call created when it ends up holding nothing."""
-    if created and not store.runs():
-        shutil.rmtree(store.path, ignore_errors=True)

@@ -104,8 +104,9 @@ def quantile_columns(data: pd.DataFrame) -> list[tuple[float, str]]:
     return sorted(found)
 
 
-def quantile_fan(data: pd.DataFrame, *, run: str | None = None, mean: str | None = "mean",
-                 log: bool = True, floor: float = 1e-4, color=None, ax=None):
+def quantile_fan(data: pd.DataFrame, *, run: str | None = None,
+                 mean: str | None = "entropy_token_mean", log: bool = True,
+                 floor: float = 1e-4, color=None, ax=None):
     """Per-step entropy quantiles as nested bands around the median.
 
     Parameters

@@ -14,13 +14,14 @@ import numpy as np
 import pandas as pd
 
 from .. import __version__
+from ..analysis.registry import Analysis, Outcome
 from ..errors import EntropylensError
 from ..store import Store, _finite, _json_default, write_file_atomic, writing
-from .collect import Part, RunResults, analysis, collect
-from .figures import FigureFile, compare_figure, role_phases, run_figures, write_figures
+from .collect import RunResults, collect
+from .figures import FigureFile, compare_figure, figure_file, write_figures
 from .render import render_html, render_markdown
 from .tokens import pick_examples
-from .verdicts import verdicts
+from .verdicts import Verdict, from_finding, verdicts
 
 #: Constants the page's sentences name ("the first twelfth", "within 10% of the floor").
 DEFINITIONS = {"early_fraction": 1 / 12, "arrival_band": 0.1, "collapsed_share": 0.25,
@@ -89,12 +90,8 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _result_dict(value: Any) -> dict:
-    to_dict = getattr(value, "to_dict", None)
-    return _plain(to_dict()) if callable(to_dict) else {}
-
-
-def _section(part: Part, figure: FigureFile | None = None, **content) -> dict:
+def _section(part: Outcome, figure: FigureFile | None = None, **content) -> dict:
+    """A report part that spans runs (comparison, data quality)."""
     section = {"available": part.ok, "reason": part.reason,
                "figure": figure.to_dict() if figure is not None else None}
     if part.ok:
@@ -107,86 +104,83 @@ def slug(run: str, index: int) -> str:
     return f"r{index}-" + (re.sub(r"[^a-z0-9]+", "-", run.lower()).strip("-") or "run")
 
 
-def _run_rows(frame: pd.DataFrame, run: str) -> pd.DataFrame:
-    return frame[frame["run"] == run] if "run" in frame.columns else frame
+def anchor(name: str, s: str) -> str:
+    """The page id of analysis ``name``'s section of the run with slug ``s``."""
+    return f"sec-{name}-{s}"
 
 
-def _run_model(entry: RunResults, s: str, figures: dict[str, FigureFile],
-               examples: Part) -> dict:
-    curve, perf, phases = entry.part("curve"), entry.part("performance"), entry.part("phases")
-    fit, dist, forking = entry.part("fit"), entry.part("distribution"), entry.part("forking")
-    roles, cov = entry.part("roles"), entry.part("covariance")
-    model = {
-        "run": entry.run, "slug": s, "tokens": entry.tokens, "sequences": entry.sequences,
-        "entropy_source": entry.entropy_source,
-        "entropy": _section(curve, figures.get("entropy"),
-                            curve=records(curve.value) if curve.ok else [],
-                            performance=records(perf.value) if perf.ok else [],
-                            performance_reason=perf.reason,
-                            phases=_result_dict(phases.value) if phases.ok else None,
-                            phases_reason=phases.reason),
-        "distribution": _section(dist, figures.get("quantiles"),
-                                 steps=records(_run_rows(dist.value.steps, entry.run))
-                                 if dist.ok else [],
-                                 global_quantiles=records(_run_rows(
-                                     getattr(dist.value, "global_quantiles", None),
-                                     entry.run)) if dist.ok and getattr(
-                                     dist.value, "global_quantiles", None) is not None else []),
-        "fit": _section(fit, figures.get("fit"), result=_result_dict(fit.value)
-                        if fit.ok else None),
-        "forking": _section(forking, figures.get("forking"),
-                            ratio=getattr(forking.value, "ratio", None),
-                            scope=getattr(forking.value, "scope", None),
-                            top_tokens=_token_rows(_run_rows(forking.value.top_tokens,
-                                                             entry.run)) if forking.ok else [],
-                            composition=records(_run_rows(getattr(
-                                forking.value, "composition", pd.DataFrame()), entry.run))
-                            if forking.ok else []),
-        "roles": _section(roles, figures.get("roles"),
-                          steps=records(_run_rows(roles.value.steps, entry.run))
-                          if roles.ok else [],
-                          semantic=records(_run_rows(roles.value.semantic, entry.run))
-                          if roles.ok and getattr(roles.value, "semantic", None) is not None
-                          else [],
-                          phases=records(role_phases(roles.value, entry.run))
-                          if roles.ok else []),
-        "covariance": _section(cov, figures.get("covariance"),
-                               groups=records(_run_rows(cov.value.groups, entry.run))
-                               if cov.ok else [],
-                               correlation=records(_run_rows(cov.value.correlation, entry.run))
-                               if cov.ok else []),
-        "examples": {"available": examples.ok, "reason": examples.reason,
-                     "note": _examples_note(entry, examples),
-                     "items": [e.to_dict() for e in examples.value] if examples.ok else []},
-    }
-    return model
+@dataclass
+class RunSections:
+    """What the analyses give the report about one run."""
+
+    sections: dict[str, dict]
+    figures: list[FigureFile]
+    findings: list[Verdict]
 
 
-def _token_rows(frame: pd.DataFrame) -> list[dict]:
-    from ..plots._display import token_label
+def run_sections(entry: RunResults, analyses: Sequence[Analysis], s: str) -> RunSections:
+    """Each analysis' section of one run, its figures drawn and its findings.
 
-    rows = records(frame)
-    for row in rows:
-        row["label"] = token_label(row.get("token"))
-    return rows
+    The section of analysis ``name`` is ``{"name", "title", "available", "reason",
+    "figures", **section(result, run)}``. A section whose hooks raise is "not available"
+    with the reason (an :class:`EntropylensError` says it in plain words, such as a run
+    whose tokens hold no entropy), so one broken section never costs the report.
+    """
+    sections, figures, findings = {}, [], []
+    for analysis in analyses:
+        outcome = entry.part(analysis.name)
+        if not outcome.ok and analysis.only_where_present:
+            continue   # a run without search trees or token origins has no such section
+        section = {"name": analysis.name, "title": analysis.title, "available": outcome.ok,
+                   "reason": outcome.reason, "figures": []}
+        if outcome.ok:
+            try:
+                content = _plain(analysis.section(outcome.value, entry.run) or {})
+                drawn = [figure_file(spec, s)
+                         for spec in analysis.figures(outcome.value, entry.run)]
+                found = analysis.findings(outcome.value, entry.run)
+            except Exception as exc:  # noqa: BLE001 - a report section must not sink the report
+                section.update(available=False, reason=exc.message
+                               if isinstance(exc, EntropylensError)
+                               else f"failed: {type(exc).__name__}: {exc}")
+            else:
+                section.update(content)
+                section["figures"] = [f.to_dict() for f in drawn]
+                figures.extend(drawn)
+                findings.extend(from_finding(f, entry.run, anchor(analysis.name, s))
+                                for f in found)
+        sections[analysis.name] = section
+    return RunSections(sections, figures, findings)
 
 
-def _examples(store: Store, entry: RunResults) -> Part:
+def _run_model(entry: RunResults, s: str, sections: dict, examples: Outcome) -> dict:
+    return {"run": entry.run, "slug": s, "tokens": entry.tokens, "sequences": entry.sequences,
+            "entropy_source": entry.entropy_source, "sections": sections,
+            "examples": {"available": examples.ok, "reason": examples.reason,
+                         "note": _examples_note(entry, examples),
+                         "items": [e.to_dict() for e in examples.value]
+                         if examples.ok else []}}
+
+
+def _examples(store: Store, entry: RunResults) -> Outcome:
+    """Example completions of the run, their forking tokens marked when it has them."""
+    from ..analysis.forking import forking_mask
+
     source = entry.entropy_source if entry.entropy_source in ("exact", "topk", "surprisal") \
         else None
     forking = entry.part("forking")
-    mask = analysis("forking_mask") if forking.ok else None
     try:
         items = pick_examples(store, entry.run, source=source, vocab_size=entry.vocab_size,
-                              forking=forking.value if forking.ok else None, forking_mask=mask)
+                              forking=forking.value if forking.ok else None,
+                              forking_mask=forking_mask if forking.ok else None)
     except EntropylensError as exc:
-        return Part(reason=exc.message)
+        return Outcome(reason=exc.message)
     if not items:
-        return Part(reason="the run has no completions or tokens to show")
-    return Part(value=items)
+        return Outcome(reason="the run has no completions or tokens to show")
+    return Outcome(value=items)
 
 
-def _examples_note(entry: RunResults, examples: Part) -> str | None:
+def _examples_note(entry: RunResults, examples: Outcome) -> str | None:
     """Say so when a run has tokens but none of its shown completions could be matched."""
     if examples.ok and entry.tokens and not any(e.tokens for e in examples.value):
         return ("no token rows share (step, sample_id) with these completions, so they are "
@@ -197,10 +191,12 @@ def _examples_note(entry: RunResults, examples: Part) -> str | None:
 def _unavailable(model: dict) -> list[dict]:
     out = []
     for run in model["runs"]:
-        for name in ("entropy", "distribution", "fit", "forking", "roles", "covariance",
-                     "examples"):
-            if not run[name]["available"]:
-                out.append({"run": run["run"], "section": name, "reason": run[name]["reason"]})
+        for name, section in run["sections"].items():
+            if not section["available"]:
+                out.append({"run": run["run"], "section": name, "reason": section["reason"]})
+        if not run["examples"]["available"]:
+            out.append({"run": run["run"], "section": "examples",
+                        "reason": run["examples"]["reason"]})
     for name in ("compare", "quality"):
         if not model[name]["available"]:
             out.append({"run": None, "section": name, "reason": model[name]["reason"]})
@@ -237,18 +233,13 @@ def build_report(store: Store | str, out: str | Path, runs: str | Sequence[str] 
     results = collect(store, names, engine=engine, keep_after_eos=keep_after_eos)
 
     figures: list[FigureFile] = []
-    run_models = []
-    anchors: dict = {None: {"compare": "compare", "quality": "quality"}}
+    run_models, findings = [], []
     for index, entry in enumerate(results.runs):
         s = slug(entry.run, index)
-        run_figs = run_figures(entry, s)
-        figures.extend(run_figs.values())
-        examples = _examples(store, entry)
-        run_models.append(_run_model(entry, s, run_figs, examples))
-        anchors[entry.run] = {
-            "entropy": f"fig-entropy-{s}" if "entropy" in run_figs else f"run-{s}",
-            "fit": f"fig-fit-{s}", "forking": f"forks-{s}", "roles": f"fig-roles-{s}",
-            "covariance": f"fig-covariance-{s}"}
+        made = run_sections(entry, results.sections, s)
+        figures.extend(made.figures)
+        findings.extend(made.findings)
+        run_models.append(_run_model(entry, s, made.sections, _examples(store, entry)))
     compare = results.part("compare")
     compare_fig = compare_figure(results) if compare.ok else None
     if compare_fig is not None:
@@ -263,7 +254,10 @@ def build_report(store: Store | str, out: str | Path, runs: str | Sequence[str] 
         "generated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "entropylens_version": __version__,
         "runs": run_models,
-        "verdicts": [v.to_dict() for v in verdicts(results, anchors)],
+        "verdicts": [v.to_dict() for v in verdicts(
+            findings, results, {"compare": "compare", "quality": "quality"})],
+        "sections": [{"name": a.name, "title": a.title, "headline": a.headline}
+                     for a in results.sections],
         "overview": records(results.summary.runs),
         "summary_steps": records(results.summary.steps),
         "warnings": list(results.summary.warnings),

@@ -16,8 +16,9 @@ import seaborn as sns
 from matplotlib.figure import Figure
 
 from .. import plots
+from ..analysis.registry import FigureSpec
 from ..store import real_folder, write_file_atomic
-from .collect import Results, RunResults
+from .collect import Results
 
 DPI = 110
 
@@ -51,80 +52,12 @@ def draw(draw_on: Callable, *, figsize=(7.5, 3.8), ncols: int = 1) -> bytes:
     return buffer.getvalue()
 
 
-def run_figures(entry: RunResults, slug: str) -> dict[str, FigureFile]:
-    """The figures of one run, keyed by kind (entropy, quantiles, fit, forking, ...)."""
-    out: dict[str, FigureFile] = {}
-    run = entry.run
-
-    def add(kind, title, caption, draw_on, **kwargs):
-        fid = f"{kind}-{slug}"
-        out[kind] = FigureFile(fid, title, caption, f"figures/{fid}.png", draw(draw_on, **kwargs))
-
-    curve, perf, phases = entry.part("curve"), entry.part("performance"), entry.part("phases")
-    if curve.ok:
-        segments = phases.value.segments if phases.ok else None
-        arrival = phases.value.arrival_step if phases.ok else None
-        add("entropy", f"{run}: policy entropy per step",
-            "Token-mean policy entropy per step"
-            + (", detected phases shaded" if segments is not None and len(segments) else "")
-            + (f", {perf.value['metric'].iloc[0]} on the right axis" if perf.ok else "") + ".",
-            lambda ax: plots.entropy_curve(curve.value, phases=segments,
-                                           performance=perf.value if perf.ok else None,
-                                           arrival_step=arrival, ax=ax))
-    dist = entry.part("distribution")
-    if dist.ok:
-        add("quantiles", f"{run}: token-entropy quantiles per step",
-            "Bands between symmetric per-step quantiles, median in black, mean dashed "
-            "(log scale).",
-            lambda ax: plots.quantile_fan(dist.value.steps, run=run, ax=ax))
-    fit = entry.part("fit")
-    if fit.ok:
-        add("fit", f"{run}: saturation law",
-            "Performance against policy entropy per step, the fitted law R = −a·exp(H) + b, "
-            "its interval band and the predicted ceiling at H = 0.",
-            lambda ax: plots.saturation_fit(fit.value, ax=ax))
-    forking = entry.part("forking")
-    if forking.ok and not _rows(forking.value.top_tokens, run).empty:
-        n = min(20, len(_rows(forking.value.top_tokens, run)))
-        add("forking", f"{run}: most frequent forking tokens",
-            "How often each token is among the forking (highest-entropy) tokens.",
-            lambda ax: plots.forking_tokens_bar(forking.value.top_tokens, run=run, top_n=n,
-                                                ax=ax),
-            figsize=(6.5, 0.24 * n + 1.2))
-    roles = entry.part("roles")
-    if roles.ok and not _rows(roles.value.steps, run).empty:
-        semantic = getattr(roles.value, "semantic", None)
-        detected = role_phases(roles.value, run)
-        detected = detected[detected["detected"]] if len(detected) else detected
-        add("roles", f"{run}: planning vs execution tokens",
-            "Mean entropy of planning and execution tokens per step; semantic entropy of the "
-            "strategic grams dashed, on the right axis"
-            + ("; detected phases shaded." if len(detected) else "."),
-            lambda ax: plots.planning_execution(roles.value.steps, run=run,
-                                                semantic=semantic, phases=detected, ax=ax))
-    cov = entry.part("covariance")
-    if cov.ok:
-        add("covariance", f"{run}: covariance groups",
-            "Mean Cov(log π, A) per step in each covariance group (symmetric-log axis).",
-            lambda ax: plots.covariance_groups(cov.value.groups, run=run, ax=ax))
-    return out
-
-
-def role_phases(roles, run: str):
-    """The run's planning/execution phases as a table (``name, detected, start_step, ...``)."""
-    import pandas as pd
-
-    phases = getattr(roles, "phases", None) or {}
-    rows = [{k: v for k, v in phase.items() if k != "evidence"}
-            for phase in phases.get(run, [])]
-    frame = pd.DataFrame(rows, columns=["name", "detected", "start_step", "end_step", "signal",
-                                        "window", "reason"])
-    frame["detected"] = frame["detected"].fillna(False).astype(bool)
-    return frame
-
-
-def _rows(frame, run):
-    return frame[frame["run"] == run] if "run" in frame.columns else frame
+def figure_file(spec: FigureSpec, slug: str) -> FigureFile:
+    """Draw an analysis' :class:`~entropylens.analysis.registry.FigureSpec` of one run; its
+    id (HTML id and file name) is ``<kind>-<run slug>``."""
+    fid = f"{spec.kind}-{slug}"
+    return FigureFile(fid, spec.title, spec.caption, f"figures/{fid}.png",
+                      draw(spec.draw, figsize=spec.figsize, ncols=spec.ncols))
 
 
 def compare_figure(results: Results) -> FigureFile | None:

@@ -139,6 +139,8 @@ def environment(markdown: bool) -> jinja2.Environment:
                                  undefined=jinja2.StrictUndefined, trim_blocks=True,
                                  lstrip_blocks=True, keep_trailing_newline=True)
         env.globals["md_figure"] = md_figure
+        # the name section blocks use in both outputs (a macro of index.html.j2 in HTML)
+        env.globals["figure"] = md_figure
     else:
         env = jinja2.Environment(loader=loader, autoescape=True,
                                  undefined=jinja2.StrictUndefined, trim_blocks=True,
