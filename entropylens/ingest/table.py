@@ -21,10 +21,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.json as pajson
-import pyarrow.parquet as pq
 
 from ..errors import FormatError
 from ..schema import METRIC_SCHEMA, SEQUENCE_SCHEMA, TOKEN_SCHEMA
+from ._io import check_header_columns, iter_parquet_batches
 from ._metrics import wide_to_long
 from .registry import Chunk, Format, Sample, register
 
@@ -183,11 +183,12 @@ def _batches(path: Path, suffix: str, ctx=None) -> Iterator[pa.RecordBatch]:
     bad_rows = None
     try:
         if suffix == ".parquet":
-            parquet = pq.ParquetFile(path)
-            yield from parquet.iter_batches(batch_size=BATCH_ROWS)
+            yield from iter_parquet_batches(path)
         elif suffix in (".csv", ".tsv"):
+            delimiter = "\t" if suffix == ".tsv" else ","
+            check_header_columns(path, delimiter)
             bad_rows = _BadCsvRows(ctx)
-            parse = pacsv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ",",
+            parse = pacsv.ParseOptions(delimiter=delimiter,
                                        newlines_in_values=True, invalid_row_handler=bad_rows)
             # one thread: pyarrow gives the bad row's line number only then
             with bad_rows.quiet():  # open_csv already parses the first block
