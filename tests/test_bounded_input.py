@@ -175,3 +175,57 @@ def test_cli_million_column_csv_is_one_line(tmp_path, monkeypatch):
     assert result.exit_code == 1
     assert result.output.startswith(f"error: {path}:1: 10,001 columns")
     assert len(result.output.strip().splitlines()) == 1
+
+
+# -- table JSON Lines: bad lines named by their line in the file, skippable ----------------
+def _token_lines(count: int) -> list[str]:
+    return [json.dumps({"step": i // 50, "sample_id": f"s{i % 5}", "position": i,
+                        "token": f"t{i}", "logprob": -0.01 * (i % 97)}) for i in range(count)]
+
+
+def _hostile_jsonl(tmp_path: Path) -> tuple[Path, dict[int, str]]:
+    lines = _token_lines(3000)
+    bad = {1500: '{"step": 30, "sample_id": ',  # truncated
+           2200: '{"step": "late", "sample_id": "s0", "position": 1, "token": "x", '
+                 '"logprob": -1.0}',  # valid JSON, a string where the step is a number
+           2900: "[1, 2, 3]"}
+    for number, text in bad.items():
+        lines[number - 1] = text
+    path = tmp_path / "tokens.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path, bad
+
+
+def test_table_jsonl_bad_line_is_named_by_its_file_line(tmp_path, monkeypatch):
+    from entropylens.ingest import table
+
+    monkeypatch.setattr(table, "JSON_BLOCK_BYTES", 20_000, raising=False)  # several blocks
+    path, bad = _hostile_jsonl(tmp_path)
+    with pytest.raises(FormatError, match="not valid JSON") as info:
+        el.ingest(path, tmp_path / "s", format="table", run="r", progress=False)
+    assert (info.value.path, info.value.line) == (str(path), 1500)
+    lines = path.read_text().splitlines()
+    for number in (1500, 2900):  # every kind of bad line, named by its own number
+        lines[number - 1] = _token_lines(number)[-1]
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(FormatError, match="changed from number to string") as info:
+        el.ingest(path, tmp_path / "s", format="table", run="r", progress=False)
+    assert info.value.line == 2200
+
+
+def test_table_jsonl_skip_keeps_every_good_line(tmp_path, monkeypatch):
+    from entropylens.ingest import table
+
+    monkeypatch.setattr(table, "JSON_BLOCK_BYTES", 20_000, raising=False)
+    path, bad = _hostile_jsonl(tmp_path)
+    el.ingest(path, tmp_path / "s", format="table", run="r", progress=False, on_error="skip")
+    store = el.open(tmp_path / "s")
+    want = pd.DataFrame([json.loads(line) for number, line in
+                         enumerate(path.read_text().splitlines(), 1) if number not in bad])
+    got = store.read_tokens("r").to_pandas().sort_values("position").reset_index(drop=True)
+    assert len(got) == len(want) == 2997
+    assert got["position"].tolist() == want["position"].tolist()
+    np.testing.assert_allclose(got["logprob"], want["logprob"], rtol=1e-6)
+    rejected = store.manifest("r")["rejected"]
+    assert rejected["count"] == 3
+    assert sorted(e["line"] for e in rejected["examples"]) == sorted(bad)
