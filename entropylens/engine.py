@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 
 from .errors import EntropylensError
 from .schema import TOKEN_SCHEMA
-from .store import Store
+from .store import Store, reading
 from .workers import session
 
 ENGINES = ("local", "ray")
@@ -156,18 +156,10 @@ def plan_units(store: Store, run: str, *, steps: Iterable[int] | None = None,
     list of Unit
         The unit of rows without a step first, then by increasing steps.
     """
-    folder = store.run_dir(run) / "tokens"
-    parts = sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []
     wanted = None if steps is None else np.unique(np.asarray(list(steps), dtype=np.int64))
     groups = []   # (order, file, row group, lo, hi, has_nulls, rows)
-    for path in parts:
-        try:
-            metadata = pq.ParquetFile(path).metadata
-        except (OSError, pa.ArrowException) as exc:
-            raise EntropylensError(f"unreadable token part file: {exc}", path=path) from exc
+    for path, metadata in store.token_parts(run):  # checked: readable, canonical columns
         column = metadata.schema.to_arrow_schema().get_field_index("step")
-        if column < 0:
-            raise EntropylensError("token part file has no step column", path=path)
         for g in range(metadata.num_row_groups):
             lo, hi, nulls = _row_group_keys(metadata, column, g)
             if wanted is not None:
@@ -235,7 +227,7 @@ def scan_unit(unit: Unit, columns: Sequence[str], *, steps: Iterable[int] | None
     read = list(columns) if "step" in columns else [*columns, "step"]
     wanted = None if steps is None else pa.array(sorted({int(s) for s in steps}), pa.int64())
     for path, row_groups in unit.pieces:
-        try:
+        with reading(path, "token part"):
             handle = pq.ParquetFile(path)
             batches = handle.iter_batches(batch_size=batch_size, row_groups=list(row_groups),
                                           columns=read)
@@ -248,8 +240,6 @@ def scan_unit(unit: Unit, columns: Sequence[str], *, steps: Iterable[int] | None
                     batch = batch.select(list(columns))
                 if batch.num_rows:
                     yield batch
-        except (OSError, pa.ArrowException) as exc:
-            raise EntropylensError(f"unreadable token part file: {exc}", path=path) from exc
 
 
 def _conform_batch(batch: pa.RecordBatch, names: Sequence[str]) -> pa.RecordBatch:

@@ -23,7 +23,7 @@ from ..analysis.forking import forking_from_parts, forking_plan
 from ..analysis.roles import roles_from_parts, roles_plan
 from ..analysis.summary import summary_from_parts, summary_plan
 from ..engine import Failed, run_plans
-from ..errors import EntropylensError
+from ..errors import EntropylensError, StoreReadError
 from ..estimators import best_entropy_source
 from ..store import Store
 from ..workers import session
@@ -160,6 +160,8 @@ def _non_empty(part: Part, attribute: str | None, reason: str) -> Part:
 
 
 def _reason(exc: Exception) -> str:
+    if isinstance(exc, StoreReadError):  # a damaged store is no note: it stops the command
+        raise exc
     if isinstance(exc, EntropylensError):
         return exc.message
     return f"failed: {type(exc).__name__}: {exc}"
