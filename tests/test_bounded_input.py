@@ -229,3 +229,62 @@ def test_table_jsonl_skip_keeps_every_good_line(tmp_path, monkeypatch):
     rejected = store.manifest("r")["rejected"]
     assert rejected["count"] == 3
     assert sorted(e["line"] for e in rejected["examples"]) == sorted(bad)
+
+
+# -- values beyond any sane range: left out of curves and fits, counted, never a crash ------
+def _metrics_with(tmp_path: Path, column: str, value: float) -> tuple[Path, pd.DataFrame]:
+    steps = np.arange(40)
+    frame = pd.DataFrame({"step": steps, "entropy": 2.0 * np.exp(-steps / 10) + 0.1,
+                          "reward": 0.9 - 0.8 * np.exp(-steps / 10)})
+    frame["val/accuracy"] = frame["reward"] * 0.9
+    frame.loc[20, column] = value
+    frame.to_csv(tmp_path / "metrics.csv", index=False)
+    el.ingest(tmp_path / "metrics.csv", tmp_path / "s", run="r", progress=False)
+    return tmp_path / "s", frame.drop(index=20)
+
+
+def _no_non_finite(path: Path) -> None:
+    found = []
+    json.loads(path.read_text(), parse_constant=found.append)
+    assert not found, found
+
+
+@pytest.mark.parametrize("column,value", [("entropy", 1e308), ("entropy", -1e308),
+                                          ("entropy", 1000.0), ("val/accuracy", 1e308),
+                                          ("val/accuracy", -1e308)])
+def test_huge_metric_values_are_left_out_and_counted(tmp_path, column, value):
+    import warnings
+
+    store, clean = _metrics_with(tmp_path, column, value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no overflow anywhere
+        fit = el.fit_saturation(store, "r", bootstrap=50)
+        phases = el.phases(store)
+        el.compare(store)
+        el.report(store, tmp_path / "report")
+    # the fit is the least-squares fit of the sane points (independent: numpy lstsq); a
+    # performance point whose entropy was left out takes a neighbouring step's (the join)
+    data = fit.data.set_index("step")
+    assert set(clean["step"]) <= set(data.index) and data["H"].abs().max() < 2.2
+    joined = clean.set_index("step")
+    assert np.allclose(data.loc[joined.index, "H"], joined["entropy"])
+    h, r = data["H"].to_numpy(), data["R"].to_numpy()
+    (a, b), *_ = np.linalg.lstsq(np.column_stack([-np.exp(h), np.ones_like(h)]), r, rcond=None)
+    assert fit.n == (40 if column == "entropy" and abs(value) > 1e100 else 39)
+    assert fit.a == pytest.approx(a, rel=1e-9) and fit.b == pytest.approx(b, rel=1e-9)
+    assert any("left out" in note for note in fit.notes), fit.notes
+    assert phases.runs[0].to_dict()["run"] == "r"
+    _no_non_finite(tmp_path / "report" / "report.json")
+
+
+def test_token_entropy_beyond_any_vocabulary_is_a_counted_null(tmp_path):
+    path = tmp_path / "tokens.csv"
+    path.write_text("step,sample_id,position,token,logprob,entropy\n"
+                    "1,s,0,a,-0.5,1e38\n1,s,1,b,-0.1,0.5\n1,s,2,c,-0.25,3e3\n"
+                    "1,s,3,d,-0.2,12.5\n")
+    el.ingest(path, tmp_path / "s", run="r", progress=False)
+    store = el.open(tmp_path / "s")
+    assert store.read_tokens("r").column("entropy").to_pylist() == [None, 0.5, None, 12.5]
+    assert store.manifest("r")["counts"]["sentinel_entropys"] == 2
+    summary = el.summary(tmp_path / "s")
+    assert summary.steps["entropy_token_mean"].tolist() == pytest.approx([(0.5 + 12.5) / 2])

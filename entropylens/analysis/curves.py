@@ -31,6 +31,10 @@ ENTROPY_COLUMNS = ["step", "entropy", "source", "tokens"]
 PERFORMANCE_COLUMNS = ["step", "value", "metric"]
 #: Token splits that count as training tokens (null: the source did not say).
 TRAIN_SPLITS = ("train",)
+#: Metric values beyond this magnitude are no measurement (a logging bug, an overflowed
+#: counter, 1e308 as a sentinel) and are left out of curves, counted: kept, one such value
+#: overflows the squares of a change-point cost or a fit and sinks the whole analysis.
+MAX_METRIC_MAGNITUDE = 1e100
 
 
 def open_store(store: Store | str) -> Store:
@@ -93,15 +97,21 @@ def _metric_series(metrics: pd.DataFrame, name: str) -> tuple[pd.DataFrame, str 
     When several raw keys map onto the same canonical metric, the one logged at the most
     steps is used (mixing two sources would make a curve jump between them).
 
+    Values beyond :data:`MAX_METRIC_MAGNITUDE` are left out; ``attrs["out_of_range"]`` of
+    the series counts them and ``attrs["note"]`` says so.
+
     Returns
     -------
     (DataFrame[step, value], raw_key, number of raw keys found)
     """
-    rows = metrics[(metrics["metric"] == name) & metrics["step"].notna()
-                   & np.isfinite(metrics["value"].astype(float))]
-    if rows.empty:
-        rows = metrics[(metrics["raw_key"] == name) & metrics["step"].notna()
-                       & np.isfinite(metrics["value"].astype(float))]
+    values = metrics["value"].astype(float)
+    sane = np.abs(values) <= MAX_METRIC_MAGNITUDE  # false for NaN and infinities too
+    wild = np.isfinite(values) & ~sane
+    named = metrics["metric"] == name
+    if not (named & metrics["step"].notna() & sane).any():
+        named = metrics["raw_key"] == name
+    rows = metrics[named & metrics["step"].notna() & sane]
+    out_of_range = int((named & metrics["step"].notna() & wild).sum())
     if rows.empty:
         return pd.DataFrame(columns=["step", "value"]), None, 0
     raw = rows["raw_key"].astype(object).where(rows["raw_key"].notna(), "")
@@ -111,6 +121,9 @@ def _metric_series(metrics: pd.DataFrame, name: str) -> tuple[pd.DataFrame, str 
               .sort_values("step").reset_index(drop=True))
     series["step"] = series["step"].astype("int64")
     series["value"] = series["value"].astype(float)
+    series.attrs["out_of_range"] = out_of_range
+    series.attrs["note"] = (f"{out_of_range} value(s) of {best or name} beyond "
+                            f"±{MAX_METRIC_MAGNITUDE:g} left out") if out_of_range else None
     return series, best or None, len(keys)
 
 
@@ -191,7 +204,7 @@ def _policy_entropy(store: Store, run: str, manifest: dict) -> Plan:
             "policy_entropy at ingest)", path=store.run_dir(run))
     frame = pd.DataFrame({"step": series["step"].to_numpy(), "entropy": series["value"].to_numpy(),
                           "source": "metric", "tokens": np.zeros(len(series), dtype="int64")})
-    frame.attrs["raw_key"] = raw_key
+    frame.attrs.update(raw_key=raw_key, note=series.attrs["note"])
     return frame
 
 
@@ -228,6 +241,8 @@ def performance(store: Store | str, run: str, reward: str | None = None) -> pd.D
         if series.empty:
             continue
         metric = name
+        if series.attrs["note"]:
+            notes.append(series.attrs["note"])
         if n_keys > 1:
             notes.append(f"{n_keys} raw keys map to {name}; used {raw_key!r} "
                          "(logged at the most steps)")

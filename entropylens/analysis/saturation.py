@@ -47,6 +47,9 @@ from .curves import entropy_label, open_store, performance, policy_entropy
 
 #: Fewer points than this cannot be fitted with a residual left to judge the fit.
 MIN_POINTS = 3
+#: Entropies (nats) above this are no per-token entropy and are left out of the fit, counted:
+#: exp(H) and its square must stay finite in the least squares (exp(100) is 2.7e43).
+MAX_FIT_ENTROPY = 100.0
 EARLY_FRACTION = 0.15
 BOOTSTRAP = 1000
 
@@ -194,6 +197,8 @@ def fit_arrays(h: Sequence[float], r: Sequence[float], *, steps: Sequence[int] |
     r = np.asarray(r, dtype=float)
     steps = np.arange(len(h)) if steps is None else np.asarray(steps)
     keep = np.isfinite(h) & np.isfinite(r)
+    too_high = keep & (h > MAX_FIT_ENTROPY)
+    keep &= ~too_high
     h, r, steps = h[keep], r[keep], steps[keep]
     order = np.argsort(steps, kind="stable")
     h, r, steps = h[order], r[order], steps[order]
@@ -220,10 +225,13 @@ def fit_arrays(h: Sequence[float], r: Sequence[float], *, steps: Sequence[int] |
             early.update(rmse=float(np.sqrt(np.mean(rest ** 2))), a=ea, b=eb)
         except EntropylensError as exc:
             early["reason"] = exc.message
+    notes = [f"{int(too_high.sum())} point(s) with an entropy above {MAX_FIT_ENTROPY:g} nats "
+             "left out (no per-token entropy; exp(H) overflows)"] if too_high.any() else []
     return SaturationFit(run=None, x=None, y=None, a=a, b=b, ceiling=b - a, r2=r2, n=len(h),
                          a_ci=a_ci, b_ci=b_ci, ceiling_ci=ceiling_ci,
                          rmse=float(np.sqrt(np.mean(residual ** 2))), early=early,
-                         data=pd.DataFrame({"step": steps.astype("int64"), "H": h, "R": r}))
+                         data=pd.DataFrame({"step": steps.astype("int64"), "H": h, "R": r}),
+                         notes=notes)
 
 
 # -- joining a run's curves ------------------------------------------------------------------
@@ -281,7 +289,7 @@ def fit_curves(curve: pd.DataFrame, perf: pd.DataFrame, *, run: str | None = Non
     """Fit the law to a run's curves as returned by ``policy_entropy`` and ``performance``."""
     data, counts = join_curves(curve, perf)
     source = str(curve["source"].iloc[0])
-    notes = [perf.attrs["note"]] if perf.attrs.get("note") else []
+    notes = [note for note in (curve.attrs.get("note"), perf.attrs.get("note")) if note]
     if counts["dropped"]:
         notes.append(f"{counts['dropped']} {perf.attrs['metric']} point(s) have no entropy "
                      "step near them and were left out")
@@ -291,7 +299,7 @@ def fit_curves(curve: pd.DataFrame, perf: pd.DataFrame, *, run: str | None = Non
     fit.x = entropy_label(source)
     fit.y = perf.attrs["metric"] + (" (percent / 100)" if perf.attrs.get("scaled") else "")
     fit.join = counts
-    fit.notes = notes
+    fit.notes = notes + fit.notes
     return fit
 
 
