@@ -46,7 +46,7 @@ import pyarrow.parquet as pq
 
 from .errors import EntropylensError
 from .schema import TOKEN_SCHEMA, mark_after_eos
-from .store import Store
+from .store import Store, reading
 from .workers import session
 
 ENGINES = ("local", "ray")
@@ -165,18 +165,10 @@ def plan_units(store: Store, run: str, *, steps: Iterable[int] | None = None,
     list of Unit
         The unit of rows without a step first, then by increasing steps.
     """
-    folder = store.run_dir(run) / "tokens"
-    parts = sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []
     wanted = None if steps is None else np.unique(np.asarray(list(steps), dtype=np.int64))
     groups = []   # (order, file, row group, lo, hi, has_nulls, rows)
-    for path in parts:
-        try:
-            metadata = pq.ParquetFile(path).metadata
-        except (OSError, pa.ArrowException) as exc:
-            raise EntropylensError(f"unreadable token part file: {exc}", path=path) from exc
+    for path, metadata in store.token_parts(run):  # checked: readable, canonical columns
         column = metadata.schema.to_arrow_schema().get_field_index("step")
-        if column < 0:
-            raise EntropylensError("token part file has no step column", path=path)
         for g in range(metadata.num_row_groups):
             lo, hi, nulls = _row_group_keys(metadata, column, g)
             if wanted is not None:
@@ -249,7 +241,7 @@ def scan_unit(unit: Unit, columns: Sequence[str], *, steps: Iterable[int] | None
     base = list(columns) if "step" in columns else [*columns, "step"]
     wanted = None if steps is None else pa.array(sorted({int(s) for s in steps}), pa.int64())
     for path, row_groups in unit.pieces:
-        try:
+        with reading(path, "token part"):
             handle = pq.ParquetFile(path)
             read, marked = base, True
             if eos_columns:
@@ -273,8 +265,6 @@ def scan_unit(unit: Unit, columns: Sequence[str], *, steps: Iterable[int] | None
                     batch = batch.select(out)
                 if batch.num_rows:
                     yield batch
-        except (OSError, pa.ArrowException) as exc:
-            raise EntropylensError(f"unreadable token part file: {exc}", path=path) from exc
 
 
 def _conform_batch(batch: pa.RecordBatch, names: Sequence[str]) -> pa.RecordBatch:

@@ -65,3 +65,33 @@ class RunExistsError(StoreError):
 
 class FormatError(EntropylensError):
     """A file cannot be read as the requested (or detected) format."""
+
+
+class StoreReadError(OSError):
+    """A file or folder of a store cannot be read: no permission, a truncated or damaged
+    Parquet file, a token part of another schema.
+
+    An :class:`OSError` and not an :class:`EntropylensError` on purpose: analyses and report
+    sections treat an ``EntropylensError`` as "this run lacks that data" and carry on with a
+    note, which would hide a damaged store behind a partial result. The CLI reports it like
+    any ``OSError``: one line naming the path, exit code 1.
+
+    Parameters
+    ----------
+    message : str
+        What went wrong, in plain words.
+    path : str or Path
+        The file or folder that cannot be read.
+    """
+
+    def __init__(self, message: str, path: str | Path):
+        super().__init__(message)
+        self.message = message
+        self.path = self.filename = str(path)
+        self.strerror = message
+
+    def __reduce__(self):  # across processes (the local engine's workers, Ray tasks)
+        return (type(self), (self.message, self.path))
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"

@@ -48,7 +48,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from . import __version__
-from .errors import RunExistsError, StoreError
+from .errors import RunExistsError, StoreError, StoreReadError
 from .schema import METRIC_SCHEMA, SEQUENCE_SCHEMA, TOKEN_SCHEMA, conform, mark_after_eos
 
 STORE_FORMAT = "entropylens-store"
@@ -138,6 +138,45 @@ def _os_reason(exc: BaseException) -> str:
         return exc.strerror + (f" (errno {exc.errno})" if exc.errno else "")
     text = str(exc).strip().splitlines()
     return text[0][:200] if text else type(exc).__name__
+
+
+#: Arrow's wording around the reason of a failed open: the path is named by the error itself.
+_ARROW_NOISE = re.compile(r"^(\[Errno \d+\] )?(Could not open Parquet input source '[^']*': "
+                          r"|Failed to open local file '[^']*'\. Detail: )")
+_ARROW_ERRNO = re.compile(r"^\[errno (\d+)\] (.*?)( \(errno \d+\))?$")
+
+
+def _read_reason(exc: BaseException) -> str:
+    """Why a store file could not be read, on one line without Arrow's repetition of the
+    path (``Permission denied (errno 13)``, ``Parquet magic bytes not found ...``)."""
+    text = _ARROW_NOISE.sub("", _os_reason(exc))
+    found = _ARROW_ERRNO.match(text)
+    return f"{found.group(2)} (errno {found.group(1)})" if found else text
+
+
+@contextmanager
+def reading(path: str | Path, what: str = "") -> Iterator[None]:
+    """Turn a failed read of the store (no permission, a truncated or damaged Parquet file)
+    into a :class:`StoreReadError` naming ``path``: the one place where the analyses' reads
+    of a store meet the operating system and Arrow."""
+    try:
+        yield
+    except (StoreError, StoreReadError):
+        raise
+    except (OSError, pa.ArrowException) as exc:
+        where = path if getattr(exc, "filename", None) is None else exc.filename
+        raise StoreReadError(f"cannot read{' ' + what if what else ''}: "
+                             f"{_read_reason(exc)}", path=where) from exc
+
+
+def _compatible(found: pa.DataType, want: pa.DataType) -> bool:
+    """Whether a column of a token part can be cast to its canonical type (older parts may
+    hold narrower integers or floats, or plain strings)."""
+    for family in (pa.types.is_integer, pa.types.is_floating,
+                   lambda t: pa.types.is_string(t) or pa.types.is_large_string(t)):
+        if family(found) and family(want):
+            return True
+    return found == want or pa.types.is_null(found)
 
 
 @contextmanager
@@ -453,11 +492,12 @@ class Store:
     # -- runs --------------------------------------------------------------------------
     def runs(self) -> list[str]:
         """Names of the complete runs, sorted."""
-        if not self.runs_dir.is_dir():
-            return []
-        return sorted(p.name for p in self.runs_dir.iterdir()
-                      if p.is_dir() and not p.name.startswith(".")
-                      and (p / "manifest.json").exists())
+        with reading(self.runs_dir):
+            if not self.runs_dir.is_dir():
+                return []
+            return sorted(p.name for p in self.runs_dir.iterdir()
+                          if p.is_dir() and not p.name.startswith(".")
+                          and (p / "manifest.json").exists())
 
     def has_run(self, name: str) -> bool:
         return name in self.runs()
@@ -466,7 +506,9 @@ class Store:
         """The folder of an existing run; raises :class:`StoreError` when there is none."""
         validate_run_name(name)
         path = self.runs_dir / name
-        if not (path / "manifest.json").exists():
+        with reading(path):
+            found = (path / "manifest.json").exists()
+        if not found:
             known = ", ".join(self.runs()) or "none"
             raise StoreError(f"no run named {name!r} (runs: {known})", path=self.path)
         return path
@@ -489,7 +531,7 @@ class Store:
         try:
             return json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
-            raise StoreError(f"unreadable manifest: {exc}", path=path) from None
+            raise StoreError(f"unreadable manifest: {_read_reason(exc)}", path=path) from None
 
     def delete_run(self, name: str) -> None:
         """Remove a run (atomically: it is renamed away first)."""
@@ -509,10 +551,38 @@ class Store:
         return RunWriter(self, name, replace=replace)
 
     # -- reading -----------------------------------------------------------------------
+    def token_parts(self, run: str) -> list[tuple[Path, pq.FileMetaData]]:
+        """The run's token part files in storage order, each with its Parquet metadata,
+        checked against the canonical token schema.
+
+        Raises
+        ------
+        StoreReadError
+            Naming the part that cannot be read or holds columns of another schema.
+        """
+        folder = self.run_dir(run) / "tokens"
+        with reading(folder):
+            paths = sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []
+        parts = []
+        for path in paths:
+            with reading(path, "token part"):
+                metadata = pq.read_metadata(path)
+                schema = metadata.schema.to_arrow_schema()
+            for field in schema:
+                want = TOKEN_SCHEMA.field(field.name).type \
+                    if field.name in TOKEN_SCHEMA.names else None
+                if want is None or not _compatible(field.type, want):
+                    expected = f"expected {want}" if want is not None else "not a token column"
+                    raise StoreReadError(f"damaged token part: column '{field.name}' is "
+                                         f"{field.type}, {expected}", path=path)
+            if "step" not in schema.names:
+                raise StoreReadError("damaged token part: no 'step' column", path=path)
+            parts.append((path, metadata))
+        return parts
+
     def tokens_dataset(self, run: str) -> ds.Dataset:
         """The run's tokens as a :class:`pyarrow.dataset.Dataset` (possibly empty)."""
-        folder = self.run_dir(run) / "tokens"
-        parts = sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []
+        parts = [path for path, _ in self.token_parts(run)]
         if not parts:
             return ds.dataset(pa.table({f.name: pa.array([], f.type) for f in TOKEN_SCHEMA},
                                        schema=TOKEN_SCHEMA))
@@ -524,24 +594,22 @@ class Store:
         Reads part files one row group at a time, without the read-ahead of a dataset scan,
         so a small sample costs a small read.
         """
-        folder = self.run_dir(run) / "tokens"
         batches, held = [], 0
-        for path in sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []:
-            try:
+        schema = pa.schema([TOKEN_SCHEMA.field(c) for c in columns])
+        for path, _ in self.token_parts(run):
+            with reading(path, "token part"):
                 for batch in pq.ParquetFile(path).iter_batches(batch_size=rows - held,
                                                                columns=list(columns)):
                     batches.append(batch)
                     held += batch.num_rows
                     if held >= rows:
                         break
-            except (OSError, pa.ArrowException) as exc:
-                raise StoreError(f"unreadable token part file: {exc}", path=path) from exc
-            if held >= rows:
-                break
-        schema = pa.schema([TOKEN_SCHEMA.field(c) for c in columns])
+                if held >= rows:
+                    break
         if not batches:
             return schema.empty_table()
-        return pa.Table.from_batches(batches).cast(schema)
+        with reading(self.runs_dir / run / "tokens"):
+            return pa.Table.from_batches(batches).cast(schema)
 
     @staticmethod
     def _step_filter(steps: Iterable[int] | None, filter: ds.Expression | None):
@@ -570,16 +638,18 @@ class Store:
         """
         dataset = self.tokens_dataset(run)
         expr = self._step_filter(steps, filter)
-        yield from dataset.to_batches(columns=list(columns) if columns else None, filter=expr,
-                                      batch_size=batch_size)
+        with reading(self.runs_dir / run / "tokens"):
+            yield from dataset.to_batches(columns=list(columns) if columns else None,
+                                          filter=expr, batch_size=batch_size)
 
     def read_tokens(self, run: str, *, columns: Sequence[str] | None = None,
                     steps: Iterable[int] | None = None,
                     filter: ds.Expression | None = None) -> pa.Table:
         """Read tokens into one table (use :meth:`scan_tokens` for large runs)."""
         dataset = self.tokens_dataset(run)
-        return dataset.to_table(columns=list(columns) if columns else None,
-                                filter=self._step_filter(steps, filter))
+        with reading(self.runs_dir / run / "tokens"):
+            return dataset.to_table(columns=list(columns) if columns else None,
+                                    filter=self._step_filter(steps, filter))
 
     def token_steps(self, run: str) -> list[int]:
         """Distinct non-null steps of the run's tokens, sorted."""
@@ -589,11 +659,12 @@ class Store:
     def read_sequences(self, run: str, *, columns: Sequence[str] | None = None) -> pa.Table:
         """The run's sequences table (empty with the canonical schema when absent)."""
         path = self.run_dir(run) / "sequences.parquet"
-        if not path.exists():
-            table = SEQUENCE_SCHEMA.empty_table()
-            return table.select(list(columns)) if columns else table
-        return pq.read_table(path, columns=list(columns) if columns else None,
-                             schema=SEQUENCE_SCHEMA)
+        with reading(path):
+            if not path.exists():
+                table = SEQUENCE_SCHEMA.empty_table()
+                return table.select(list(columns)) if columns else table
+            return pq.read_table(path, columns=list(columns) if columns else None,
+                                 schema=SEQUENCE_SCHEMA)
 
     def read_metrics(self, run: str, *, pivot: bool = False,
                      split: str | None = None) -> pd.DataFrame:
@@ -613,8 +684,9 @@ class Store:
             Long format: ``step, metric, value, raw_key, split``.
         """
         path = self.run_dir(run) / "metrics.parquet"
-        table = pq.read_table(path, schema=METRIC_SCHEMA) if path.exists() \
-            else METRIC_SCHEMA.empty_table()
+        with reading(path):
+            table = pq.read_table(path, schema=METRIC_SCHEMA) if path.exists() \
+                else METRIC_SCHEMA.empty_table()
         frame = table.to_pandas()
         if split is not None:
             frame = frame[frame["split"] == split]

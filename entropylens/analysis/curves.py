@@ -36,6 +36,10 @@ ENTROPY_COLUMNS = ["step", "entropy", "source", "tokens", "entropy_seq_mean"]
 PERFORMANCE_COLUMNS = ["step", "value", "metric"]
 #: Token splits that count as training tokens (null: the source did not say).
 TRAIN_SPLITS = ("train",)
+#: Metric values beyond this magnitude are no measurement (a logging bug, an overflowed
+#: counter, 1e308 as a sentinel) and are left out of curves, counted: kept, one such value
+#: overflows the squares of a change-point cost or a fit and sinks the whole analysis.
+MAX_METRIC_MAGNITUDE = 1e100
 
 
 def open_store(store: Store | str) -> Store:
@@ -98,15 +102,21 @@ def _metric_series(metrics: pd.DataFrame, name: str) -> tuple[pd.DataFrame, str 
     When several raw keys map onto the same canonical metric, the one logged at the most
     steps is used (mixing two sources would make a curve jump between them).
 
+    Values beyond :data:`MAX_METRIC_MAGNITUDE` are left out; ``attrs["out_of_range"]`` of
+    the series counts them and ``attrs["note"]`` says so.
+
     Returns
     -------
     (DataFrame[step, value], raw_key, number of raw keys found)
     """
-    rows = metrics[(metrics["metric"] == name) & metrics["step"].notna()
-                   & np.isfinite(metrics["value"].astype(float))]
-    if rows.empty:
-        rows = metrics[(metrics["raw_key"] == name) & metrics["step"].notna()
-                       & np.isfinite(metrics["value"].astype(float))]
+    values = metrics["value"].astype(float)
+    sane = np.abs(values) <= MAX_METRIC_MAGNITUDE  # false for NaN and infinities too
+    wild = np.isfinite(values) & ~sane
+    named = metrics["metric"] == name
+    if not (named & metrics["step"].notna() & sane).any():
+        named = metrics["raw_key"] == name
+    rows = metrics[named & metrics["step"].notna() & sane]
+    out_of_range = int((named & metrics["step"].notna() & wild).sum())
     if rows.empty:
         return pd.DataFrame(columns=["step", "value"]), None, 0
     raw = rows["raw_key"].astype(object).where(rows["raw_key"].notna(), "")
@@ -116,6 +126,9 @@ def _metric_series(metrics: pd.DataFrame, name: str) -> tuple[pd.DataFrame, str 
               .sort_values("step").reset_index(drop=True))
     series["step"] = series["step"].astype("int64")
     series["value"] = series["value"].astype(float)
+    series.attrs["out_of_range"] = out_of_range
+    series.attrs["note"] = (f"{out_of_range} value(s) of {best or name} beyond "
+                            f"±{MAX_METRIC_MAGNITUDE:g} left out") if out_of_range else None
     return series, best or None, len(keys)
 
 
@@ -215,7 +228,7 @@ def _policy_entropy(store: Store, run: str, manifest: dict) -> Plan:
     frame = pd.DataFrame({"step": series["step"].to_numpy(), "entropy": series["value"].to_numpy(),
                           "source": "metric", "tokens": np.zeros(len(series), dtype="int64"),
                           "entropy_seq_mean": np.nan})
-    frame.attrs["raw_key"] = raw_key
+    frame.attrs.update(raw_key=raw_key, note=series.attrs["note"])
     return frame
 
 
@@ -312,6 +325,8 @@ def performance_curve(store: Store, run: str, reward: str | None = None) -> pd.D
         if series.empty:
             continue
         metric = name
+        if series.attrs["note"]:
+            notes.append(series.attrs["note"])
         if n_keys > 1:
             notes.append(f"{n_keys} raw keys map to {name}; used {raw_key!r} "
                          "(logged at the most steps)")
@@ -367,6 +382,9 @@ class PolicyEntropy:
         ``run, step, entropy, source, tokens`` (see :func:`policy_entropy`).
     raw_key : dict
         Run name to the raw metric key the curve was read from (None for token curves).
+    note : dict
+        Run name to what was left out of a logged curve (values beyond any sane range), or
+        None.
     skipped : list of str
         Why runs were left out.
     """
@@ -374,18 +392,19 @@ class PolicyEntropy:
     curve: pd.DataFrame
     raw_key: dict = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
+    note: dict = field(default_factory=dict)
 
     def of(self, run: str) -> pd.DataFrame:
         """The curve of ``run`` as :func:`policy_entropy` returns it."""
         frame = self.curve[self.curve["run"] == run].drop(columns="run").reset_index(drop=True)
-        frame.attrs = {"raw_key": self.raw_key.get(run)}
+        frame.attrs = {"raw_key": self.raw_key.get(run), "note": self.note.get(run)}
         return frame
 
     def to_dict(self) -> dict:
         from .summary import _records
 
         return {"curve": _records(self.curve), "raw_key": dict(self.raw_key),
-                "skipped": list(self.skipped)}
+                "note": dict(self.note), "skipped": list(self.skipped)}
 
 
 class PolicyEntropyAnalysis(Analysis):
@@ -407,6 +426,7 @@ class PolicyEntropyAnalysis(Analysis):
         return PolicyEntropy(curve=_curve_records(parts, runs),
                              raw_key={run: part.attrs.get("raw_key")
                                       for run, part in zip(runs, parts)},
+                             note={run: part.attrs.get("note") for run, part in zip(runs, parts)},
                              skipped=list(skipped))
 
 

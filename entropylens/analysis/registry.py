@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
 
 from ..engine import Failed, Plan, run_plans
-from ..errors import EntropylensError
+from ..errors import EntropylensError, StoreReadError
 from ..store import Store
 from ..workers import session
 
@@ -263,6 +263,8 @@ def registered(*, in_report: bool | None = None) -> list[Analysis]:
 
 
 def _reason(error: BaseException) -> str:
+    if isinstance(error, StoreReadError):  # a damaged store is no note: it stops the command
+        raise error
     if isinstance(error, EntropylensError):
         return error.message
     return f"failed: {type(error).__name__}: {error}"

@@ -73,6 +73,9 @@ X_DEFINITION = "entropy_token_mean: token mean per training step"
 SEQ_DEFINITION = ("entropy_seq_mean: mean over sequences of each sequence's token mean "
                   "(arXiv 2505.22617, Eq. 5)")
 CEILING_MEANING = "fitted performance at zero entropy (b - a), an extrapolation of the law"
+#: Entropies (nats) above this are no per-token entropy and are left out of the fit, counted:
+#: exp(H) and its square must stay finite in the least squares (exp(100) is 2.7e43).
+MAX_FIT_ENTROPY = 100.0
 EARLY_FRACTION = 0.15
 BOOTSTRAP = 1000
 
@@ -226,6 +229,8 @@ def fit_arrays(h: Sequence[float], r: Sequence[float], *, steps: Sequence[int] |
     r = np.asarray(r, dtype=float)
     steps = np.arange(len(h)) if steps is None else np.asarray(steps)
     keep = np.isfinite(h) & np.isfinite(r)
+    too_high = keep & (h > MAX_FIT_ENTROPY)
+    keep &= ~too_high
     h, r, steps = h[keep], r[keep], steps[keep]
     order = np.argsort(steps, kind="stable")
     h, r, steps = h[order], r[order], steps[order]
@@ -256,10 +261,13 @@ def fit_arrays(h: Sequence[float], r: Sequence[float], *, steps: Sequence[int] |
     if early.get("rmse") is not None and scale > 0:
         early.update(range=scale, rmse_share_of_range=early["rmse"] / scale,
                      good=early["rmse"] / scale <= EARLY_GOOD_SHARE)
+    notes = [f"{int(too_high.sum())} point(s) with an entropy above {MAX_FIT_ENTROPY:g} nats "
+             "left out (no per-token entropy; exp(H) overflows)"] if too_high.any() else []
     fit = SaturationFit(run=None, x=None, y=None, a=a, b=b, ceiling=b - a, r2=r2, n=len(h),
                         a_ci=a_ci, b_ci=b_ci, ceiling_ci=ceiling_ci,
                         rmse=float(np.sqrt(np.mean(residual ** 2))), early=early,
-                        data=pd.DataFrame({"step": steps.astype("int64"), "H": h, "R": r}))
+                        data=pd.DataFrame({"step": steps.astype("int64"), "H": h, "R": r}),
+                        notes=notes)
     reason = ceiling_gate(fit, scale)
     if reason is not None:
         fit.ceiling = fit.ceiling_ci = None
@@ -332,7 +340,7 @@ def fit_curves(curve: pd.DataFrame, perf: pd.DataFrame, *, run: str | None = Non
     """Fit the law to a run's curves as returned by ``policy_entropy`` and ``performance``."""
     data, counts = join_curves(curve, perf)
     source = str(curve["source"].iloc[0])
-    notes = [perf.attrs["note"]] if perf.attrs.get("note") else []
+    notes = [note for note in (curve.attrs.get("note"), perf.attrs.get("note")) if note]
     if counts["dropped"]:
         notes.append(f"{counts['dropped']} {perf.attrs['metric']} point(s) have no entropy "
                      "step near them and were left out")
@@ -342,7 +350,7 @@ def fit_curves(curve: pd.DataFrame, perf: pd.DataFrame, *, run: str | None = Non
     fit.x = entropy_label(source)
     fit.y = perf.attrs["metric"] + (" (percent / 100)" if perf.attrs.get("scaled") else "")
     fit.join = counts
-    fit.notes = notes
+    fit.notes = notes + fit.notes
     fit.seq_mean_fit = _seq_mean_fit(curve, perf, bootstrap=bootstrap, seed=seed,
                                      early_fraction=early_fraction)
     return fit

@@ -249,6 +249,10 @@ def _run_folder_name(folder: str, run: str | None) -> str:
     if not name[0].isalnum():
         name = "run-" + name
     return f"{run}-{name}"[:200] if run else name[:200]
+#: A token entropy above this many nats is no entropy (log V is under 26 for any vocabulary
+#: below 10^11 tokens): a sentinel or a logging bug, stored as null and counted, since one
+#: such value (1e38 fits float32) swamps every step mean it enters.
+MAX_TOKEN_ENTROPY = 1000.0
 
 
 def _clean_tokens(table: pa.Table) -> tuple[pa.Table, dict[str, int]]:
@@ -265,8 +269,9 @@ def _clean_tokens(table: pa.Table) -> tuple[pa.Table, dict[str, int]]:
                      pc.greater(pc.abs(column), _FLOAT32_MAX))
         if low is not None:
             bad = pc.or_(bad, pc.less_equal(column, low))
-        if name == "entropy":
-            bad = pc.or_(bad, pc.less(column, -1e-4))
+        if name == "entropy":  # an entropy is in [0, log V]: outside, it is no entropy
+            bad = pc.or_(bad, pc.or_(pc.less(column, -1e-4),
+                                     pc.greater(column, MAX_TOKEN_ENTROPY)))
         bad = pc.fill_null(bad, False)
         n = pc.sum(bad).as_py() or 0
         if n:

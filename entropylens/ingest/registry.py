@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ..errors import FormatError
+from ._io import parquet_columns
 
 #: Bytes a sniffer may look at.
 SNIFF_BYTES = 64 * 1024
@@ -109,7 +109,7 @@ class Sample:
         suffix = self.suffix
         if self.head[:4] == b"PAR1" or suffix == ".parquet":
             try:
-                return pq.read_schema(self.path).names
+                return parquet_columns(self.path)
             except Exception:
                 return None
         if suffix in (".csv", ".tsv"):

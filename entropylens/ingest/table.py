@@ -11,7 +11,9 @@ and ``sample_id``, ``response``/``output`` give ``completion``, ``score`` gives 
 
 from __future__ import annotations
 
+import io
 import json
+import re
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,10 +23,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.json as pajson
-import pyarrow.parquet as pq
 
 from ..errors import FormatError
 from ..schema import METRIC_SCHEMA, SEQUENCE_SCHEMA, TOKEN_SCHEMA
+from ._io import check_header_columns, iter_lines, iter_parquet_batches, open_binary
+from ._records import loads
 from ._metrics import wide_to_long
 from .registry import Chunk, Format, Sample, register
 
@@ -183,11 +186,12 @@ def _batches(path: Path, suffix: str, ctx=None) -> Iterator[pa.RecordBatch]:
     bad_rows = None
     try:
         if suffix == ".parquet":
-            parquet = pq.ParquetFile(path)
-            yield from parquet.iter_batches(batch_size=BATCH_ROWS)
+            yield from iter_parquet_batches(path)
         elif suffix in (".csv", ".tsv"):
+            delimiter = "\t" if suffix == ".tsv" else ","
+            check_header_columns(path, delimiter)
             bad_rows = _BadCsvRows(ctx)
-            parse = pacsv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ",",
+            parse = pacsv.ParseOptions(delimiter=delimiter,
                                        newlines_in_values=True, invalid_row_handler=bad_rows)
             # one thread: pyarrow gives the bad row's line number only then
             with bad_rows.quiet():  # open_csv already parses the first block
@@ -196,14 +200,88 @@ def _batches(path: Path, suffix: str, ctx=None) -> Iterator[pa.RecordBatch]:
                                                                        use_threads=False))
                 yield from reader
         else:
-            reader = pajson.open_json(path, read_options=pajson.ReadOptions(block_size=16 << 20))
-            yield from reader
+            yield from _json_batches(path, ctx)
     except (pa.ArrowInvalid, OSError) as exc:
         if bad_rows is not None and bad_rows.error is not None:
             raise FormatError(bad_rows.error.message, path=path,
                               line=bad_rows.error.line) from None
         raise FormatError(f"cannot read as {suffix.lstrip('.') or 'table'}: "
                           f"{str(exc).splitlines()[0]}", path=path) from None
+
+
+#: Bytes of JSON Lines handed to pyarrow's parser at a time (whole lines).
+JSON_BLOCK_BYTES = 16 << 20
+_ARROW_ROW = re.compile(r" in row (\d+)$")
+
+
+def _json_batches(path: Path, ctx) -> Iterator[pa.RecordBatch]:
+    """JSON Lines parsed by pyarrow one block of whole lines at a time, so that a bad line
+    is named by its line in the file (pyarrow counts rows within its own blocks) and can be
+    skipped with ``--on-error skip``; the first block's columns fix the schema, as
+    pyarrow's streaming reader does."""
+    schema = None
+    block: list[tuple[int, bytes]] = []
+    size = 0
+    with open_binary(path) as fh:
+        for number, line in iter_lines(fh):
+            block.append((number, line))
+            size += len(line) + 1
+            if size >= JSON_BLOCK_BYTES:
+                table = _parse_json_block(block, schema, path, ctx)
+                if table is not None:
+                    schema = table.schema if schema is None else schema
+                    yield from table.to_batches()
+                block, size = [], 0
+    if block:
+        table = _parse_json_block(block, schema, path, ctx)
+        if table is not None:
+            yield from table.to_batches()
+
+
+def _reject_json(ctx, path: Path, number: int, message: str) -> None:
+    if ctx is None:
+        raise FormatError(message, path=path, line=number)
+    ctx.reject(number, message)
+
+
+def _parse_json_block(block: list[tuple[int, bytes]], schema: pa.Schema | None, path: Path,
+                      ctx) -> pa.Table | None:
+    """One block of numbered JSON lines as a table; bad lines are rejected through ``ctx``
+    (an error naming the line, or skipped and counted) and the rest parsed again."""
+    checked = False
+    parse = pajson.ParseOptions(explicit_schema=schema) if schema is not None else None
+    while block:
+        data = b"\n".join(line for _, line in block)
+        read = pajson.ReadOptions(block_size=len(data) + 1, use_threads=False)
+        try:
+            return pajson.read_json(io.BytesIO(data), read_options=read, parse_options=parse)
+        except pa.ArrowInvalid as exc:
+            message = str(exc).splitlines()[0]
+        if not checked:  # every line that is no JSON object at all, in one pass
+            checked = True
+            kept = []
+            for number, line in block:
+                try:
+                    record = loads(line)
+                except ValueError as exc:
+                    _reject_json(ctx, path, number,
+                                 f"not valid JSON: {str(exc).splitlines()[0][:120]}")
+                    continue
+                if not isinstance(record, dict):
+                    _reject_json(ctx, path, number, f"expected a JSON object, got "
+                                                    f"{type(record).__name__}")
+                    continue
+                kept.append((number, line))
+            if len(kept) < len(block):
+                block = kept
+                continue
+        # valid JSON that does not fit the columns: pyarrow names its row in this block
+        found = _ARROW_ROW.search(message)
+        if found is None or int(found.group(1)) >= len(block):
+            raise FormatError(f"cannot read as JSON Lines: {message}", path=path)
+        number, _ = block.pop(int(found.group(1)))
+        _reject_json(ctx, path, number, _ARROW_ROW.sub("", message))
+    return None
 
 
 def _is_parquet(path: Path) -> bool:

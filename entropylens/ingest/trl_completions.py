@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Iterator
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ..errors import FormatError
+from ._io import iter_parquet_batches, parquet_columns, parquet_file
 from ._records import SequenceRows
 from .registry import Chunk, Format, Sample, register
 
@@ -72,11 +72,7 @@ def _reward_columns(schema: pa.Schema) -> tuple[list[str], list[str]]:
 
 def read(path: Path, ctx) -> Iterator[Chunk]:
     """Read one completions parquet file into sequence rows."""
-    try:
-        parquet = pq.ParquetFile(path)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise FormatError(f"cannot read as parquet: {str(exc).splitlines()[0]}",
-                          path=path) from None
+    parquet = parquet_file(path)
     schema = parquet.schema_arrow
     missing = [c for c in ("prompt", "completion") if c not in schema.names]
     if missing:
@@ -90,7 +86,7 @@ def read(path: Path, ctx) -> Iterator[Chunk]:
     sequences = SequenceRows()
     groups: dict[str, str] = {}
     row = 0
-    for batch in parquet.iter_batches(batch_size=4096):
+    for batch in iter_parquet_batches(path, parquet=parquet):
         for record in batch.to_pylist():
             number = row + 1
             step = record.get("step", file_step)
@@ -130,7 +126,7 @@ def sniff(sample: Sample) -> float:
     if sample.head[:4] != b"PAR1" and sample.suffix != ".parquet":
         return 0.0
     try:
-        names = pq.read_schema(sample.path).names
+        names = parquet_columns(sample.path)
     except Exception:
         return 0.0
     if not {"prompt", "completion"} <= set(names):

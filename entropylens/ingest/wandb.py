@@ -26,10 +26,9 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ..errors import FormatError
-from ._io import iter_lines, read_document
+from ._io import check_header_columns, iter_lines, read_document, read_parquet
 from ._records import loads
 from ._tracking import STEP_KEYS, exact_steps, melt, metric_table, trainer_steps
 from .registry import Chunk, Format, Sample, register
@@ -67,10 +66,15 @@ def _read_frame(path: Path, ctx) -> pd.DataFrame:
         with ctx.open() as fh:
             head = fh.peek(4)[:4] if hasattr(fh, "peek") else b""
             if head == b"PAR1" or sample_suffix == ".parquet":
-                table = pq.read_table(io.BytesIO(fh.read()))
+                # a compressed Parquet file is decompressed into memory (bounded) first
+                source = None if _starts_with_parquet_magic(path) \
+                    else io.BytesIO(read_document(fh))
+                table = read_parquet(path, source=source)
                 return table.to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)
             if sample_suffix in (".csv", ".tsv"):
-                return pd.read_csv(fh, sep="\t" if sample_suffix == ".tsv" else ",",
+                delimiter = "\t" if sample_suffix == ".tsv" else ","
+                check_header_columns(path, delimiter)
+                return pd.read_csv(fh, sep=delimiter,
                                    low_memory=False,
                                    dtype={key: object for key in _STEP_COLUMNS})
             if sample_suffix in (".jsonl", ".ndjson"):
@@ -96,6 +100,11 @@ def _read_frame(path: Path, ctx) -> pd.DataFrame:
     if not isinstance(data, list) or not all(isinstance(row, dict) for row in data):
         raise FormatError("expected a list of history rows", path=path)
     return _frame_from_records(data)
+
+
+def _starts_with_parquet_magic(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(4) == b"PAR1"
 
 
 def _frame_from_records(records: list[dict]) -> pd.DataFrame:
