@@ -366,6 +366,8 @@ def ingest(sources: str | Path | Sequence[str | Path], out: str | Path | Store, 
                         writer.write_sequences(rows, path=path, row_offset=chunk.row_offset)
                     elif chunk.kind == "metrics":
                         writer.write_metrics(rows, path=path, row_offset=chunk.row_offset)
+                    elif chunk.kind == "nodes":
+                        writer.write_nodes(rows, path=path, row_offset=chunk.row_offset)
                     else:
                         raise FormatError(f"reader yielded unknown table kind {chunk.kind!r}",
                                           path=path)
@@ -377,9 +379,9 @@ def ingest(sources: str | Path | Sequence[str | Path], out: str | Path | Store, 
             raise FormatError("no data found", path=resolved[0][0])
         for writer in writers.values():
             _finish_provenance(writer, options, temperature, vocab_size, logprob_basis)
-            if not any(writer.counts[k] for k in ("tokens", "sequences", "metrics")):
+            if not any(writer.counts[k] for k in ("tokens", "sequences", "metrics", "nodes")):
                 files = [s["path"] for s in writer.manifest["sources"]]
-                raise FormatError("no tokens, sequences or metrics found"
+                raise FormatError("no tokens, sequences, metrics or search-tree nodes found"
                                   + (f" (also read: {', '.join(files[1:])})"
                                      if len(files) > 1 else ""),
                                   path=files[0] if files else resolved[0][0])
