@@ -41,6 +41,7 @@ from ..workers import session
 #: the package stays cheap and a broken optional analysis cannot break the others).
 MODULES: list[str] = [
     "entropylens.analysis.covariance",
+    "entropylens.analysis.branches",
 ]
 
 #: What a run can hold, as counted in its manifest (``counts``), and how to say it is missing.
