@@ -52,3 +52,9 @@ from .api import (RecordResult, RescoreResult, from_hf_generate,  # noqa: E402
 
 __all__ += ["RecordResult", "RescoreResult", "from_hf_generate", "record_generate", "rescore"]
 # -- end record --
+
+# -- search trees: branch entropy of tree search and graph traversal --
+from .api import Branches, RunBranches, branches, tree_nodes  # noqa: E402
+
+__all__ += ["Branches", "RunBranches", "branches", "tree_nodes"]
+# -- end search trees --

@@ -414,11 +414,13 @@ class RunBranches:
     by_step: pd.DataFrame
     summary: dict
     trees: pd.DataFrame
+    depth_totals: pd.DataFrame | None = None
     nodes: pd.DataFrame | None = None
     example: pd.DataFrame | None = None
 
     def to_dict(self) -> dict:
         out = {"run": self.run, "by_depth": _records(self.by_depth),
+               "depth_totals": _records(self.depth_totals.drop(columns="step")),
                "by_step": _records(self.by_step), "summary": self.summary}
         if self.nodes is not None:
             out["trees"] = _records(self.trees)
@@ -433,7 +435,8 @@ class Branches:
     Attributes
     ----------
     runs : list of RunBranches
-        Per run: ``by_depth`` (:data:`DEPTH_COLUMNS`), ``by_step`` (:data:`STEP_COLUMNS`),
+        Per run: ``by_depth`` (:data:`DEPTH_COLUMNS`), ``depth_totals`` (the same over every
+        step together, without ``step``), ``by_step`` (:data:`STEP_COLUMNS`),
         ``summary`` (totals, ``shallow_vs_deep``, ``outcomes``), ``trees``
         (:data:`TREE_COLUMNS`) and, with ``nodes=True``, the branching nodes
         (:data:`NODE_COLUMNS`).
@@ -491,7 +494,9 @@ def branches_plan(store: Store, run: str, *, threshold: float = THRESHOLD,
         node_rows = node_rows.assign(step=node_rows["step"].astype("Int64"))
     example = _example_tree(trees)
     return RunBranches(run=run, by_depth=_depth_rows(sums), by_step=_step_rows(sums, trees),
-                       summary=_summary(sums, trees, shallow), trees=trees, nodes=node_rows,
+                       summary=_summary(sums, trees, shallow), trees=trees,
+                       # every step together: one row per depth
+                       depth_totals=_depth_rows(sums.assign(step=pd.NA)), nodes=node_rows,
                        example=None if example is None else tree_nodes(
                            store, run, step=example[0], tree_id=example[1],
                            threshold=threshold, survive=survive))

@@ -7,6 +7,7 @@ and ``ax=None`` (a new figure when omitted). None computes anything an analysis 
 >>> ax = elp.entropy_curve(el.policy_entropy("store", "vanilla"))  # doctest: +SKIP
 """
 
+from .branches import branch_entropy_heatmap, branch_tree, policy_vs_search
 from .compare import run_overlay
 from .covariance import covariance_groups
 from .entropy import entropy_curve, quantile_fan
@@ -16,3 +17,4 @@ from .saturation import law_band, saturation_fit
 
 __all__ = ["covariance_groups", "entropy_curve", "forking_tokens_bar", "law_band",
            "planning_execution", "quantile_fan", "run_overlay", "saturation_fit"]
+__all__ += ["branch_entropy_heatmap", "branch_tree", "policy_vs_search"]
