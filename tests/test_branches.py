@@ -199,13 +199,13 @@ def test_malformed_nested_names_line_and_node(tmp_path):
     assert manifest["counts"]["trees"] == 1 and manifest["rejected"]["count"] == 1
 
 
-def test_streamed_parts_and_local_workers_identical(tmp_path, monkeypatch):
+def build_many_store(folder: Path) -> Path:
+    """A store of 36 random trees (3 steps, depth 3) written in many small parts."""
     import importlib
 
     # entropylens.ingest is also the name of the API function: import the modules by path
     trees_reader = importlib.import_module("entropylens.ingest.trees")
     store_module = importlib.import_module("entropylens.store")
-
     rng = np.random.default_rng(1)
     documents = []
     for step in range(3):
@@ -217,10 +217,18 @@ def test_streamed_parts_and_local_workers_identical(tmp_path, monkeypatch):
                 for p, v in zip(rng.dirichlet(np.ones(3)), rng.integers(0, 9, 3))]
             documents.append({"step": step * 10, "tree_id": f"q{t}", "visits": 20,
                               "reward": float(rng.random()), "children": kids})
-    source = write_jsonl(tmp_path / "many.jsonl", documents)
-    monkeypatch.setattr(trees_reader, "CHUNK_NODES", 30)
-    monkeypatch.setattr(store_module, "NODE_ROWS_PER_PART", 50)
-    el.ingest(source, tmp_path / "store", run="many")
+    source = write_jsonl(folder / "many.jsonl", documents)
+    saved = trees_reader.CHUNK_NODES, store_module.NODE_ROWS_PER_PART
+    trees_reader.CHUNK_NODES, store_module.NODE_ROWS_PER_PART = 30, 50
+    try:
+        el.ingest(source, folder / "store", run="many")
+    finally:
+        trees_reader.CHUNK_NODES, store_module.NODE_ROWS_PER_PART = saved
+    return folder / "store"
+
+
+def test_streamed_parts_and_local_workers_identical(tmp_path):
+    build_many_store(tmp_path)
     store = el.open(tmp_path / "store")
     parts = store.node_parts("many")
     assert len(parts) > 3
@@ -281,16 +289,18 @@ def test_report_hooks_and_blocks(known_store, tmp_path):
         plt.close(fig)
     assert all(f.kind == "branches" for f in analysis.findings(result, "known"))
     # the blocks render, escaping what comes from the data
-    from entropylens.report.render import environment
+    from markupsafe import Markup
+
+    from entropylens.report.render import MdSafe, environment
 
     section.update(name="branches", title=analysis.title, available=True, reason=None,
                    figures=[{"id": "x"}])
     section["summary"]["shallow_vs_deep"]["verdict"] = "<b>&</b>"
     for markdown, suffix in ((False, "html"), (True, "md")):
-        env = environment(markdown)
-        env.globals["figure"] = lambda f: f"[figure {f['id']}]"
-        text = env.get_template(f"sections/branches.{suffix}.j2").render(
-            s=section, r={"run": "known", "slug": "known"}, figures={})
+        safe = MdSafe if markdown else Markup   # the report's figure macro returns markup
+        text = environment(markdown).get_template(f"sections/branches.{suffix}.j2").render(
+            s=section, r={"run": "known", "slug": "known"}, figures={},
+            figure=lambda f, safe=safe: safe(f"[figure {f['id']}]"))
         assert "<b>&</b>" not in text and "[figure x]" in text
     # a run without trees: the block says why and draws nothing
     missing = dict(name="branches", title=analysis.title, available=False,

@@ -28,6 +28,7 @@ COMMAND_FUNCTIONS = {"ingest": "ingest", "formats": "formats", "summary": "summa
                      "compare": "compare", "covariance": "covariance",
                      "forks": "forking_tokens", "report": "report", "roles": "roles",
                      "mine-lexicon": "mine_lexicon", "rescore": "rescore"}
+COMMAND_FUNCTIONS["branches"] = "branches"   # issue 21: search trees
 
 
 def _generator():
