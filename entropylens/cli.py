@@ -133,6 +133,8 @@ def ingest(
         counts = manifest["counts"]
         rejected = manifest["rejected"]["count"]
         note = f", {rejected} bad records skipped" if rejected else ""
+        if counts.get("nodes"):
+            note = f", {counts['nodes']} search-tree nodes in {counts['trees']} trees" + note
         typer.echo(f"{name}: {counts['tokens']} tokens, {counts['sequences']} sequences, "
                    f"{counts['metrics']} metric points{note} -> {out}", err=True)
 
