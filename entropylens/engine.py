@@ -379,7 +379,8 @@ def run_map(function: Callable[[Any], Any], items: Sequence[Any], *, engine: str
         from .workers import pool
 
         with session():
-            return list(pool(min(count, len(items))).map(function, ((i,) for i in items)))
+            # the same pool as the token scans (one pool per size): workers are reused
+            return list(pool(count).map(function, ((i,) for i in items)))
     return [function(item) for item in items]
 
 
