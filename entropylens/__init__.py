@@ -67,3 +67,8 @@ from .api import (Diversity, DiversityComparison, Origins, diversity,  # noqa: E
 __all__ += ["Diversity", "DiversityComparison", "Origins", "diversity", "diversity_compare",
             "origins"]
 # -- end diversity --
+# -- search trees: branch entropy of tree search and graph traversal --
+from .api import Branches, RunBranches, branches, tree_nodes  # noqa: E402
+
+__all__ += ["Branches", "RunBranches", "branches", "tree_nodes"]
+# -- end search trees --

@@ -50,6 +50,12 @@ __all__ += ["roles", "Roles", "mine_lexicon", "MinedLexicon", "load_lexicon", "L
             "match_planning_tokens", "PlanningMatch"]
 # -- end roles --
 
+# -- search trees: branch entropy of tree search and graph traversal --
+from .analysis.branches import Branches, RunBranches, branches, tree_nodes  # noqa: E402
+
+__all__ += ["branches", "Branches", "RunBranches", "tree_nodes"]
+# -- end search trees --
+
 # -- record: rescoring completions with a model, recording generate() (extra [torch]) --
 # torch and transformers are imported only when one of these runs.
 from .ingest.hf_generate import RecordResult, from_hf_generate  # noqa: E402

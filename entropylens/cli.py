@@ -883,6 +883,65 @@ def origins(
         typer.echo(f"skipped: {reason}")
 # -- end diversity ----------------------------------------------------------------------------
 
+
+# -- search trees: branch entropy of tree search and graph traversal ---------------------------
+@app.command()
+def branches(
+    store: Path = typer.Argument(..., help="Store folder."),
+    run: Optional[List[str]] = RunOption,
+    nodes: bool = typer.Option(False, "--nodes",
+                               help="Add per-tree rows and one row per branching node."),
+    threshold: float = typer.Option(0.2, "--threshold",
+                                    help="Nats below which a node's visits are concentrated "
+                                         "(and its priors collapsed)."),
+    survive: float = typer.Option(0.1, "--survive",
+                                  help="Share of its siblings' visits a child needs to stay "
+                                       "on a surviving path."),
+    shallow: int = typer.Option(1, "--shallow", min=0,
+                                help="Deepest branching depth counted as shallow (planning)."),
+    engine: Engine = EngineOption,
+    ray_address: Optional[str] = RayAddressOption,
+    workers: Optional[int] = WorkersOption,
+    as_json: bool = JsonOption,
+):
+    """Branch entropy of search trees: policy priors versus search visits, by depth and step."""
+    if not threshold > 0:
+        raise typer.BadParameter("must be positive", param_hint="--threshold")
+    if not 0 < survive <= 1:
+        raise typer.BadParameter("must be in (0, 1]", param_hint="--survive")
+    with _user_errors():
+        result = api.branches(store, run or None, engine=_engine(engine, ray_address, workers),
+                              threshold=threshold, survive=survive, shallow=shallow,
+                              nodes=nodes)
+    if as_json:
+        _emit_json(result.to_dict())
+        return
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = Console()
+    for part in result.runs:
+        summary = part.summary
+        change = summary["shallow_vs_deep"]
+        console.print(f"{escape(part.run)}: {summary['trees']} trees, "
+                      f"{summary['branching_nodes']} branching nodes; concentrated "
+                      f"{_num(summary['concentrated_share'])}, priors collapsed "
+                      f"{_num(summary['collapsed_share'])}, search keeps a spread at "
+                      f"{_num(summary['maintained_share'])} of those; shallow vs deep: "
+                      f"{escape(change['verdict'])}", highlight=False)
+        table = Table(title="by depth (all steps)")
+        for column in ("depth", "nodes", "prior H", "visit H", "concentrated"):
+            table.add_column(column, justify="right")
+        for row in part.depth_totals.itertuples():
+            table.add_row(str(row.depth), str(row.nodes), _num(row.prior_entropy_mean),
+                          _num(row.visit_entropy_mean), _num(row.concentrated_share))
+        console.print(table)
+    for reason in result.skipped:
+        typer.echo(f"skipped: {reason}")
+# -- end search trees --------------------------------------------------------------------------
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

@@ -27,6 +27,11 @@ Analyses that need the data more than once, or several analyses that need it at 
 time, are written as *plans* (generators that yield the aggregators they need and receive
 the results): :func:`run_plans` drives several plans together and fuses the scans they ask
 for at the same time into one read of the data.
+
+Data that are not tokens (the search trees of the node table) are read by a plan's
+:class:`Map` request: one picklable function applied to every item (a node part file, whole
+trees), by the same engine (this process, the local workers or Ray tasks), results returned
+in item order, so that the two engines agree exactly there too.
 """
 
 from __future__ import annotations
@@ -37,7 +42,8 @@ import os
 import pickle
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Generator, Hashable, Iterable, Iterator, Mapping, Sequence, Union
+from typing import (Any, Callable, Generator, Hashable, Iterable, Iterator, Mapping, Sequence,
+                    Union)
 
 import numpy as np
 import pyarrow as pa
@@ -404,6 +410,52 @@ def _run_units(units: list[Unit], aggregators: Mapping[str, Aggregator], columns
     return {name: agg.finish(states[name]) for name, agg in aggregators.items()}
 
 
+def run_map(function: Callable[[Any], Any], items: Sequence[Any], *, engine: str = "local",
+            ray_address: str | None = None, workers: int | None = None,
+            **_scan_options) -> list[Any]:
+    """``function(item)`` for every item, by the chosen engine, in item order.
+
+    Parameters
+    ----------
+    function : callable
+        A module-level function (workers and Ray tasks import it).
+    items : sequence
+    engine : {"local", "ray"}
+    ray_address : str, optional
+    workers : int, optional
+        Local engine: processes that run items side by side (1: this process).
+    **_scan_options
+        Options of token scans (``batch_size``, ``unit_rows``): they do not apply here.
+
+    Returns
+    -------
+    list
+    """
+    if engine not in ENGINES:
+        raise EntropylensError(f"unknown engine {engine!r} (one of {', '.join(ENGINES)})")
+    items = list(items)
+    if engine == "ray" and items:
+        ray = init_ray(ray_address)
+        task = ray.remote(_call_pickled)
+        # the function travels pickled, as the local workers get it
+        payload = pickle.dumps(function, protocol=pickle.HIGHEST_PROTOCOL)
+        return [pickle.loads(r) for r in ray.get([task.remote(payload, item)
+                                                  for item in items])]
+    count = local_workers(workers)
+    if count > 1 and len(items) > 1 and _shippable({"map": function}):
+        from .workers import pool
+
+        with session():
+            # the same pool as the token scans (one pool per size): workers are reused
+            return list(pool(count).map(function, ((i,) for i in items)))
+    return [function(item) for item in items]
+
+
+def _call_pickled(payload: bytes, item: Any) -> bytes:
+    """Ray task body of :func:`run_map`: the result pickled like the local engine's."""
+    return pickle.dumps(pickle.loads(payload)(item), protocol=pickle.HIGHEST_PROTOCOL)
+
+
 def _shippable(aggregators: Mapping[str, Aggregator]) -> bool:
     """Whether worker processes can rebuild the aggregators: not when they (or anything
     they hold) are defined in the caller's script or notebook, which a worker cannot
@@ -432,10 +484,31 @@ class Scan:
     steps: tuple[int, ...] | None = None
 
 
+@dataclass(frozen=True)
+class Map:
+    """A request of a plan for data other than tokens: ``function(item)`` for every item.
+
+    The plan receives the list of results, in item order. Each item should be small (a
+    file path) and each call bounded (one part file): the local engine runs the calls in
+    this process or in its worker processes (one item each at a time), the Ray engine as
+    Ray tasks, and either way the results come back in item order, so an analysis that
+    folds them in that order gets the same numbers from both engines.
+
+    Attributes
+    ----------
+    function : callable
+        Importable (a module-level function) so that workers can run it.
+    items : tuple
+    """
+
+    function: Callable[[Any], Any]
+    items: tuple = ()
+
+
 #: An analysis of one run written as a generator: it yields a :class:`Scan` (or a bare
-#: mapping of aggregators) each time it needs the data, receives the finished results of
-#: that scan, and returns its result.
-Plan = Generator[Union[Scan, Mapping[str, Aggregator]], dict, Any]
+#: mapping of aggregators) each time it needs the tokens, or a :class:`Map` for other data,
+#: receives the finished results, and returns its result.
+Plan = Generator[Union[Scan, Map, Mapping[str, Aggregator]], Any, Any]
 
 
 @dataclass
@@ -490,7 +563,8 @@ def run_plans(store: Store, run: str, plans: Mapping[str, Plan],
                 request = plan.throw(reply)
             else:
                 request = plan.send(reply)
-            waiting[name] = request if isinstance(request, Scan) else Scan(dict(request))
+            waiting[name] = request if isinstance(request, (Scan, Map)) \
+                else Scan(dict(request))
         except StopIteration as stop:
             outcomes[name] = stop.value
         except Exception as exc:  # noqa: BLE001 - one plan's failure is its own outcome
@@ -527,7 +601,15 @@ def _drive(store: Store, run: str, waiting: dict, advance, engine_options) -> No
         current = dict(waiting)
         waiting.clear()
         by_steps: dict[tuple[int, ...] | None, list[str]] = {}
-        for name, scan in current.items():
+        for name, scan in list(current.items()):
+            if isinstance(scan, Map):
+                del current[name]
+                try:
+                    reply = run_map(scan.function, scan.items, **engine_options)
+                except Exception as exc:  # noqa: BLE001 - the plan's own outcome
+                    reply = exc
+                advance(name, reply)
+                continue
             steps = None if scan.steps is None else tuple(int(s) for s in scan.steps)
             by_steps.setdefault(steps, []).append(name)
         for steps, names in by_steps.items():

@@ -67,7 +67,28 @@ METRIC_SCHEMA = pa.schema([
     pa.field("split", pa.string()),
 ])
 
-SCHEMAS = {"tokens": TOKEN_SCHEMA, "sequences": SEQUENCE_SCHEMA, "metrics": METRIC_SCHEMA}
+#: One row per node of a search tree (MCTS over reasoning steps, graph traversal): the
+#: tree's ``tree_id`` (a prompt or episode) within its training ``step``, the node and its
+#: parent (null at the root), its depth (root 0), the action that leads to it, the policy's
+#: probability (``prior``) and/or log-probability (``logprob``) of that action, and the
+#: search's statistics. Readers validate each tree whole (see ingest/_trees.py).
+NODE_SCHEMA = pa.schema([
+    pa.field("step", pa.int64()),
+    pa.field("tree_id", pa.string(), nullable=False),
+    pa.field("node_id", pa.string(), nullable=False),
+    pa.field("parent_id", pa.string()),
+    pa.field("depth", pa.int32(), nullable=False),
+    pa.field("action", pa.string()),
+    pa.field("prior", pa.float64()),
+    pa.field("logprob", pa.float64()),
+    pa.field("visits", pa.float64()),
+    pa.field("value", pa.float64()),
+    pa.field("reward", pa.float64()),
+    pa.field("terminal", pa.bool_()),
+])
+
+SCHEMAS = {"tokens": TOKEN_SCHEMA, "sequences": SEQUENCE_SCHEMA, "metrics": METRIC_SCHEMA,
+           "nodes": NODE_SCHEMA}
 
 #: Values of the ``split`` column.
 SPLITS = ("train", "val", "inference")
@@ -226,7 +247,7 @@ def conform(data: pa.Table | pa.RecordBatch, kind: str, *, path: str | Path | No
     ----------
     data : pyarrow.Table or pyarrow.RecordBatch
         Columns named canonically.
-    kind : {"tokens", "sequences", "metrics"}
+    kind : {"tokens", "sequences", "metrics", "nodes"}
         Which schema to conform to.
     path : str or Path, optional
         Source file, named in error messages.

@@ -7,6 +7,7 @@ Layout (DESIGN.md section 3)::
     STORE/runs/<run>/tokens/part-*.parquet  one row per generated token
     STORE/runs/<run>/sequences.parquet      one row per completion
     STORE/runs/<run>/metrics.parquet        one row per (step, metric)
+    STORE/runs/<run>/nodes/part-*.parquet   one row per search-tree node (whole trees per part)
 
 A run is written into a hidden temporary folder inside ``STORE/runs`` and renamed into place
 only when complete, so a reader sees a run whole or not at all, and a failed or killed ingest
@@ -49,7 +50,8 @@ import pyarrow.parquet as pq
 
 from . import __version__
 from .errors import RunExistsError, StoreError, StoreReadError
-from .schema import METRIC_SCHEMA, SEQUENCE_SCHEMA, TOKEN_SCHEMA, conform, mark_after_eos
+from .schema import (METRIC_SCHEMA, NODE_SCHEMA, SEQUENCE_SCHEMA, TOKEN_SCHEMA, conform,
+                     mark_after_eos)
 
 STORE_FORMAT = "entropylens-store"
 STORE_VERSION = 1
@@ -70,6 +72,9 @@ ROWS_PER_PART = 1_000_000
 BYTES_PER_PART = 128 * 1024 * 1024
 #: Parquet row-group size of token parts: small enough that step filters skip most data.
 ROWS_PER_GROUP = 128 * 1024
+#: Node rows buffered before a node part file is written (parts hold whole trees, so a
+#: part may exceed this by one chunk of trees). Analyses read one part at a time.
+NODE_ROWS_PER_PART = 256 * 1024
 #: Rejected-record examples kept in a manifest.
 MAX_REJECTED_EXAMPLES = 20
 
@@ -666,6 +671,24 @@ class Store:
             return pq.read_table(path, columns=list(columns) if columns else None,
                                  schema=SEQUENCE_SCHEMA)
 
+    def node_parts(self, run: str) -> list[Path]:
+        """The run's node part files in storage order (empty without search trees). Each
+        holds whole trees sorted by ``step, tree_id``; a tree never spans two parts."""
+        folder = self.run_dir(run) / "nodes"
+        return sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []
+
+    def read_nodes(self, run: str, *, columns: Sequence[str] | None = None,
+                   steps: Iterable[int] | None = None) -> pa.Table:
+        """Read the run's search-tree nodes into one table (use :meth:`node_parts` and
+        :func:`read_node_part` for large runs)."""
+        parts = self.node_parts(run)
+        if not parts:
+            table = NODE_SCHEMA.empty_table()
+        else:
+            table = ds.dataset([str(p) for p in parts], schema=NODE_SCHEMA,
+                               format="parquet").to_table(filter=self._step_filter(steps, None))
+        return table.select(list(columns)) if columns else table
+
     def read_metrics(self, run: str, *, pivot: bool = False,
                      split: str | None = None) -> pd.DataFrame:
         """The run's step metrics.
@@ -695,6 +718,15 @@ class Store:
                                       aggfunc="last").sort_index()
             frame.columns.name = None
         return frame
+
+
+def read_node_part(path: str | Path, *, columns: Sequence[str] | None = None) -> pa.Table:
+    """One node part file (whole trees) with the canonical node schema."""
+    try:
+        return pq.read_table(path, columns=list(columns) if columns else None,
+                             schema=NODE_SCHEMA)
+    except (OSError, pa.ArrowException) as exc:
+        raise StoreError(f"unreadable node part file: {exc}", path=path) from exc
 
 
 TOKEN_KEY = ("step", "sample_id", "position")
@@ -785,6 +817,12 @@ class RunWriter:
         self._part_steps: list[set] = []
         self._part_repeats: list[dict] = []
         self._duplicates_known = False
+        self._node_buffer: list[pa.Table] = []
+        self._node_buffered = 0
+        self._node_parts = 0
+        self._node_counts = {"nodes": 0, "trees": 0}
+        self._trees: set[tuple] = set()
+        self._node_steps: set[int] = set()
         self._max_top_k = 0
         self._prepared = False
         self._old: Path | None = None  # the replaced run, kept until every run is in place
@@ -983,11 +1021,58 @@ class RunWriter:
         self._counts["duplicate_tokens"] = 0
         self._duplicates_known = True
         return dropped
+    def write_nodes(self, data: pa.Table | pa.RecordBatch, *, path=None,
+                    row_offset: int = 0) -> None:
+        """Conform and buffer search-tree node rows; every call must hold whole trees.
+
+        A part file is written once :data:`NODE_ROWS_PER_PART` rows are buffered, so parts
+        hold whole trees and memory stays bounded. A tree (``step, tree_id``) seen in an
+        earlier call is an error: its nodes would be split between parts.
+
+        Raises
+        ------
+        SchemaError
+            Naming the first offending column and row, or the tree written twice.
+        """
+        from .errors import SchemaError
+
+        table = conform(data, "nodes", path=path, row_offset=row_offset)
+        if not table.num_rows:
+            return
+        keys = table.group_by(["step", "tree_id"], use_threads=False).aggregate([]).to_pylist()
+        for key in keys:
+            tree = (key["step"], key["tree_id"])
+            if tree in self._trees:
+                step = "" if tree[0] is None else f" of step {tree[0]}"
+                raise SchemaError(f"tree {tree[1]!r}{step} appears twice (duplicate tree id)",
+                                  path=path, field="tree_id")
+            self._trees.add(tree)
+        self._node_counts["nodes"] += table.num_rows
+        self._node_counts["trees"] += len(keys)
+        self._node_steps.update(pc.unique(table.column("step").drop_null()).to_pylist())
+        self._node_buffer.append(table)
+        self._node_buffered += table.num_rows
+        if self._node_buffered >= NODE_ROWS_PER_PART:
+            self._flush_nodes()
+
+    def _flush_nodes(self) -> None:
+        if not self._node_buffer:
+            return
+        table = pa.concat_tables(self._node_buffer)
+        self._node_buffer, self._node_buffered = [], 0
+        # stable: a tree's nodes keep the reader's (parent before child) order
+        order = pc.sort_indices(table, sort_keys=[("step", "ascending"),
+                                                  ("tree_id", "ascending")])
+        folder = self.tmp / "nodes"
+        folder.mkdir(exist_ok=True)
+        pq.write_table(table.take(order), folder / f"part-{self._node_parts:05d}.parquet",
+                       compression="zstd")
+        self._node_parts += 1
 
     @property
     def counts(self) -> dict[str, int]:
-        """Rows written so far: ``tokens``, ``sequences``, ``metrics`` and more."""
-        return dict(self._counts)
+        """Rows written so far: ``tokens``, ``sequences``, ``metrics``, ``nodes`` and more."""
+        return {**self._counts, **self._node_counts}
 
     # -- finishing ---------------------------------------------------------------------
     def commit(self) -> Path:
@@ -1004,6 +1089,7 @@ class RunWriter:
             self._flush_tokens()
             if self._parts and not self._duplicates_known:
                 self.find_duplicates()  # the manifest counts repeats across the whole run
+            self._flush_nodes()
             if self._seq_writer is not None:
                 self._seq_writer.close()
                 self._seq_writer = None
@@ -1037,6 +1123,10 @@ class RunWriter:
             "duplicate_tokens": counts["duplicate_tokens"],
             # tokens after the first end-of-sequence token of their completion
             "tokens_after_eos": counts["after_eos"],
+            # search trees (the node table): nodes, trees and distinct steps of trees
+            "nodes": self._node_counts["nodes"],
+            "trees": self._node_counts["trees"],
+            "node_steps": len(self._node_steps),
             **{k: v for k, v in self.manifest["counts"].items() if k not in counts},
         }
         sources = []

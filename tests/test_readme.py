@@ -28,7 +28,8 @@ COMMAND_FUNCTIONS = {"ingest": "ingest", "formats": "formats", "summary": "summa
                      "compare": "compare", "covariance": "covariance",
                      "forks": "forking_tokens", "report": "report", "roles": "roles",
                      "mine-lexicon": "mine_lexicon", "rescore": "rescore",
-                     "diagnose": "diagnose", "diversity": "diversity", "origins": "origins"}
+                     "diagnose": "diagnose", "diversity": "diversity", "origins": "origins",
+                     "branches": "branches"}
 
 
 def _generator():

@@ -105,7 +105,7 @@ def test_files_json_keys_and_figures(sample_report):
     model = json.loads((out / "report.json").read_text())
     assert set(model) == TOP_KEYS
     assert [r["run"] for r in model["runs"]] == ["top20", "vanilla"]
-    assert [s["name"] for s in model["sections"]] == [*RUN_SECTIONS, "origins"]
+    assert [s["name"] for s in model["sections"]] == [*RUN_SECTIONS, "origins", "branches"]
     for run in model["runs"]:
         assert list(run["sections"]) == list(RUN_SECTIONS)
         for name, section in run["sections"].items():

@@ -55,6 +55,7 @@ MODULES: list[str] = [
     "entropylens.analysis.diagnose",
     "entropylens.analysis.diversity",
     "entropylens.analysis.origins",
+    "entropylens.analysis.branches",
 ]
 
 #: What a run can hold, as counted in its manifest (``counts``), and how to say it is missing.

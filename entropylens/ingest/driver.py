@@ -474,6 +474,8 @@ def ingest(sources: str | Path | Sequence[str | Path], out: str | Path | Store, 
                         writer.write_sequences(rows, path=path, row_offset=chunk.row_offset)
                     elif chunk.kind == "metrics":
                         writer.write_metrics(rows, path=path, row_offset=chunk.row_offset)
+                    elif chunk.kind == "nodes":
+                        writer.write_nodes(rows, path=path, row_offset=chunk.row_offset)
                     else:
                         raise FormatError(f"reader yielded unknown table kind {chunk.kind!r}",
                                           path=path)
@@ -489,9 +491,9 @@ def ingest(sources: str | Path | Sequence[str | Path], out: str | Path | Store, 
             _resolve_duplicates(writer, on_duplicate)
             _finish_provenance(writer, options, temperature, vocab_size, logprob_basis)
             _summarise_step_basis(writer)
-            if not any(writer.counts[k] for k in ("tokens", "sequences", "metrics")):
+            if not any(writer.counts[k] for k in ("tokens", "sequences", "metrics", "nodes")):
                 files = [s["path"] for s in writer.manifest["sources"]]
-                raise FormatError("no tokens, sequences or metrics found"
+                raise FormatError("no tokens, sequences, metrics or search-tree nodes found"
                                   + (f" (also read: {', '.join(files[1:])})"
                                      if len(files) > 1 else ""),
                                   path=files[0] if files else resolved[0][0])
@@ -664,7 +666,9 @@ def ingest_report(store: Store, run: str) -> list[str]:
     manifest = store.manifest(run)
     counts, notes = manifest["counts"], manifest.get("notes", {})
     lines = [f"{run}: {counts['tokens']} tokens, {counts['sequences']} sequences, "
-             f"{counts['metrics']} metric points"]
+             f"{counts['metrics']} metric points"
+             + (f", {counts['nodes']} search-tree nodes in {counts['trees']} trees"
+                if counts.get("nodes") else "")]
     by_format: dict[tuple, list[str]] = {}
     for source in manifest["sources"]:
         by_format.setdefault((source["format"], source.get("reason", "")), []).append(

@@ -7,6 +7,7 @@ and ``ax=None`` (a new figure when omitted). None computes anything an analysis 
 >>> ax = elp.entropy_curve(el.policy_entropy("store", "vanilla"))  # doctest: +SKIP
 """
 
+from .branches import branch_entropy_heatmap, branch_tree, policy_vs_search
 from .compare import run_overlay
 from .covariance import covariance_groups
 from .diversity import diversity_steps, pass_at_k_curves
@@ -19,3 +20,4 @@ from .saturation import law_band, saturation_fit
 __all__ = ["covariance_groups", "diversity_steps", "entropy_curve", "forking_tokens_bar",
            "law_band", "origin_steps", "pass_at_k_curves", "planning_execution", "quantile_fan",
            "run_overlay", "saturation_fit"]
+__all__ += ["branch_entropy_heatmap", "branch_tree", "policy_vs_search"]
