@@ -117,6 +117,8 @@ def ingest(
     on_error: OnError = typer.Option(OnError.stop, "--on-error",
                                      help="Stop at the first bad record or skip bad records."),
     replace: bool = typer.Option(False, "--replace", help="Overwrite a run that exists."),
+    append: bool = typer.Option(False, "--append",
+                                help="Add the steps that are new since the last ingest."),
     alias: Optional[List[str]] = typer.Option(None, "--alias",
                                               help="Metric alias RAW_KEY=CANONICAL."),
     aliases_file: Optional[Path] = typer.Option(
@@ -131,7 +133,7 @@ def ingest(
         runs = api.ingest(sources, out, run=run, format=format, mapping=_pairs(map, "--map"),
                           temperature=temperature, vocab_size=vocab_size,
                           on_error=on_error.value, replace=replace,
-                          aliases=aliases)
+                          aliases=aliases, append=append)
     store = api.open(out)
     for name in runs:
         manifest = store.manifest(name)

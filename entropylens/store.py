@@ -508,6 +508,16 @@ class Store:
         """
         return RunWriter(self, name, replace=replace)
 
+    def append_run(self, name: str) -> "RunWriter":
+        """Start adding rows to an existing run; commit replaces the run atomically.
+
+        The new run folder holds hard links to the run's token part files (never rewritten),
+        the new rows in new part files, the earlier sequences and metrics followed by the new
+        ones, and the earlier manifest with updated counts. Aborting, or a crash before the
+        commit, leaves the run as it was.
+        """
+        return RunWriter(self, name, replace=True, append=True)
+
     # -- reading -----------------------------------------------------------------------
     def tokens_dataset(self, run: str) -> ds.Dataset:
         """The run's tokens as a :class:`pyarrow.dataset.Dataset` (possibly empty)."""
@@ -625,6 +635,16 @@ class Store:
         return frame
 
 
+def _sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    import hashlib
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _adjacent_duplicates(table: pa.Table) -> int:
     """Rows of a table sorted by (step, sample_id, position) equal on all three to the row
     before (null steps compare equal)."""
@@ -650,12 +670,16 @@ class RunWriter:
     removes every file written.
     """
 
-    def __init__(self, store: Store, name: str, *, replace: bool = False):
+    def __init__(self, store: Store, name: str, *, replace: bool = False,
+                 append: bool = False):
         validate_run_name(name)
         self.store = store
         self.name = name
         self.replace = replace
+        self.append = append
         self.final = store.runs_dir / name
+        if append:
+            store.run_dir(name)  # raises when there is no such run
         if self.final.exists() and not replace:
             raise RunExistsError(f"run {name!r} already exists (use --replace to overwrite it)",
                                  path=store.path)
@@ -698,6 +722,48 @@ class RunWriter:
         self._prepared = False
         self._old: Path | None = None  # the replaced run, kept until every run is in place
         self._done = False
+        self._part_hashes: dict[str, str] = {}
+        if append:
+            try:
+                self._carry_over()
+            except BaseException:
+                self.abort()
+                raise
+
+    def _carry_over(self) -> None:
+        """Start from the existing run: link its token parts, load its other tables and
+        its manifest, and continue its counts (append mode)."""
+        old = self.final
+        with writing(self.tmp):
+            self.manifest = json.loads((old / "manifest.json").read_text(encoding="utf-8"))
+            parts = sorted((old / "tokens").glob("part-*.parquet"))
+            for part in parts:
+                # a hard link: the sealed part is shared, not copied or rewritten
+                os.link(part, self.tmp / "tokens" / part.name)
+            self._parts = max((int(p.stem.split("-")[1]) for p in parts), default=-1) + 1
+            self._part_hashes = dict(self.manifest.get("parts") or {})
+            for part in parts:
+                if part.name not in self._part_hashes:  # a run written before parts were hashed
+                    self._part_hashes[part.name] = _sha256(part)
+            if parts:
+                steps = ds.dataset([str(p) for p in parts], format="parquet").to_table(
+                    columns=["step"]).column("step")
+                self._steps = set(pc.unique(steps.drop_null()).to_pylist())
+            if (old / "metrics.parquet").exists():
+                self._metrics.append(pq.read_table(old / "metrics.parquet", schema=METRIC_SCHEMA))
+            if (old / "sequences.parquet").exists():
+                earlier = pq.read_table(old / "sequences.parquet", schema=SEQUENCE_SCHEMA)
+                self._seq_writer = pq.ParquetWriter(self.tmp / "sequences.parquet",
+                                                    SEQUENCE_SCHEMA, compression="zstd")
+                self._seq_writer.write_table(earlier)
+        counts = self.manifest.get("counts", {})
+        for key, manifest_key in (("tokens", "tokens"), ("sequences", "sequences"),
+                                  ("metrics", "metrics"), ("exact_entropy", "tokens_with_entropy"),
+                                  ("topk", "tokens_with_topk"), ("logprobs", "tokens_with_logprob"),
+                                  ("null_logprobs", "null_logprobs"),
+                                  ("duplicate_tokens", "duplicate_tokens")):
+            self._counts[key] = int(counts.get(manifest_key) or 0)
+        self._max_top_k = int(self.manifest.get("top_k") or 0)
 
     # -- context manager ---------------------------------------------------------------
     def __enter__(self) -> "RunWriter":
@@ -766,6 +832,8 @@ class RunWriter:
         out = self.tmp / "tokens" / f"part-{self._parts:05d}.parquet"
         with writing(out):
             pq.write_table(table, out, row_group_size=ROWS_PER_GROUP, compression="zstd")
+        # the part's checksum names its content: caches of per-part results key on it
+        self._part_hashes[out.name] = _sha256(out)
         self._parts += 1
 
     def write_sequences(self, data: pa.Table | pa.RecordBatch, *, path=None,
@@ -825,7 +893,7 @@ class RunWriter:
         metric_steps: set[int] = set()
         for table in self._metrics:
             metric_steps.update(pc.unique(table.column("step").drop_null()).to_pylist())
-        self.manifest["counts"] = {
+        computed = {
             "tokens": counts["tokens"],
             "sequences": counts["sequences"],
             "metrics": counts["metrics"],
@@ -838,8 +906,12 @@ class RunWriter:
             # rows repeating an earlier row's (step, sample_id, position), e.g. a record
             # logged twice; kept as logged, counted within each part file
             "duplicate_tokens": counts["duplicate_tokens"],
-            **{k: v for k, v in self.manifest["counts"].items() if k not in counts},
         }
+        # counts the driver added (sentinel values), kept; an appended run's earlier
+        # manifest also holds the counts computed above, which the new values replace
+        self.manifest["counts"] = {**computed, **{k: v for k, v in
+                                                  self.manifest["counts"].items()
+                                                  if k not in computed}}
         sources = []
         if counts["exact_entropy"]:
             sources.append("exact")
@@ -848,6 +920,7 @@ class RunWriter:
         if counts["logprobs"]:
             sources.append("surprisal")
         self.manifest["entropy_sources"] = sources
+        self.manifest["parts"] = dict(sorted(self._part_hashes.items()))
         if self.manifest.get("top_k") is None and self._max_top_k:
             self.manifest["top_k"] = self._max_top_k
 
