@@ -4,9 +4,12 @@ Each source's state is kept in the run's manifest under ``append.sources``, keye
 source's absolute path:
 
 - ``size``, ``mtime_ns``: the file as last read;
-- ``prefix_sha256``: for line-oriented files (JSONL, CSV, console logs), the checksum of the
-  bytes read so far; a later append checks that this prefix is unchanged, so a log that was
-  rewritten (not appended to) is an error rather than silently read twice;
+- ``head_sha256``, ``tail_sha256``, ``lines``: for line-oriented files (JSONL, CSV,
+  console logs), checksums of the first and the last 64 KiB read (:func:`prefix_marks`) and
+  the lines read; a later append checks that both ends are unchanged, so a log that was
+  rewritten (not appended to) is an error rather than silently read twice. Files of the
+  ``table`` format are then read from ``size`` on (``tail``: only the new lines are parsed);
+  other formats are read whole and cut by step;
 - ``last_step``: the last step committed from this source. Rows of later steps are new;
   this is also how sources rewritten as a whole (Parquet, TensorBoard event files, W&B
   history, folders of per-step files) are appended to;
@@ -38,6 +41,11 @@ from . import registry
 #: cannot be checked or cut at a line).
 LINE_SUFFIXES = (".jsonl", ".ndjson", ".csv", ".tsv", ".log", ".txt", ".out")
 _HASH_BLOCK = 1 << 20
+#: Bytes at each end of what was read that a later append checks for changes.
+MARK_BYTES = 64 * 1024
+#: Formats whose line-oriented files hold one record a line with no state between lines:
+#: an append reads only the bytes after what was read before (a CSV's header line first).
+TAIL_FORMATS = ("table",)
 
 
 @dataclass
@@ -55,17 +63,20 @@ def is_line_oriented(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in LINE_SUFFIXES
 
 
-def _prefix_sha256(path: Path, size: int) -> str:
-    digest = hashlib.sha256()
-    left = size
+def prefix_marks(path: Path, size: int) -> dict:
+    """Checksums of what was read of a line-oriented file: its first and its last
+    :data:`MARK_BYTES` bytes before ``size``.
+
+    Checking both ends costs the same however long the log grows; a file rewritten or
+    truncated and written again differs there (a rewrite that keeps both ends byte for byte
+    goes unnoticed)."""
     with open(path, "rb") as fh:
-        while left > 0:
-            block = fh.read(min(_HASH_BLOCK, left))
-            if not block:
-                break
-            digest.update(block)
-            left -= len(block)
-    return digest.hexdigest()
+        head = fh.read(min(MARK_BYTES, size))
+        start = max(0, size - MARK_BYTES)
+        fh.seek(start)
+        tail = fh.read(size - start)
+    return {"head_sha256": hashlib.sha256(head).hexdigest(),
+            "tail_sha256": hashlib.sha256(tail).hexdigest()}
 
 
 def _complete_size(path: Path) -> int:
@@ -84,11 +95,13 @@ def _complete_size(path: Path) -> int:
     return 0
 
 
-def _snapshot(path: Path, size: int, folder: Path) -> Path:
-    """Copy the first ``size`` bytes of ``path`` to ``folder`` under the same file name."""
+def _snapshot(path: Path, start: int, end: int, folder: Path, header: bytes = b"") -> Path:
+    """Copy ``header`` and bytes ``start:end`` of ``path`` to ``folder`` under the same name."""
     target = folder / path.name
     with open(path, "rb") as src, open(target, "wb") as dst:
-        left = size
+        dst.write(header)
+        src.seek(start)
+        left = end - start
         while left > 0:
             block = src.read(min(_HASH_BLOCK, left))
             if not block:
@@ -96,6 +109,25 @@ def _snapshot(path: Path, size: int, folder: Path) -> Path:
             dst.write(block)
             left -= len(block)
     return target
+
+
+def _first_line(path: Path) -> bytes:
+    with open(path, "rb") as fh:
+        return fh.readline()
+
+
+def _count_lines(path: Path, start: int, end: int) -> int:
+    count = 0
+    with open(path, "rb") as fh:
+        fh.seek(start)
+        left = end - start
+        while left > 0:
+            block = fh.read(min(_HASH_BLOCK, left))
+            if not block:
+                break
+            count += block.count(b"\n")
+            left -= len(block)
+    return count
 
 
 def _fingerprint(path: Path) -> tuple[int, int]:
@@ -188,7 +220,8 @@ def append(resolved: Sequence[tuple[Path, registry.Format]], store: Store, run: 
                 raise FormatError(f"the source shrank since the last ingest ({state['size']} "
                                   f"bytes read before, {read_size} now): it was rewritten, not "
                                   "appended to; ingest it again with --replace", path=path)
-            if line and _prefix_sha256(path, state["size"]) != state["prefix_sha256"]:
+            marks = {k: state.get(k) for k in ("head_sha256", "tail_sha256")}
+            if line and prefix_marks(path, state["size"]) != marks:
                 raise FormatError("the part of the source read by the last ingest changed: it "
                                   "was rewritten, not appended to; ingest it again with "
                                   "--replace", path=path)
@@ -215,11 +248,18 @@ def append(resolved: Sequence[tuple[Path, registry.Format]], store: Store, run: 
                     continue
                 read_size, size, mtime, line = read
                 source = path
+                tail = line and fmt.name in TAIL_FORMATS
+                start = state["size"] if tail and state is not None else 0
+                lines_before = state.get("lines", 0) if tail and state is not None else 0
+                header = b""
                 if line:  # complete lines only, and a snapshot that does not move under us
                     folder = Path(scratch) / str(index)
                     folder.mkdir()
-                    source = _snapshot(path, read_size, folder)
-                after = None if state is None else state.get("last_step")
+                    if start and path.suffix.lower() in (".csv", ".tsv"):
+                        header = _first_line(path)
+                    source = _snapshot(path, start, read_size, folder, header)
+                # a tail read holds only new records; a whole read is cut by step
+                after = None if tail or state is None else state.get("last_step")
                 ctx = IngestContext(source, options, fmt.name)
                 tables: list[tuple[str, pa.Table, int]] = []
                 newest = None
@@ -243,11 +283,13 @@ def append(resolved: Sequence[tuple[Path, registry.Format]], store: Store, run: 
                 except EntropylensError as exc:
                     if exc.path == str(source):  # name the user's file, not the snapshot
                         exc.path = str(path)
+                        if exc.line is not None and start:
+                            exc.line += lines_before - (1 if header else 0)
                         exc.args = (str(exc),)
                     raise
                 # a growing source's newest step may still be half written
-                held = newest if hold_last_step and not unchanged and newest is not None \
-                    else None
+                held = newest if hold_last_step and not tail and not unchanged \
+                    and newest is not None else None
                 steps: set[int] = set()
                 for kind, data, row_offset in tables:
                     if held is not None:
@@ -258,12 +300,15 @@ def append(resolved: Sequence[tuple[Path, registry.Format]], store: Store, run: 
                         steps.update(int(s) for s in
                                      pc.unique(data.column("step").drop_null()).to_pylist())
                     _write(writer, kind, data, path, row_offset, _clean_tokens)
-                committed = max(steps) if steps else after
+                earlier = None if state is None else state.get("last_step")
+                committed = max([*steps, *([earlier] if earlier is not None else [])]) \
+                    if steps or earlier is not None else None
                 states[key] = {"format": fmt.name, "size": read_size if line else size,
-                               "mtime_ns": mtime, "line_oriented": line,
-                               "prefix_sha256": _prefix_sha256(path, read_size) if line
-                               else None,
+                               "mtime_ns": mtime, "line_oriented": line, "tail": tail,
                                "last_step": committed, "held_step": held}
+                if line:
+                    states[key].update(prefix_marks(path, read_size),
+                                       lines=lines_before + _count_lines(path, start, read_size))
                 _record_source(writer, path, fmt, states[key])
                 _apply_notes(writer, ctx)
                 reads.append(SourceRead(str(path), sorted(steps), held, False))
@@ -296,11 +341,13 @@ def _record_source(writer: RunWriter, path: Path, fmt: registry.Format, state: d
     for file in files:
         resolved = str(file.resolve())
         sources[:] = [s for s in sources if s.get("path") != resolved]
-        if state.get("line_oriented"):
-            size, sha = state["size"], state["prefix_sha256"]
+        if state.get("line_oriented"):  # a growing log: what was read, checked at both ends
+            writer.add_source(resolved, format=fmt.name, size=state["size"], sha256=None,
+                              head_sha256=state["head_sha256"],
+                              tail_sha256=state["tail_sha256"])
         else:
-            size, sha = file.stat().st_size, sha256_file(file)
-        writer.add_source(resolved, format=fmt.name, size=size, sha256=sha)
+            writer.add_source(resolved, format=fmt.name, size=file.stat().st_size,
+                              sha256=sha256_file(file))
 
 
 def _write(writer: RunWriter, kind: str, rows: pa.Table, path: Path, row_offset: int,
