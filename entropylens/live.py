@@ -309,8 +309,10 @@ class Watcher:
         from .ingest.append import append
         from .ingest.driver import IngestOptions, resolve_sources
 
-        present = [s for s in self.sources if s.exists()]
-        if not present:  # the trainer has not written its first log yet
+        # a source the trainer has not written yet (missing or empty) is skipped until it has
+        present = [s for s in self.sources
+                   if s.is_dir() or (s.is_file() and s.stat().st_size > 0)]
+        if not present:
             return []
         opts = self.ingest_options
         resolved = resolve_sources(present, opts.get("format"), opts.get("mapping"))
