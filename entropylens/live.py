@@ -34,6 +34,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .engine import _conform_batch, run_aggregators
@@ -75,29 +76,46 @@ def cached_step_stats(store: Store, run: str, aggregator) -> pd.DataFrame:
         return run_aggregators(store, run, {"a": aggregator})["a"]
     tag = _digest(repr((type(aggregator).__name__, key[1:])))
     cache = store.path / _CACHE / run
-    frames = []
+    frames, kept = [], set()
     for part in parts:
         sha = hashes.get(part.name) or _sha256(part)
         path = cache / f"{part.stem}.{sha[:20]}.{tag}.parquet"
-        if path.exists():
-            try:
-                frames.append(pd.read_parquet(path))
-                continue
-            except (OSError, ValueError):
-                pass  # a damaged cache entry is recomputed
-        frame = _part_frame(part, aggregator)
-        _save(path, frame)
+        kept.add(path.name)
+        frame = _load(path)
+        if frame is None:
+            frame = _part_frame(part, aggregator)
+            _save(path, frame)
         frames.append(frame)
-    _prune(cache, {f"{p.stem}." for p in parts})
     if not frames:
+        _prune(cache, kept, tag)
         return aggregator.finish(aggregator.start())
     frame = pd.concat([f for f in frames if len(f)] or frames[:1], ignore_index=True)
-    shared = frame["step"][frame["step"].duplicated()].dropna().unique()
-    if len(shared):
-        # a step split over parts (an append of a half-written step): one scan of those steps
-        again = run_aggregators(store, run, {"a": aggregator}, steps=[int(s) for s in shared])
-        frame = pd.concat([frame[~frame["step"].isin(shared)], again["a"]], ignore_index=True)
+    shared = sorted(int(s) for s in frame["step"][frame["step"].duplicated()].dropna().unique())
+    if shared:
+        # steps split over parts (a writer's part boundary inside a step, or an append of a
+        # half-written step) are computed over all their parts, once: those parts are sealed
+        holders = [f"{p.name}:{hashes.get(p.name)}" for p, f in zip(parts, frames)
+                   if f["step"].isin(shared).any()]
+        path = cache / f"shared.{_digest(repr((holders, shared)))}.{tag}.parquet"
+        kept.add(path.name)
+        again = _load(path)
+        if again is None:
+            again = run_aggregators(store, run, {"a": aggregator}, steps=shared,
+                                    workers=1)["a"]
+            _save(path, again)
+        frame = pd.concat([frame[~frame["step"].isin(shared)], again], ignore_index=True)
+    _prune(cache, kept, tag)
     return frame.sort_values("step").reset_index(drop=True)
+
+
+def _load(path: Path) -> pd.DataFrame | None:
+    """A cache entry, or None when missing or damaged (then it is recomputed)."""
+    if not path.exists():
+        return None
+    try:
+        return pd.read_parquet(path)
+    except (OSError, ValueError, pa.ArrowException):
+        return None
 
 
 def _part_frame(part: Path, aggregator) -> pd.DataFrame:
@@ -130,12 +148,13 @@ def _save(path: Path, frame: pd.DataFrame) -> None:
         pass
 
 
-def _prune(cache: Path, live_prefixes: set[str]) -> None:
-    """Remove cache entries of parts that are gone (a replaced run)."""
+def _prune(cache: Path, kept: set[str], tag: str) -> None:
+    """Remove this aggregator's cache entries of parts that are gone (a replaced run,
+    earlier split steps)."""
     if not cache.is_dir():
         return
     for entry in cache.iterdir():
-        if not any(entry.name.startswith(p) for p in live_prefixes):
+        if entry.name.endswith(f".{tag}.parquet") and entry.name not in kept:
             entry.unlink(missing_ok=True)
 
 
@@ -286,13 +305,16 @@ class Watcher:
         Shell command run on every status change, with ``ENTROPYLENS_STATUS``,
         ``ENTROPYLENS_PREVIOUS_STATUS``, ``ENTROPYLENS_RUN``, ``ENTROPYLENS_STEP`` and
         ``ENTROPYLENS_HEADLINE`` in its environment.
+    hold_last_step : bool
+        Keep back the newest step of a source that is still growing (read whole; see
+        :func:`entropylens.ingest.append.append`) until it stops changing.
     ingest_options : dict
         ``format``, ``mapping``, ``temperature``, ``vocab_size``, ``aliases`` as for ingest.
     """
 
     def __init__(self, sources: Sequence[str | Path], store: str | Path, run: str, *,
                  on_change: str | None = None, val_size: int | None = None,
-                 reward: str | None = None, **ingest_options):
+                 reward: str | None = None, hold_last_step: bool = True, **ingest_options):
         from .store import validate_run_name
 
         self.sources = [Path(s) for s in sources]
@@ -301,6 +323,7 @@ class Watcher:
         self.on_change = on_change
         self.val_size = val_size
         self.reward = reward
+        self.hold_last_step = hold_last_step
         self.ingest_options = ingest_options
         self.status: str | None = None
         self.last_growth = time.monotonic()
@@ -311,7 +334,8 @@ class Watcher:
 
         # a source the trainer has not written yet (missing or empty) is skipped until it has
         present = [s for s in self.sources
-                   if s.is_dir() or (s.is_file() and s.stat().st_size > 0)]
+                   if (s.is_dir() and any(p.is_file() for p in s.rglob("*")))
+                   or (s.is_file() and s.stat().st_size > 0)]
         if not present:
             return []
         opts = self.ingest_options
@@ -321,8 +345,8 @@ class Watcher:
                                 vocab_size=opts.get("vocab_size"), on_error="stop",
                                 aliases=dict(opts.get("aliases") or {}))
         store = Store.create(self.store_path)
-        reads = append(resolved, store, self.run, options=options, hold_last_step=True,
-                       temperature=opts.get("temperature"), vocab_size=opts.get("vocab_size"))
+        reads = append(resolved, store, self.run, options=options,
+                       hold_last_step=self.hold_last_step, temperature=opts.get("temperature"), vocab_size=opts.get("vocab_size"))
         new = sorted({s for r in reads for s in r.new_steps})
         if new or any(r.held_step is not None for r in reads):
             self.last_growth = time.monotonic()

@@ -635,6 +635,25 @@ class Store:
         return frame
 
 
+def _last_step(parts: Sequence[Path]) -> int | None:
+    """The largest step in token part files, from their row-group statistics."""
+    last = None
+    for part in parts:
+        metadata = pq.ParquetFile(part).metadata
+        column = metadata.schema.names.index("step")
+        for group in range(metadata.num_row_groups):
+            stats = metadata.row_group(group).column(column).statistics
+            if stats is None or not stats.has_min_max:
+                # no statistics: read the column
+                steps = pq.read_table(part, columns=["step"]).column("step")
+                top = pc.max(steps).as_py()
+            else:
+                top = stats.max
+            if top is not None:
+                last = int(top) if last is None else max(last, int(top))
+    return last
+
+
 def _sha256(path: Path) -> str:
     """Hex SHA-256 of a file's bytes."""
     import hashlib
@@ -723,6 +742,9 @@ class RunWriter:
         self._old: Path | None = None  # the replaced run, kept until every run is in place
         self._done = False
         self._part_hashes: dict[str, str] = {}
+        self._old_parts: list[Path] = []
+        self._old_step_count = 0
+        self._old_last_step: int | None = None
         if append:
             try:
                 self._carry_over()
@@ -745,10 +767,11 @@ class RunWriter:
             for part in parts:
                 if part.name not in self._part_hashes:  # a run written before parts were hashed
                     self._part_hashes[part.name] = _sha256(part)
-            if parts:
-                steps = ds.dataset([str(p) for p in parts], format="parquet").to_table(
-                    columns=["step"]).column("step")
-                self._steps = set(pc.unique(steps.drop_null()).to_pylist())
+            # earlier steps are counted, not listed: new rows' steps are checked against
+            # the earlier parts only when they are not past the earlier last step
+            self._old_parts = parts
+            self._old_step_count = int(self.manifest.get("counts", {}).get("token_steps") or 0)
+            self._old_last_step = _last_step(parts)
             if (old / "metrics.parquet").exists():
                 self._metrics.append(pq.read_table(old / "metrics.parquet", schema=METRIC_SCHEMA))
             if (old / "sequences.parquet").exists():
@@ -888,6 +911,20 @@ class RunWriter:
             write_json_atomic(self.tmp / "manifest.json", self.manifest)
         self._prepared = True
 
+    def _token_step_count(self) -> int:
+        """Distinct token steps of the run (an appended run's earlier ones included)."""
+        if not self.append or not self._old_parts:
+            return len(self._steps)
+        last = self._old_last_step
+        later = {s for s in self._steps if last is None or s > last}
+        maybe_old = self._steps - later
+        if maybe_old:
+            old = ds.dataset([str(p) for p in self._old_parts], format="parquet").to_table(
+                columns=["step"], filter=ds.field("step").isin(
+                    pa.array(sorted(maybe_old), pa.int64()))).column("step")
+            maybe_old -= set(pc.unique(old.drop_null()).to_pylist())
+        return self._old_step_count + len(later) + len(maybe_old)
+
     def _finish_manifest(self) -> None:
         counts = self._counts
         metric_steps: set[int] = set()
@@ -897,7 +934,7 @@ class RunWriter:
             "tokens": counts["tokens"],
             "sequences": counts["sequences"],
             "metrics": counts["metrics"],
-            "token_steps": len(self._steps),
+            "token_steps": self._token_step_count(),
             "metric_steps": len(metric_steps),
             "tokens_with_entropy": counts["exact_entropy"],
             "tokens_with_topk": counts["topk"],
