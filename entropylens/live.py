@@ -346,7 +346,8 @@ class Watcher:
                                 aliases=dict(opts.get("aliases") or {}))
         store = Store.create(self.store_path)
         reads = append(resolved, store, self.run, options=options,
-                       hold_last_step=self.hold_last_step, temperature=opts.get("temperature"), vocab_size=opts.get("vocab_size"))
+                       hold_last_step=self.hold_last_step,
+                       temperature=opts.get("temperature"), vocab_size=opts.get("vocab_size"))
         new = sorted({s for r in reads for s in r.new_steps})
         if new or any(r.held_step is not None for r in reads):
             self.last_growth = time.monotonic()
