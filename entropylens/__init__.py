@@ -58,3 +58,7 @@ from .api import Diagnosis, RunDiagnosis, diagnose  # noqa: E402
 
 __all__ += ["Diagnosis", "RunDiagnosis", "diagnose"]
 # -- end diagnosis --
+
+from .api import watch  # noqa: E402
+
+__all__ += ["watch"]

@@ -130,3 +130,7 @@ from .analysis.diagnose import Diagnosis, RunDiagnosis, diagnose  # noqa: E402
 
 __all__ += ["diagnose", "Diagnosis", "RunDiagnosis"]
 # -- end diagnosis --
+
+from .live import watch  # noqa: E402
+
+__all__ += ["watch"]

@@ -776,8 +776,6 @@ def watch(
                                  "change (and no live view)."),
 ):
     """Follow a run while it trains: append new steps, re-diagnose, report status changes."""
-    from . import live
-
     period = _duration(every, "--every")
     idle = _duration(until_idle, "--until-idle")
 
@@ -786,7 +784,7 @@ def watch(
             _emit_json({"run": run, **result.to_dict()})
 
     with _user_errors():
-        live.watch(sources, out, run, every=period, until_idle=idle, on_change=on_change,
+        api.watch(sources, out, run, every=period, until_idle=idle, on_change=on_change,
                    live=False if as_json else None,
                    echo=(lambda line: None) if as_json else None,
                    on_refresh=emit if as_json else None,
