@@ -72,3 +72,7 @@ from .api import Branches, RunBranches, branches, tree_nodes  # noqa: E402
 
 __all__ += ["Branches", "RunBranches", "branches", "tree_nodes"]
 # -- end search trees --
+
+from .api import watch  # noqa: E402
+
+__all__ += ["watch"]

@@ -152,3 +152,7 @@ from .analysis.origins import Origins, origins  # noqa: E402
 __all__ += ["Diversity", "DiversityComparison", "diversity", "diversity_compare", "Origins",
             "origins"]
 # -- end diversity --
+
+from .live import watch  # noqa: E402
+
+__all__ += ["watch"]

@@ -137,6 +137,8 @@ def ingest(
         OnDuplicate.error, "--on-duplicate",
         help="Token rows repeating a (step, sample, position) of the run: an error, or keep "
              "the first or last ingested."),
+    append: bool = typer.Option(False, "--append",
+                                help="Add the steps that are new since the last ingest."),
     alias: Optional[List[str]] = typer.Option(None, "--alias",
                                               help="Metric alias RAW_KEY=CANONICAL."),
     aliases_file: Optional[Path] = typer.Option(
@@ -157,7 +159,8 @@ def ingest(
                           temperature=temperature, vocab_size=vocab_size,
                           on_error=on_error.value, replace=replace,
                           aliases=aliases, on_duplicate=on_duplicate.value,
-                          step_basis=step_basis.value if step_basis is not None else None)
+                          step_basis=step_basis.value if step_basis is not None else None,
+                          append=append)
     from .ingest.driver import ingest_report
     store = api.open(out)
     for name in runs:
@@ -940,6 +943,66 @@ def branches(
     for reason in result.skipped:
         typer.echo(f"skipped: {reason}")
 # -- end search trees --------------------------------------------------------------------------
+
+
+# -- watch -----------------------------------------------------------------------------------
+def _duration(text: Optional[str], option: str) -> Optional[float]:
+    """Seconds in ``30``, ``30s``, ``10m`` or ``1h`` (None stays None)."""
+    if text is None:
+        return None
+    units = {"s": 1, "m": 60, "h": 3600}
+    value, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
+    try:
+        seconds = float(value) * units[unit]
+    except ValueError:
+        raise typer.BadParameter(f"expected a duration such as 30s, 10m or 1h, got {text!r}",
+                                 param_hint=option) from None
+    if not seconds > 0 or seconds == float("inf"):
+        raise typer.BadParameter(f"must be positive, got {text!r}", param_hint=option)
+    return seconds
+
+
+@app.command()
+def watch(
+    sources: List[Path] = typer.Argument(..., help="Log files or folders the trainer writes."),
+    out: Path = typer.Option(..., "--out", help="Store folder (created when missing)."),
+    run: str = typer.Option(..., "--run", help="Run name."),
+    every: str = typer.Option("30s", "--every", help="Time between refreshes (30s, 2m)."),
+    until_idle: Optional[str] = typer.Option(
+        None, "--until-idle", help="Stop once the sources have not grown for this long (10m)."),
+    on_change: Optional[str] = typer.Option(
+        None, "--on-change", help="Shell command run on each status change, with "
+        "ENTROPYLENS_STATUS, ENTROPYLENS_PREVIOUS_STATUS, ENTROPYLENS_RUN, ENTROPYLENS_STEP "
+        "and ENTROPYLENS_HEADLINE in its environment."),
+    format: Optional[str] = typer.Option(None, "--format",
+                                         help="Format name (default: auto-detect)."),
+    map: Optional[List[str]] = typer.Option(None, "--map",
+                                            help="Column map CANONICAL=SOURCE (a+b joins)."),
+    alias: Optional[List[str]] = typer.Option(None, "--alias",
+                                              help="Metric alias RAW_KEY=CANONICAL."),
+    val_size: Optional[int] = typer.Option(
+        None, "--val-size", min=1, help="Validation prompts behind each accuracy point."),
+    reward: Optional[str] = typer.Option(None, "--reward", help="Performance metric "
+                                         "(default: val_accuracy, else reward_mean)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object per status "
+                                 "change (and no live view)."),
+):
+    """Follow a run while it trains: append new steps, re-diagnose, report status changes."""
+    period = _duration(every, "--every")
+    idle = _duration(until_idle, "--until-idle")
+
+    def emit(result) -> None:  # --json: one object per status change, nothing else
+        if result.changed:
+            _emit_json({"run": run, **result.to_dict()})
+
+    with _user_errors():
+        api.watch(sources, out, run, every=period, until_idle=idle, on_change=on_change,
+                   live=False if as_json else None,
+                   echo=(lambda line: None) if as_json else None,
+                   on_refresh=emit if as_json else None,
+                   format=format, mapping=_pairs(map, "--map"),
+                   aliases=_pairs(alias, "--alias"), val_size=val_size, reward=reward)
+# -- end watch -------------------------------------------------------------------------------
 
 
 def main() -> None:  # pragma: no cover - console entry point

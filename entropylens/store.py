@@ -555,6 +555,16 @@ class Store:
         """
         return RunWriter(self, name, replace=replace)
 
+    def append_run(self, name: str) -> "RunWriter":
+        """Start adding rows to an existing run; commit replaces the run atomically.
+
+        The new run folder holds hard links to the run's token part files (never rewritten),
+        the new rows in new part files, the earlier sequences and metrics followed by the new
+        ones, and the earlier manifest with updated counts. Aborting, or a crash before the
+        commit, leaves the run as it was.
+        """
+        return RunWriter(self, name, replace=True, append=True)
+
     # -- reading -----------------------------------------------------------------------
     def token_parts(self, run: str) -> list[tuple[Path, pq.FileMetaData]]:
         """The run's token part files in storage order, each with its Parquet metadata,
@@ -720,6 +730,35 @@ class Store:
         return frame
 
 
+def _last_step(parts: Sequence[Path]) -> int | None:
+    """The largest step in token part files, from their row-group statistics."""
+    last = None
+    for part in parts:
+        metadata = pq.ParquetFile(part).metadata
+        column = metadata.schema.names.index("step")
+        for group in range(metadata.num_row_groups):
+            stats = metadata.row_group(group).column(column).statistics
+            if stats is None or not stats.has_min_max:
+                # no statistics: read the column
+                steps = pq.read_table(part, columns=["step"]).column("step")
+                top = pc.max(steps).as_py()
+            else:
+                top = stats.max
+            if top is not None:
+                last = int(top) if last is None else max(last, int(top))
+    return last
+
+
+def _sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    import hashlib
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def read_node_part(path: str | Path, *, columns: Sequence[str] | None = None) -> pa.Table:
     """One node part file (whole trees) with the canonical node schema."""
     try:
@@ -767,12 +806,16 @@ class RunWriter:
     removes every file written.
     """
 
-    def __init__(self, store: Store, name: str, *, replace: bool = False):
+    def __init__(self, store: Store, name: str, *, replace: bool = False,
+                 append: bool = False):
         validate_run_name(name)
         self.store = store
         self.name = name
         self.replace = replace
+        self.append = append
         self.final = store.runs_dir / name
+        if append:
+            store.run_dir(name)  # raises when there is no such run
         if self.final.exists() and not replace:
             raise RunExistsError(f"run {name!r} already exists (use --replace to overwrite it)",
                                  path=store.path)
@@ -827,6 +870,58 @@ class RunWriter:
         self._prepared = False
         self._old: Path | None = None  # the replaced run, kept until every run is in place
         self._done = False
+        self._part_hashes: dict[str, str] = {}
+        self._old_parts: list[Path] = []
+        self._old_step_count = 0
+        self._old_last_step: int | None = None
+        if append:
+            try:
+                self._carry_over()
+            except BaseException:
+                self.abort()
+                raise
+
+    def _carry_over(self) -> None:
+        """Start from the existing run: link its token parts, load its other tables and
+        its manifest, and continue its counts (append mode)."""
+        old = self.final
+        with writing(self.tmp):
+            self.manifest = json.loads((old / "manifest.json").read_text(encoding="utf-8"))
+            if self.manifest.get("counts", {}).get("nodes"):
+                # search trees are written whole per part; they are re-ingested, not appended
+                raise StoreError(f"run {self.name!r} holds search trees: append adds to "
+                                 "token and metric logs; ingest the trees again with "
+                                 "--replace", path=old)
+            parts = sorted((old / "tokens").glob("part-*.parquet"))
+            for part in parts:
+                # a hard link: the sealed part is shared, not copied or rewritten
+                os.link(part, self.tmp / "tokens" / part.name)
+            self._parts = max((int(p.stem.split("-")[1]) for p in parts), default=-1) + 1
+            self._part_hashes = dict(self.manifest.get("parts") or {})
+            for part in parts:
+                if part.name not in self._part_hashes:  # a run written before parts were hashed
+                    self._part_hashes[part.name] = _sha256(part)
+            # earlier steps are counted, not listed: new rows' steps are checked against
+            # the earlier parts only when they are not past the earlier last step
+            self._old_parts = parts
+            self._old_step_count = int(self.manifest.get("counts", {}).get("token_steps") or 0)
+            self._old_last_step = _last_step(parts)
+            if (old / "metrics.parquet").exists():
+                self._metrics.append(pq.read_table(old / "metrics.parquet", schema=METRIC_SCHEMA))
+            if (old / "sequences.parquet").exists():
+                earlier = pq.read_table(old / "sequences.parquet", schema=SEQUENCE_SCHEMA)
+                self._seq_writer = pq.ParquetWriter(self.tmp / "sequences.parquet",
+                                                    SEQUENCE_SCHEMA, compression="zstd")
+                self._seq_writer.write_table(earlier)
+        counts = self.manifest.get("counts", {})
+        for key, manifest_key in (("tokens", "tokens"), ("sequences", "sequences"),
+                                  ("metrics", "metrics"), ("exact_entropy", "tokens_with_entropy"),
+                                  ("topk", "tokens_with_topk"), ("logprobs", "tokens_with_logprob"),
+                                  ("null_logprobs", "null_logprobs"),
+                                  ("duplicate_tokens", "duplicate_tokens"),
+                                  ("after_eos", "tokens_after_eos")):
+            self._counts[key] = int(counts.get(manifest_key) or 0)
+        self._max_top_k = int(self.manifest.get("top_k") or 0)
 
     # -- context manager ---------------------------------------------------------------
     def __enter__(self) -> "RunWriter":
@@ -905,6 +1000,8 @@ class RunWriter:
         out = self.tmp / "tokens" / f"part-{self._parts:05d}.parquet"
         with writing(out):
             pq.write_table(table, out, row_group_size=ROWS_PER_GROUP, compression="zstd")
+        # the part's checksum names its content: caches of per-part results key on it
+        self._part_hashes[out.name] = _sha256(out)
         self._parts += 1
 
     def write_sequences(self, data: pa.Table | pa.RecordBatch, *, path=None,
@@ -1103,16 +1200,30 @@ class RunWriter:
             write_json_atomic(self.tmp / "manifest.json", self.manifest)
         self._prepared = True
 
+    def _token_step_count(self) -> int:
+        """Distinct token steps of the run (an appended run's earlier ones included)."""
+        if not self.append or not self._old_parts:
+            return len(self._steps)
+        last = self._old_last_step
+        later = {s for s in self._steps if last is None or s > last}
+        maybe_old = self._steps - later
+        if maybe_old:
+            old = ds.dataset([str(p) for p in self._old_parts], format="parquet").to_table(
+                columns=["step"], filter=ds.field("step").isin(
+                    pa.array(sorted(maybe_old), pa.int64()))).column("step")
+            maybe_old -= set(pc.unique(old.drop_null()).to_pylist())
+        return self._old_step_count + len(later) + len(maybe_old)
+
     def _finish_manifest(self) -> None:
         counts = self._counts
         metric_steps: set[int] = set()
         for table in self._metrics:
             metric_steps.update(pc.unique(table.column("step").drop_null()).to_pylist())
-        self.manifest["counts"] = {
+        computed = {
             "tokens": counts["tokens"],
             "sequences": counts["sequences"],
             "metrics": counts["metrics"],
-            "token_steps": len(self._steps),
+            "token_steps": self._token_step_count(),
             "metric_steps": len(metric_steps),
             "tokens_with_entropy": counts["exact_entropy"],
             "tokens_with_topk": counts["topk"],
@@ -1127,8 +1238,12 @@ class RunWriter:
             "nodes": self._node_counts["nodes"],
             "trees": self._node_counts["trees"],
             "node_steps": len(self._node_steps),
-            **{k: v for k, v in self.manifest["counts"].items() if k not in counts},
         }
+        # counts the driver added (sentinel values), kept; an appended run's earlier
+        # manifest also holds the counts computed above, which the new values replace
+        self.manifest["counts"] = {**computed, **{k: v for k, v in
+                                                  self.manifest["counts"].items()
+                                                  if k not in computed}}
         sources = []
         if counts["exact_entropy"]:
             sources.append("exact")
@@ -1137,6 +1252,7 @@ class RunWriter:
         if counts["logprobs"]:
             sources.append("surprisal")
         self.manifest["entropy_sources"] = sources
+        self.manifest["parts"] = dict(sorted(self._part_hashes.items()))
         if self.manifest.get("top_k") is None and self._max_top_k:
             self.manifest["top_k"] = self._max_top_k
 

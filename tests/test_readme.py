@@ -23,7 +23,7 @@ WANDB_EXPORT = (REPO.parent / "shared" / "samples" / "real_runs"
 WANDB_TRAINER = "yut26kcm_history.csv"
 
 #: CLI command -> the API function it calls (names differ where the verb reads better).
-COMMAND_FUNCTIONS = {"ingest": "ingest", "formats": "formats", "summary": "summary",
+COMMAND_FUNCTIONS = {"watch": "watch", "ingest": "ingest", "formats": "formats", "summary": "summary",
                      "demo": "demo", "phases": "phases", "fit": "fit_saturation",
                      "compare": "compare", "covariance": "covariance",
                      "forks": "forking_tokens", "report": "report", "roles": "roles",

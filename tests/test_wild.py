@@ -257,15 +257,15 @@ SAMPLE_LOGS = Path(__file__).resolve().parents[1] / "sample_logs"
 
 def test_folder_of_runs_becomes_one_run_per_subfolder(tmp_path):
     store, runs = _ingest(SAMPLE_LOGS, tmp_path)
-    assert runs == ["top20", "vanilla"]
-    for run in runs:
+    assert runs == ["kg_mcts", "top20", "vanilla"]   # the search-tree example is a run too
+    for run in ("top20", "vanilla"):
         truth = pd.read_parquet(SAMPLE_LOGS / run / "tokens.parquet")
         manifest = store.manifest(run)
         assert manifest["counts"]["tokens"] == len(truth)
         assert manifest["counts"]["duplicate_tokens"] == 0
         assert {Path(s["path"]).parent.name for s in manifest["sources"]} == {run}
     named = el.ingest(SAMPLE_LOGS, tmp_path / "named", run="exp", progress=False)
-    assert named == ["exp-top20", "exp-vanilla"]
+    assert named == ["exp-kg_mcts", "exp-top20", "exp-vanilla"]
 
 
 def test_folder_with_runs_and_loose_files_is_refused(tmp_path):

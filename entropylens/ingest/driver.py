@@ -348,7 +348,8 @@ def ingest(sources: str | Path | Sequence[str | Path], out: str | Path | Store, 
            vocab_size: int | None = None, logprob_basis: str | None = None,
            on_error: str = "stop", replace: bool = False,
            aliases: Mapping[str, str] | None = None, progress: bool | None = None,
-           on_duplicate: str = "error", step_basis: str | None = None) -> list[str]:
+           on_duplicate: str = "error", step_basis: str | None = None,
+           append: bool = False) -> list[str]:
     """Read log files into a store.
 
     Parameters
@@ -385,6 +386,10 @@ def ingest(sources: str | Path | Sequence[str | Path], out: str | Path | Store, 
     step_basis : {"policy_version", "logged_step", "unknown"}, optional
         What the sources' steps count (see :mod:`entropylens.ingest.step_basis`); overrides
         what the formats imply. Recorded per source in the manifest.
+    append : bool
+        Add what is new in the sources since the last ingest to the run (created when
+        missing), without rewriting its earlier part files (see
+        :mod:`entropylens.ingest.append`).
 
     Returns
     -------
@@ -420,6 +425,11 @@ def ingest(sources: str | Path | Sequence[str | Path], out: str | Path | Store, 
                             vocab_size=vocab_size, on_error=on_error,
                             aliases=dict(aliases or {}))
 
+    if append:
+        return _append_call([(path, fmt) for path, fmt, _ in resolved], out, base, options,
+                            replace=replace,
+                            temperature=temperature, vocab_size=vocab_size,
+                            logprob_basis=logprob_basis)
     created_store = False
     if isinstance(out, Store):
         store = out
@@ -515,6 +525,23 @@ def ingest(sources: str | Path | Sequence[str | Path], out: str | Path | Store, 
     return sorted(writers)
 
 
+def _append_call(resolved, out, run: str, options: IngestOptions, *, replace: bool,
+                 **provenance) -> list[str]:
+    """:func:`ingest` with ``append``: one run, new steps only."""
+    from .append import append as append_sources
+
+    if replace:
+        raise EntropylensError("--append and --replace exclude each other")
+    store = out if isinstance(out, Store) else Store.create(out)
+    try:
+        append_sources(resolved, store, run, options=options, **provenance)
+    except BaseException:
+        if not isinstance(out, Store):
+            store.discard_if_unused()
+        raise
+    return [run]
+
+
 #: Errors a reader's parsing libraries raise on damaged files (corrupt Parquet pages, broken
 #: compression streams, values of the wrong type deep inside a record). They become a
 #: FormatError naming the file, so bad data never ends in a traceback.
@@ -565,6 +592,11 @@ def _stamp(writer: RunWriter, path: Path, fmt: registry.Format, ctx: IngestConte
     for file in files:
         writer.add_source(file.resolve(), format=fmt.name, size=file.stat().st_size,
                           sha256=sha256_file(file), **extra)
+    _apply_notes(writer, ctx)
+
+
+def _apply_notes(writer: RunWriter, ctx: IngestContext) -> None:
+    """Record a source's rejected records and the facts it states on the run's manifest."""
     for example in ctx.rejected:
         writer.reject(path=example["file"], line=example["line"], message=example["message"])
     # the manifest counts every rejected record, not only the kept examples
