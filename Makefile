@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 DEMO_STORE ?= demo_store
 DEMO_REPORT ?= demo_report
 
-.PHONY: demo test install install-dev clean
+.PHONY: demo test test-fast install install-dev clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ demo: install
 
 test: install-dev
 	$(PY) -m pytest -q
+
+# The suite without the tests marked slow (each over about 2 s): a few minutes on two cores.
+test-fast: install-dev
+	$(PY) -m pytest -q -m "not slow"
 
 clean:
 	rm -rf $(DEMO_STORE) $(DEMO_REPORT) .pytest_cache

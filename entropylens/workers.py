@@ -33,6 +33,15 @@ _THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS
                      "ARROW_NUM_THREADS")
 
 
+def _add_note(error: BaseException, note: str) -> None:
+    """``error.add_note(note)`` (Python 3.11+); on 3.10, the same ``__notes__`` list that
+    tracebacks of 3.11 print and that callers may read."""
+    if hasattr(error, "add_note"):
+        error.add_note(note)
+    else:  # pragma: no cover - Python 3.10
+        error.__notes__ = [*getattr(error, "__notes__", []), note]
+
+
 def _send(stream: BinaryIO, payload: Any) -> None:
     data = pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
     stream.write(_HEADER.pack(len(data)))
@@ -95,7 +104,7 @@ class _Worker:
         self.busy = False
         if not ok:
             error, trace = value
-            error.add_note(f"raised in an entropylens worker process:\n{trace}")
+            _add_note(error, f"raised in an entropylens worker process:\n{trace}")
             raise error
         return value
 

@@ -1,31 +1,48 @@
-"""Shared fixtures: paths to the real data and stores ingested from it."""
+"""Shared fixtures: paths to the real data and stores ingested from it.
+
+The tests own their data: ``sample_logs/`` (an excerpt of the SmolLM2 GRPO run) and
+``tests/fixtures/`` (real files; ``fixtures/samples`` is a copy of ``../shared/samples``
+without ``wild/``, each README gives the sources). Only the full shared run
+(``runs/smollm2_grpo_taskB``, 10 MB) stays outside the repository: it is found through
+``ENTROPYLENS_SHARED`` (default: ``../shared`` beside the repository), and a test that needs
+it fails, loudly, when it is missing.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_LOGS = REPO / "sample_logs"
-SHARED = REPO.parent / "shared"
+FIXTURES = REPO / "tests" / "fixtures"
+#: Real log excerpts from ../shared/samples, copied into the repository.
+SAMPLES = FIXTURES / "samples"
+#: The shared data that stays outside the repository (see the module docstring).
+SHARED = Path(os.environ.get("ENTROPYLENS_SHARED", REPO.parent / "shared"))
 SMOLLM2 = SHARED / "runs" / "smollm2_grpo_taskB"
-SAMPLES = SHARED / "samples"
+
+
+def shared_path(path: Path) -> Path:
+    """``path`` under :data:`SHARED`; a test failure (not a skip) when it is missing."""
+    if not path.exists():
+        pytest.fail(f"{path} is missing: set ENTROPYLENS_SHARED to the folder that holds "
+                    "runs/smollm2_grpo_taskB (default: ../shared beside the repository)",
+                    pytrace=False)
+    return path
 
 
 @pytest.fixture(scope="session")
 def shared_run() -> Path:
     """The full shared SmolLM2 GRPO run (``vanilla/`` and ``top20/``)."""
-    if not SMOLLM2.is_dir():
-        pytest.skip("the shared SmolLM2 run is not beside the repository")
-    return SMOLLM2
+    return shared_path(SMOLLM2)
 
 
 @pytest.fixture(scope="session")
 def shared_samples() -> Path:
-    """The real log excerpts of ``../shared/samples``."""
-    if not SAMPLES.is_dir():
-        pytest.skip("../shared/samples is not beside the repository")
+    """The real log excerpts, in the repository (``tests/fixtures/samples``)."""
     return SAMPLES
 
 

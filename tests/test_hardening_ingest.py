@@ -1,7 +1,7 @@
 """Hostile and broken input for every ingest format: the outcome is a valid store or an
 EntropylensError naming the file (and the line where there is one), exit code 1 on the CLI.
 
-Profiles: see ``conftest_hardening.py`` (``ENTROPYLENS_HYPOTHESIS_PROFILE=long`` for more).
+Profiles: see ``_hardening_helpers.py`` (``ENTROPYLENS_HYPOTHESIS_PROFILE=long`` for more).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 import entropylens as el
-from conftest_hardening import (LONG, SEEDS, SAMPLE_RUN, check_outcome, make_base_store,
+from _hardening_helpers import (LONG, SEEDS, SAMPLE_RUN, check_outcome, make_base_store,
                                 mutations, seed_bytes, write_seed)
 from entropylens.cli import app
 from entropylens.errors import EntropylensError

@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 import entropylens as el
-from conftest_hardening import SAMPLE_RUN
+from _hardening_helpers import SAMPLE_RUN
 from entropylens.cli import app
 from entropylens.errors import EntropylensError
 

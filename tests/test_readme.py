@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 #: Real W&B history exports of one prime-rl run of Qwen3-0.6B (400 steps): the trainer
 #: (entropy) and the orchestrator (reward), as the walkthrough tells users to export them.
-WANDB_EXPORT = (REPO.parent / "shared" / "samples" / "real_runs"
+WANDB_EXPORT = (REPO / "tests" / "fixtures" / "samples" / "real_runs"
                 / "dakota_qwen3_0.6b_primerl_ledger400")
 WANDB_TRAINER = "yut26kcm_history.csv"
 
@@ -107,8 +107,6 @@ def _walkthrough() -> list[list[str]]:
 
 def test_walkthrough_runs_on_a_real_wandb_export(tmp_path):
     """Every command of the walkthrough, as written, on a real W&B history export."""
-    if not WANDB_EXPORT.is_dir():
-        pytest.skip("../shared/samples is not beside the repository")
     shutil.copytree(WANDB_EXPORT, tmp_path / "wandb_export")
     commands = _walkthrough()
     assert [c[1] for c in commands] == ["ingest", "summary", "phases", "fit", "report"]

@@ -33,7 +33,7 @@ from entropylens.schema import METRIC_SCHEMA, SENTINEL_LOGPROB, SEQUENCE_SCHEMA,
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"
-SAMPLES = REPO.parent / "shared" / "samples"
+SAMPLES = FIXTURES / "samples"   # real excerpts, copied from ../shared/samples
 SAMPLE_RUN = REPO / "sample_logs" / "vanilla"
 
 settings.register_profile(
