@@ -20,7 +20,7 @@ import pytest
 import entropylens as el
 from entropylens.errors import FormatError
 from entropylens.ingest import _io
-from conftest_hardening import SAMPLE_RUN
+from _hardening_helpers import SAMPLE_RUN
 
 
 def _repeated_text_parquet(path: Path, rows: int, text_bytes: int, **columns) -> Path:

@@ -22,7 +22,7 @@ import pytest
 import entropylens as el
 import entropylens.store as store_module
 from entropylens.errors import EntropylensError, StoreError
-from conftest_hardening import SAMPLE_RUN, make_base_store, store_fingerprint
+from _hardening_helpers import SAMPLE_RUN, make_base_store, store_fingerprint
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="needs fork")
 

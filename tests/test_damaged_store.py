@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import entropylens as el
-from conftest_hardening import SAMPLE_RUN
+from _hardening_helpers import SAMPLE_RUN
 
 COMMANDS = [["summary"], ["phases"], ["fit"], ["compare"], ["covariance"], ["forks"],
             ["roles"], ["report", "--out", "{out}"]]

@@ -21,7 +21,7 @@ import pytest
 import entropylens as el
 from entropylens.errors import EntropylensError, FormatError
 from entropylens.ingest._records import iter_json_records
-from conftest_hardening import _tensorboard_bytes
+from _hardening_helpers import _tensorboard_bytes
 
 
 def _history_rows(runs=("a", "b"), steps=30):
@@ -325,7 +325,7 @@ def test_disk_full_midway_leaves_no_partial_run(tmp_path, monkeypatch):
     import os
 
     import entropylens.store as store_module
-    from conftest_hardening import SAMPLE_RUN, make_base_store, store_fingerprint
+    from _hardening_helpers import SAMPLE_RUN, make_base_store, store_fingerprint
     from entropylens.errors import StoreError
 
     path = tmp_path / "s"
