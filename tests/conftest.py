@@ -67,3 +67,16 @@ def shared_store(tmp_path_factory, shared_run):
         # the run's README: step s is the policy after s updates, for tokens and validation
         el.ingest(shared_run / name, path, run=name, step_basis="policy_version")
     return el.open(path)
+
+
+#: Fixtures that ingest or read the full shared run: every test using them is slow.
+SHARED_RUN_FIXTURES = {"shared_run", "shared_store"}
+
+
+def pytest_collection_modifyitems(config, items):
+    # the tests on the full shared run are the slow ones by construction (a 10 MB run is
+    # ingested and compared value by value), and the only ones that need ENTROPYLENS_SHARED:
+    # `make test-fast` (-m "not slow") runs without it
+    for item in items:
+        if SHARED_RUN_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

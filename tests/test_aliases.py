@@ -173,6 +173,7 @@ def test_bad_alias_files_name_the_file(tmp_path, name, text, needle):
     assert str(path) in str(info.value) and needle in str(info.value)
 
 
+@pytest.mark.slow
 def test_cli_aliases_file_and_flag(tmp_path, shared_samples):
     import entropylens as el
 

@@ -56,6 +56,7 @@ def random_texts(lexicon: Lexicon, count: int, seed: int):
 
 @pytest.mark.parametrize("lexicon", [default_lexicon(), lexicon_of(TRICKY_PHRASES)],
                          ids=["default", "tricky"])
+@pytest.mark.slow
 def test_automaton_equals_the_regular_expression_on_generated_text(lexicon):
     found = 0
     for text in random_texts(lexicon, 6000, seed=len(lexicon)):

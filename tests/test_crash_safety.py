@@ -61,6 +61,7 @@ def _content(store: el.Store, run: str):
             store.manifest(run)["counts"])
 
 
+@pytest.mark.slow
 def test_killed_ingest_leaves_earlier_runs_and_no_half_run(tmp_path):
     path = tmp_path / "store"
     keep = make_base_store(path)
@@ -88,6 +89,7 @@ def test_killed_ingest_leaves_earlier_runs_and_no_half_run(tmp_path):
     assert again[3]["tokens"] == pq.read_metadata(SAMPLE_RUN / "tokens.parquet").num_rows
 
 
+@pytest.mark.slow
 def test_killed_replace_keeps_the_old_run(tmp_path):
     """Killed while replacing run 'big': the old 'big' is still there, unchanged."""
     path = tmp_path / "store"

@@ -54,6 +54,7 @@ def test_metric_only_run_uses_the_policy_entropy_metric(tmp_path, shared_run):
     np.testing.assert_allclose(curve["entropy"], logged["entropy"], rtol=1e-12)
 
 
+@pytest.mark.slow
 def test_only_training_tokens_count(tmp_path):
     store = Store.create(tmp_path / "s")
     with store.write_run("r") as writer:

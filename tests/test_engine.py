@@ -106,6 +106,7 @@ def numpy_step_stats(frame: pd.DataFrame) -> pd.DataFrame:
 
 @pytest.mark.parametrize("unit_rows,batch_size", [(1, 1_000), (40_000, 7_777),
                                                   (10**9, 256 * 1024)])
+@pytest.mark.slow
 def test_per_step_statistics_match_numpy(synthetic_store, unit_rows, batch_size):
     frame = synthetic_store.read_tokens("synthetic", columns=["step", "sample_id",
                                                               "entropy"]).to_pandas()
@@ -122,6 +123,7 @@ def test_per_step_statistics_match_numpy(synthetic_store, unit_rows, batch_size)
                                rtol=1e-12)
 
 
+@pytest.mark.slow
 def test_overlapping_parts_and_null_steps(shuffled_store):
     store, frame = shuffled_store
     frame = frame.assign(entropy=frame["entropy"].astype(np.float64))

@@ -37,6 +37,7 @@ def base(tmp_path_factory):
     return path, make_base_store(path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(SEEDS))
 def test_seed_is_good_input(name, base, tmp_path):
     """Unmutated, every seed is detected as its format and ingests into a valid run."""
@@ -45,6 +46,7 @@ def test_seed_is_good_input(name, base, tmp_path):
     assert check_outcome(path, base[0], base[1]) is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(SEEDS))
 @given(data=st.data())
 def test_mutated_input_is_stored_or_refused(name, base, tmp_path_factory, data):
@@ -195,6 +197,7 @@ def test_ragged_csv_row_names_its_line(tmp_path):
     assert sorted(metrics.step.unique()) == [0, 2]
 
 
+@pytest.mark.slow
 def test_huge_single_line(tmp_path):
     """One line of 100 MB (a crashed job's unterminated buffer) ends in an error naming the
     file, or in a store, without a traceback. The default profile uses 100 MB only when

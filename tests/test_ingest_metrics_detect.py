@@ -93,6 +93,7 @@ def test_wandb_exports_in_every_container(tmp_path, shared_samples):
         assert detect(tmp_path / name).name == "wandb", name
 
 
+@pytest.mark.slow
 def test_tensorboard_files_and_folders(tmp_path):
     from tensorboardX import SummaryWriter
 

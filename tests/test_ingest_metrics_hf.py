@@ -46,6 +46,7 @@ def stored(store, run):
     (QWEN35[1], 0.245, 0.052, 0.125, 0.900),
     (QWEN35[2], 0.256, 2.470, 0.200, 0.013),
 ])
+@pytest.mark.slow
 def test_step_logs_json_value_by_value(tmp_path, shared_samples, folder, first_h, last_h,
                                        first_r, last_r):
     source = shared_samples / "real_runs" / folder / "step_logs.json"

@@ -50,6 +50,7 @@ def logdir(tmp_path_factory, shared_samples):
     return root, expected
 
 
+@pytest.mark.slow
 def test_folder_of_runs_keeps_every_point(tmp_path, logdir):
     root, expected = logdir
     runs = el.ingest(root, tmp_path / "S")
@@ -103,6 +104,7 @@ def test_restarted_run_keeps_the_later_values(tmp_path):
     assert got == {**{s: 1.0 + s for s in range(5)}, **{s: 100.0 + s for s in range(5, 12)}}
 
 
+@pytest.mark.slow
 def test_cli_ingest_then_summary(tmp_path, logdir):
     root, expected = logdir
     result = runner.invoke(app, ["ingest", str(root / "verl_run"), "--out", str(tmp_path / "S")])

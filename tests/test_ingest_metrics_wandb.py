@@ -45,6 +45,7 @@ def stored_points(store, run: str) -> dict:
     f"{DAKOTA}/yut26kcm_history.csv", f"{DAKOTA}/1y33h9zr_history.csv",
     "prime_rl_trainer_wandb_history_head.csv", "prime_rl_orchestrator_wandb_history_head.csv",
 ])
+@pytest.mark.slow
 def test_prime_rl_histories_row_by_row(tmp_path, shared_samples, name):
     source = shared_samples / name
     el.ingest(source, tmp_path / "S", run="r")
@@ -87,6 +88,7 @@ def test_dakota_trainer_and_orchestrator_join_on_step(tmp_path, shared_samples):
     assert [Path(s["path"]).name for s in sources] == [trainer.name, orchestrator.name]
 
 
+@pytest.mark.slow
 def test_every_export_container_gives_the_same_rows(tmp_path, shared_samples):
     source = shared_samples / DAKOTA / "yut26kcm_history.csv"
     el.ingest(source, tmp_path / "S", run="csv")

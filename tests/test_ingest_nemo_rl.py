@@ -16,6 +16,7 @@ from _ingest_helpers import FIXTURES, ingest_one, real_sequences, real_tokens
 FOLDER = FIXTURES / "nemo_rl"
 
 
+@pytest.mark.slow
 def test_steps_masks_and_padding(tmp_path):
     for name in ("train_data_step1.jsonl", "train_data_step2.jsonl"):
         assert detect(FOLDER / name).name == "nemo_rl"
