@@ -69,14 +69,16 @@ def shared_store(tmp_path_factory, shared_run):
     return el.open(path)
 
 
-#: Fixtures that ingest or read the full shared run: every test using them is slow.
-SHARED_RUN_FIXTURES = {"shared_run", "shared_store"}
+#: Fixtures that make every test using them slow (each costs seconds to minutes here):
+#: the full shared run (a 10 MB run ingested and compared value by value), the SmolLM2 model
+#: loaded with torch, notebooks executed in fresh kernels, a local Ray instance, Chromium.
+SLOW_FIXTURES = {"shared_run", "shared_store", "model", "executed", "ray_instance", "browser"}
 
 
 def pytest_collection_modifyitems(config, items):
-    # the tests on the full shared run are the slow ones by construction (a 10 MB run is
-    # ingested and compared value by value), and the only ones that need ENTROPYLENS_SHARED:
+    # marked here rather than test by test so that a new test on these fixtures is marked
+    # too; the tests on the shared run are the only ones that need ENTROPYLENS_SHARED, so
     # `make test-fast` (-m "not slow") runs without it
     for item in items:
-        if SHARED_RUN_FIXTURES & set(getattr(item, "fixturenames", ())):
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
