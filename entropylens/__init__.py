@@ -7,7 +7,8 @@
 
 __version__ = "0.1.0"
 
-from .api import DemoResult, demo, formats, ingest, open, summary  # noqa: E402
+from . import ingest  # noqa: E402 - the subpackage, callable as the function (el.ingest(...))
+from .api import DemoResult, demo, formats, open, summary  # noqa: E402
 from .errors import EntropylensError  # noqa: E402
 from .store import Store  # noqa: E402
 
@@ -33,9 +34,8 @@ __all__ += ["Distribution", "Forking", "ForkingOverlap", "Quality", "distributio
 # -- end token analyses --
 
 # -- report: figures, HTML, Markdown and JSON --
-# The subpackage is imported first so that the name ``report`` stays the API function.
-from . import report as _report_package  # noqa: E402,F401
-from .api import report  # noqa: E402
+# the subpackage, callable as the function: el.report(store, out) and el.report.build_report
+from . import report  # noqa: E402
 
 __all__ += ["report"]
 # -- end report --

@@ -5,10 +5,11 @@
 >>> build_report("store", "report").path  # doctest: +SKIP
 PosixPath('report/index.html')
 
-Importing this package is cheap: matplotlib, seaborn and jinja2 load on first use. Note that
-``entropylens.report`` as an attribute is the API function :func:`entropylens.report`; import
-from this package with ``from entropylens.report import build_report``.
+The package is also callable: ``entropylens.report(store, out)`` is
+:func:`build_report`. Importing it is cheap: matplotlib, seaborn and jinja2 load on first use.
 """
+
+from ..base.modules import make_callable
 
 __all__ = ["Report", "build_report"]
 
@@ -19,3 +20,6 @@ def __getattr__(name):
 
         return getattr(build, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+make_callable(__name__, "build_report")
