@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import inspect
 
+import sys
+
 import pyarrow.parquet as pq
 
 
