@@ -58,8 +58,8 @@ __all__ += ["branches", "Branches", "RunBranches", "tree_nodes"]
 
 # -- record: rescoring completions with a model, recording generate() (extra [torch]) --
 # torch and transformers are imported only when one of these runs.
-from .ingest.hf_generate import RecordResult, from_hf_generate  # noqa: E402
-from .record import RescoreResult, record_generate, rescore  # noqa: E402
+from .record import (RecordResult, RescoreResult, from_hf_generate,  # noqa: E402
+                     record_generate, rescore)
 
 __all__ += ["rescore", "RescoreResult", "record_generate", "from_hf_generate", "RecordResult"]
 # -- end record --

@@ -48,7 +48,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from . import __version__
+from ._version import __version__
 from .errors import RunExistsError, StoreError, StoreReadError
 from .schema import (METRIC_SCHEMA, NODE_SCHEMA, SEQUENCE_SCHEMA, TOKEN_SCHEMA, conform,
                      mark_after_eos)
@@ -766,6 +766,11 @@ def read_node_part(path: str | Path, *, columns: Sequence[str] | None = None) ->
                              schema=NODE_SCHEMA)
     except (OSError, pa.ArrowException) as exc:
         raise StoreError(f"unreadable node part file: {exc}", path=path) from exc
+
+
+def open_store(store: "Store | str | os.PathLike") -> "Store":
+    """``store`` itself when it is a :class:`Store`, else the store opened at that path."""
+    return store if isinstance(store, Store) else Store.open(store)
 
 
 TOKEN_KEY = ("step", "sample_id", "position")

@@ -17,7 +17,7 @@ import pytest
 import entropylens as el
 from entropylens.errors import EntropylensError, RunExistsError
 from entropylens.estimators import entropy_from_logits
-from entropylens.ingest import from_hf_generate
+from entropylens.record import from_hf_generate
 
 from _smollm2 import require_torch, smollm2
 

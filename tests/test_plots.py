@@ -10,7 +10,7 @@ from matplotlib.figure import Figure
 
 import entropylens as el
 from entropylens import plots
-from entropylens.plots._display import decode_tokens, token_label
+from entropylens.base.pieces import decode_tokens, token_label
 from entropylens.plots.saturation import law_label
 
 

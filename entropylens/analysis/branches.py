@@ -53,7 +53,7 @@ from ..errors import EntropylensError
 from ..store import Store, read_node_part
 from .curves import open_store
 from .registry import Analysis, FigureSpec, Finding, register, run_analysis
-from .summary import _records
+from ..base.jsonable import records as _records
 
 #: Nats below which the visits are concentrated (and the priors collapsed).
 THRESHOLD = 0.2
@@ -555,9 +555,7 @@ class BranchesAnalysis(Analysis):
                 "by_depth": _records(part.by_depth.head(200))}
 
     def findings(self, result: Branches, run: str) -> list[Finding]:
-        from ..plots.branches import findings
-
-        return findings(result.run(run), threshold=result.threshold)
+        return branch_findings(result.run(run), threshold=result.threshold)
 
 
 def _example_tree(trees: pd.DataFrame) -> tuple | None:
@@ -599,6 +597,56 @@ def tree_nodes(store: Store | str, run: str, *, step: int | None, tree_id: str,
                        on="node_id")
     frame["on_path"] = on_path
     return frame
+
+
+
+def branch_findings(part, *, threshold: float) -> list:
+    """Sentences about one run's search trees (:class:`~entropylens.analysis.branches.
+    RunBranches`) for the report's findings and ``diagnose``."""
+    summary = part.summary
+    out = []
+    concentrated = summary.get("concentrated_share")
+    if concentrated is not None:
+        depth = part.by_depth.dropna(subset=["concentrated_share"])
+        shallowest = depth[depth["concentrated_share"] >= 0.5]
+        where = (f"; from depth {int(shallowest['depth'].min())} on at least half of the "
+                 "nodes do" if not shallowest.empty else "")
+        out.append(Finding(
+            "branches", f"The search concentrates its visits on essentially one child "
+            f"(visit entropy below {threshold:g} nats) at {concentrated:.0%} of "
+            f"{summary['branching_nodes']} branching nodes{where}.",
+            severity="warning" if concentrated >= 0.8 else "info", tier="key",
+            numbers={"concentrated_share": concentrated, "threshold": threshold}))
+    collapsed, maintained = summary.get("collapsed_share"), summary.get("maintained_share")
+    if collapsed is not None and maintained is not None:
+        out.append(Finding(
+            "branches", f"The policy's priors have collapsed (below {threshold:g} nats) at "
+            f"{collapsed:.0%} of branching nodes; the search still keeps a spread at "
+            f"{maintained:.0%} of those.",
+            severity="good" if maintained >= 0.5 else "info",
+            numbers={"collapsed_share": collapsed, "maintained_share": maintained}))
+    change = summary.get("shallow_vs_deep", {})
+    if change.get("difference") is not None:
+        low, high = change["difference_ci"]
+        verdict = change["verdict"]
+        text = ("training moved the priors' entropy at shallow (planning) depths "
+                f"{change['shallow_depths']} by {change['shallow_change']:+.3f} nats and at "
+                f"deeper (execution) depths by {change['deep_change']:+.3f} nats from step "
+                f"{change['first_step']} to {change['last_step']}")
+        text = (f"{verdict.capitalize()}: {text} (difference 95% interval "
+                f"[{low:+.3f}, {high:+.3f}], bootstrap over trees).")
+        out.append(Finding("branches", text,
+                           severity="info" if verdict == "inconclusive" else "warning",
+                           numbers={k: change[k] for k in ("shallow_change", "deep_change",
+                                                           "difference")}))
+    link = summary.get("outcomes", {})
+    rho = link.get("path_reward_spearman")
+    if rho is not None:
+        out.append(Finding(
+            "branches", f"Across {link['path_reward_n']} trees, the branch entropy on the "
+            f"chosen path and its reward have Spearman's rho = {rho:+.2f}.",
+            numbers={"path_reward_spearman": rho, "n": link["path_reward_n"]}))
+    return out
 
 
 register(BranchesAnalysis())

@@ -20,7 +20,7 @@ from .curves import open_store, performance_curve
 from .phases import analyse_curve
 from .saturation import BOOTSTRAP, fit_curves
 from .registry import Analysis, register, run_analysis
-from .summary import _records
+from ..base.jsonable import records as _records
 
 TABLE_COLUMNS = ["run", "steps", "first_step", "last_step", "entropy_source", "first_entropy",
                  "last_entropy", "floor", "drop", "early_drop_fraction", "arrival_step",

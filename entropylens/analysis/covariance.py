@@ -38,7 +38,7 @@ from ..store import Store
 from .curves import TrainTokens, open_store, policy_entropy_plan
 from .registry import Analysis, FigureSpec, Finding, register, run_analysis
 from .sequences import step_rows
-from .summary import _records
+from ..base.jsonable import records as _records
 
 #: Covariance groups: label and share of a step's tokens, ranked by covariance.
 GROUPS = (("top 0.02%", 0.0002), ("top 0.2%", 0.002), ("top 2%", 0.02), ("top 20%", 0.2),

@@ -28,7 +28,7 @@ from ..engine import Aggregator, Plan, scan_selection
 from ..errors import EntropylensError
 from ..estimators import best_entropy_source
 from ..ingest.step_basis import source_step_basis, step_offset
-from ..store import Store
+from ..store import Store, open_store
 from .distribution import StepStats
 from .registry import Analysis, register, run_analysis
 
@@ -40,11 +40,6 @@ TRAIN_SPLITS = ("train",)
 #: counter, 1e308 as a sentinel) and are left out of curves, counted: kept, one such value
 #: overflows the squares of a change-point cost or a fit and sinks the whole analysis.
 MAX_METRIC_MAGNITUDE = 1e100
-
-
-def open_store(store: Store | str) -> Store:
-    """A :class:`Store` from a store or a path."""
-    return store if isinstance(store, Store) else Store.open(store)
 
 
 class TrainTokens(Aggregator):
@@ -401,7 +396,7 @@ class PolicyEntropy:
         return frame
 
     def to_dict(self) -> dict:
-        from .summary import _records
+        from ..base.jsonable import records as _records
 
         return {"curve": _records(self.curve), "raw_key": dict(self.raw_key),
                 "note": dict(self.note), "skipped": list(self.skipped)}
@@ -459,7 +454,7 @@ class Performance:
         return frame
 
     def to_dict(self) -> dict:
-        from .summary import _records
+        from ..base.jsonable import records as _records
 
         return {"curve": _records(self.curve), "metric": dict(self.metric),
                 "raw_key": dict(self.raw_key), "scaled": dict(self.scaled),

@@ -19,25 +19,18 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..base.jsonable import records as _records
+from ..base.steps import NO_STEP, step_array
 from ..engine import Aggregator, Plan
 from ..errors import EntropylensError
 from ..estimators import best_entropy_source, columns_for, token_entropy
-from ..store import Store
+from ..store import Store, open_store
 from .sequences import run_keys, run_lengths, sequence_starts, step_rows
 from .registry import Analysis, FigureSpec, register, run_analysis
 from .sketch import DEFAULT_ALPHA, QuantileSketch
 
 #: A token below this entropy (nats) counts as near-deterministic (arXiv 2506.01939).
 LOW_ENTROPY = 0.01
-#: Step key used for tokens without a step (pure inference logs).
-NO_STEP = np.iinfo(np.int64).min
-
-
-def step_array(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """A ``step`` column as int64 numpy, :data:`NO_STEP` where it is missing."""
-    if column.null_count:
-        column = pc.fill_null(column, NO_STEP)
-    return column.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
 
 
 @dataclass
@@ -390,8 +383,6 @@ class Distribution:
 
     def to_dict(self) -> dict:
         """JSON-ready: ``{"bins", "runs", "steps", "histogram", "global_quantiles"}``."""
-        from .summary import _records
-
         return {"bins": [float(b) for b in self.bins], "runs": _records(self.runs),
                 "steps": _records(self.steps), "histogram": _records(self.histogram),
                 "global_quantiles": _records(self.global_quantiles),
@@ -545,7 +536,7 @@ class DistributionAnalysis(Analysis):
                            lambda ax: quantile_fan(result.steps, run=run, ax=ax))]
 
     def section(self, result: Distribution, run: str) -> dict:
-        from .summary import _records
+        from ..base.jsonable import records as _records
 
         if result.steps[result.steps["run"] == run].empty:
             raise EntropylensError("no token entropies")

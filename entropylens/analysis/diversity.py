@@ -61,7 +61,7 @@ from ..schema import SEQUENCE_SCHEMA
 from ..store import Store
 from .curves import open_store, policy_entropy_plan
 from .registry import Analysis, Finding, FigureSpec, register, run_analysis
-from .summary import _records
+from ..base.jsonable import records as _records
 
 #: Reward at or above which a completion is correct (default of ``--correct``).
 CORRECT = 1.0

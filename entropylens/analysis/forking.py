@@ -38,13 +38,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
+from ..base.jsonable import records as _records
+from ..base.pieces import normalise_token
+from ..base.steps import NO_STEP, step_array
 from ..engine import Aggregator, Plan, run_plan, scan_selection
 from ..errors import EntropylensError
 from ..estimators import columns_for, token_entropy
 from ..schema import is_special_token
-from ..store import Store
-from .distribution import (EXACT_GLOBAL_MAX_TOKENS, NO_STEP, step_array, token_runs,
-                           token_source)
+from ..store import Store, open_store
+from .distribution import EXACT_GLOBAL_MAX_TOKENS, token_runs, token_source
 from .registry import Analysis, FigureSpec, Finding, register, run_analysis
 from .sequences import step_rows
 from .sketch import QuantileSketch
@@ -54,9 +56,6 @@ CATEGORIES = ("whitespace", "punctuation", "digits", "other")
 _KEY_COLUMNS = ("step", "sample_id", "position")
 _TOKEN_COLUMNS = ("token", "token_id")
 
-#: Tokenizer markers and their text: GPT-2 byte-level BPE space/newline/tab, SentencePiece
-#: word boundary.
-_MARKERS = str.maketrans({"Ġ": " ", "Ċ": "\n", "ĉ": "\t", "▁": " "})
 
 
 # -- quantiles -------------------------------------------------------------------------------
@@ -389,18 +388,6 @@ def token_keys(batch) -> pa.Array:
     return text.combine_chunks() if isinstance(text, pa.ChunkedArray) else text
 
 
-def normalise_token(text: str) -> str:
-    """Decoded text of a tokenizer piece: ``Ġ``/``▁`` to a space, ``Ċ`` to a newline,
-    ``ĉ`` to a tab, SentencePiece byte pieces ``<0x0A>`` to their character."""
-    if len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
-        try:
-            code = int(text[3:5], 16)
-        except ValueError:
-            return text.translate(_MARKERS)
-        return chr(code) if code < 128 else text
-    return text.translate(_MARKERS)
-
-
 def token_category(text: str) -> str:
     """``whitespace``, ``punctuation``, ``digits`` or ``other`` for a token's text.
 
@@ -618,8 +605,6 @@ class Forking:
 
     def to_dict(self) -> dict:
         """The JSON shape of ``entropylens forks --json`` (DESIGN.md section 6)."""
-        from .summary import _records
-
         return {"ratio": self.ratio, "scope": self.scope, "batch_size": self.batch_size,
                 "min_count": self.min_count, "runs": _records(self.runs),
                 "thresholds": _records(self.thresholds),
@@ -850,8 +835,8 @@ class ForkingAnalysis(Analysis):
                            figsize=(6.5, 0.24 * n + 1.2))]
 
     def section(self, result: Forking, run: str) -> dict:
-        from ..plots._display import token_label
-        from .summary import _records
+        from ..base.pieces import token_label
+        from ..base.jsonable import records as _records
 
         top = _records(_of_run(result.top_tokens, run))
         for row in top:
@@ -860,7 +845,7 @@ class ForkingAnalysis(Analysis):
                 "composition": _records(_of_run(result.composition, run))}
 
     def findings(self, result: Forking, run: str, shown: int = 6) -> list[Finding]:
-        from ..plots._display import token_label
+        from ..base.pieces import token_label
 
         top = _of_run(result.top_tokens, run).head(shown)
         if top.empty:
@@ -1010,7 +995,7 @@ def forking_overlap(store: Store | str, run_a: str, run_b: str, ratio: float = 0
         When the runs share no token position.
     """
     _check_options(ratio, scope, batch_size)
-    store = store if isinstance(store, Store) else Store.open(store)
+    store = open_store(store)
     chosen = {run: (source, manifest) for run, source, manifest in
               token_runs(store, [run_a, run_b])}
     for run in (run_a, run_b):

@@ -42,12 +42,12 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..base.jsonable import records as _records
+from ..base.pieces import CONVENTIONS, detect_convention, token_bytes
 from ..errors import EntropylensError
-from ..store import Store
+from ..store import Store, open_store
 from .automaton import PhraseAutomaton
 
-#: Tokenizer conventions understood by the matcher.
-CONVENTIONS = ("bytelevel", "sentencepiece", "text")
 #: The default lexicon shipped as package data: the 249 grams of arXiv 2509.03646, App. A.
 DEFAULT_LEXICON_FILE = "strategic_grams_hicra.txt"
 LEXICON_MODES = ("replace", "extend")
@@ -56,28 +56,8 @@ _APOSTROPHES = "'\u2019\u02bc"
 _APOSTROPHE_CLASS = "['\u2019\u02bc]"
 _WORD_CHAR = re.compile(r"\w")
 _COMMENT = re.compile(r"^#(\s|$)")
-_SP_BYTE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
-_OPENAI_BYTES = re.compile(r"^bytes:((?:\\x[0-9A-Fa-f]{2})+)$")
 #: Separator placed between sequences in one decoded batch: no phrase can contain it.
 _SEPARATOR = b"\x00"
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible map from bytes to printable characters (byte-level BPE)."""
-    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-                 + list(range(ord("®"), ord("ÿ") + 1)))
-    chars = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            chars.append(256 + extra)
-            extra += 1
-    return {byte: chr(char) for byte, char in zip(printable, chars)}
-
-
-_BYTE_ENCODER = _bytes_to_unicode()
-_BYTE_DECODER = {char: byte for byte, char in _BYTE_ENCODER.items()}
 
 
 # --------------------------------------------------------------------------------------
@@ -327,59 +307,6 @@ def load_lexicon(lexicon: "str | Path | Sequence[str] | Lexicon | None" = None, 
 # --------------------------------------------------------------------------------------
 # Decoding tokens
 # --------------------------------------------------------------------------------------
-
-def detect_convention(tokens: Iterable[str | None]) -> str:
-    """Guess the tokenizer convention of a sample of token strings.
-
-    Counts distinct tokens that show each convention's marks: ``Ġ``/``Ċ``/``ĉ`` built only
-    from the byte-level alphabet (``bytelevel``), ``▁`` or ``<0xNN>`` (``sentencepiece``),
-    a plain space, tab or newline (``text``). The most frequent mark wins; with no marks at
-    all the tokens are taken as plain text.
-    """
-    votes = Counter()
-    for token in set(tokens):
-        if not token:
-            continue
-        if ("\u0120" in token or "\u010a" in token or "\u0109" in token) \
-                and all(ch in _BYTE_DECODER for ch in token):
-            votes["bytelevel"] += 1
-        elif "\u2581" in token or _SP_BYTE.match(token):
-            votes["sentencepiece"] += 1
-        elif " " in token or "\n" in token or "\t" in token:
-            votes["text"] += 1
-    if not votes:
-        return "text"
-    return max(CONVENTIONS, key=lambda c: (votes[c], c == "text"))
-
-
-def token_bytes(token: str | None, convention: str) -> bytes:
-    """The bytes a token stands for under ``convention``.
-
-    Byte-level pieces map back through GPT-2's byte alphabet (a character outside it, as in
-    an added special token, stands for its own UTF-8); sentencepiece ``▁`` is a space and
-    ``<0xNN>`` one byte; plain-text tokens are their UTF-8, except OpenAI's ``bytes:\\xNN``.
-    """
-    if not token:
-        return b""
-    if convention == "bytelevel":
-        try:
-            return bytes(_BYTE_DECODER[ch] for ch in token)
-        except KeyError:
-            return b"".join(bytes([_BYTE_DECODER[ch]]) if ch in _BYTE_DECODER
-                            else ch.encode("utf-8", "surrogatepass") for ch in token)
-    if convention == "sentencepiece":
-        byte = _SP_BYTE.match(token)
-        if byte:
-            return bytes([int(byte.group(1), 16)])
-        return token.replace("\u2581", " ").encode("utf-8", "surrogatepass")
-    if convention == "text":
-        raw = _OPENAI_BYTES.match(token)
-        if raw:
-            return bytes(int(h, 16) for h in raw.group(1).split("\\x")[1:])
-        return token.encode("utf-8", "surrogatepass")
-    raise EntropylensError(f"unknown tokenizer convention {convention!r} "
-                           f"(one of {', '.join(CONVENTIONS)})")
-
 
 #: Characters that the regex engine's IGNORECASE equates with an ASCII letter although
 #: ``str.lower`` leaves them alone (the others, such as the Kelvin sign, lower to ASCII).
@@ -764,7 +691,6 @@ class MinedLexicon:
         return path
 
     def to_dict(self) -> dict:
-        from .summary import _records
         return {"runs": list(self.runs), "documents": self.documents, "others": self.others,
                 "reward_threshold": self.reward_threshold, "grams": _records(self.table)}
 
@@ -818,7 +744,7 @@ def mine_lexicon(store: Store | str, runs: str | Sequence[str] | None = None, *,
     """
     if not 1 <= min_n <= max_n:
         raise EntropylensError(f"need 1 <= min_n <= max_n, got {min_n} and {max_n}")
-    store = store if isinstance(store, Store) else Store.open(store)
+    store = open_store(store)
     names = store.resolve_runs(runs)
     df_counts: Counter = Counter()
     occurrences: Counter = Counter()

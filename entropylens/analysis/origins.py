@@ -35,7 +35,7 @@ from ..store import Store
 from .curves import TrainTokens, open_store
 from .registry import Analysis, FigureSpec, register, run_analysis
 from .sequences import step_rows
-from .summary import _records
+from ..base.jsonable import records as _records
 
 #: Origin of tokens that have none.
 UNLABELLED = "unlabelled"

@@ -587,7 +587,7 @@ class PhasesAnalysis(Analysis):
                                      arrival_step=found.arrival_step, ax=ax))]
 
     def section(self, result: Phases, run: str) -> dict:
-        from .summary import _records
+        from ..base.jsonable import records as _records
 
         perf = result.performance.get(run)
         return {"curve": _records(result.curves[run]),

@@ -48,7 +48,7 @@ from ..engine import Aggregator, Plan
 from ..estimators import best_entropy_source
 from ..schema import EOS_TOKENS, eos_mask
 from ..store import Store
-from .distribution import NO_STEP, step_array
+from ..base.steps import NO_STEP, step_array
 from .registry import Analysis, register, run_analysis
 from .sequences import inside_runs, run_keys, run_lengths, sequence_starts, step_groups
 
@@ -463,7 +463,7 @@ class Quality:
 
     def to_dict(self) -> dict:
         """JSON-ready: ``{"checks": [...]}``."""
-        from .summary import _records
+        from ..base.jsonable import records as _records
 
         return {"checks": _records(self.checks)}
 

@@ -36,7 +36,7 @@ from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
 
 from ..engine import Failed, Plan, run_plans
 from ..errors import EntropylensError, StoreReadError
-from ..store import Store
+from ..store import Store, open_store
 from ..workers import session
 
 #: Modules that register analyses, imported on first use of the registry (so that importing
@@ -384,7 +384,7 @@ def run_analysis(analysis: Analysis | str, store: Store | str,
     The analysis' result dataclass.
     """
     analysis = get(analysis) if isinstance(analysis, str) else analysis
-    store = store if isinstance(store, Store) else Store.open(store)
+    store = open_store(store)
     names = store.resolve_runs(runs)
     # an analysis' own option of the same name as an engine option (forking's batch_size:
     # tokens per batch) stays the analysis'

@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
-import numpy as np
 import pandas as pd
 
+from ..base.jsonable import records as _records
 from ..engine import Plan, scan_selection
 from ..estimators import best_entropy_source
-from ..store import Store
+from ..store import Store, open_store
 from .distribution import step_stats
 from .quality import QUALITY_COLUMNS, QualityScan, quality_plan
 from .registry import Analysis, register, run_analysis
@@ -52,13 +52,6 @@ class Summary:
         """The JSON shape of ``entropylens summary --json`` (DESIGN.md section 6)."""
         return {"runs": _records(self.runs), "steps": _records(self.steps),
                 "warnings": list(self.warnings), "quality": _records(self.quality)}
-
-
-def _records(frame: pd.DataFrame) -> list[dict]:
-    out = []
-    for row in frame.astype(object).where(frame.notna(), None).to_dict(orient="records"):
-        out.append({k: (v.item() if isinstance(v, np.generic) else v) for k, v in row.items()})
-    return out
 
 
 def _metric_steps(store: Store, run: str) -> pd.DataFrame:

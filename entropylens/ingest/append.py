@@ -57,6 +57,8 @@ class SourceRead:
     held_step: int | None
     skipped: bool
 
+from .driver import (IngestContext, _apply_notes, _clean_tokens, _finish_provenance,
+                     _read_chunks, prepare)
 
 def is_line_oriented(path: Path) -> bool:
     """Whether ``path`` is a plain file that grows by whole lines."""
@@ -201,9 +203,6 @@ def append(resolved: Sequence[tuple[Path, registry.Format]], store: Store, run: 
         When a source shrank or the part of it already read changed, or on bad data;
         the run is left as it was.
     """
-    from .driver import (IngestContext, _apply_notes, _clean_tokens, _finish_provenance,
-                         _read_chunks)
-
     validate_run_name(run)
     exists = store.has_run(run)
     manifest = store.manifest(run) if exists else {}
@@ -364,3 +363,29 @@ def _write(writer: RunWriter, kind: str, rows: pa.Table, path: Path, row_offset:
         writer.write_metrics(rows, path=path, row_offset=row_offset)
     else:
         raise FormatError(f"reader yielded unknown table kind {kind!r}", path=path)
+
+
+def ingest_appending(sources, out: str | Path | Store, *, run: str | None = None,
+                     replace: bool = False, temperature: float | None = None,
+                     vocab_size: int | None = None, logprob_basis: str | None = None,
+                     progress: bool | None = None, **options) -> list[str]:
+    """:func:`entropylens.ingest` with ``append=True``: add what is new in the sources
+    since the last ingest to one run (created when missing), new steps only.
+
+    Takes :func:`~entropylens.ingest.driver.ingest`'s arguments; ``replace`` is refused.
+    """
+    if replace:
+        raise EntropylensError("--append and --replace exclude each other")
+    resolved, base, ingest_options = prepare(
+        sources, run=run, temperature=temperature, vocab_size=vocab_size,
+        logprob_basis=logprob_basis, **options)
+    store = out if isinstance(out, Store) else Store.create(out)
+    try:
+        append([(path, fmt) for path, fmt, _ in resolved], store, base,
+               options=ingest_options, temperature=temperature, vocab_size=vocab_size,
+               logprob_basis=logprob_basis)
+    except BaseException:
+        if not isinstance(out, Store):
+            store.discard_if_unused()
+        raise
+    return [base]

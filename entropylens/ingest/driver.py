@@ -342,6 +342,47 @@ def _unique_run_name(key: str, base: str | None, explicit: bool, taken: set[str]
     return name
 
 
+def prepare(sources, *, run: str | None = None, format: str | None = None,
+            mapping: Mapping[str, str] | None = None, temperature: float | None = None,
+            vocab_size: int | None = None, logprob_basis: str | None = None,
+            on_error: str = "stop", on_duplicate: str = "error",
+            step_basis: str | None = None, aliases: Mapping[str, str] | None = None):
+    """Check :func:`ingest`'s arguments and find the sources' formats.
+
+    Returns
+    -------
+    resolved : list of (Path, Format, run folder or None)
+    base : str
+        The run name (given, or from the first source).
+    options : IngestOptions
+    """
+    if isinstance(sources, (str, Path)):
+        sources = [sources]
+    if not sources:
+        raise EntropylensError("no sources given")
+    if on_error not in ON_ERROR:
+        raise EntropylensError(f"--on-error must be one of {', '.join(ON_ERROR)}")
+    if on_duplicate not in ON_DUPLICATE:
+        raise EntropylensError(f"--on-duplicate must be one of {', '.join(ON_DUPLICATE)}")
+    if logprob_basis is not None and logprob_basis not in LOGPROB_BASES:
+        raise EntropylensError(f"logprob basis must be one of {', '.join(LOGPROB_BASES)}")
+    if step_basis is not None and step_basis not in STEP_BASES:
+        raise EntropylensError(f"step basis must be one of {', '.join(STEP_BASES)}")
+    if temperature is not None and not (math.isfinite(temperature) and temperature > 0):
+        raise EntropylensError(f"temperature must be positive, got {temperature}")
+    if vocab_size is not None and vocab_size <= 1:
+        raise EntropylensError(f"vocabulary size must be above 1, got {vocab_size}")
+    if run is not None:
+        validate_run_name(run)
+    resolved = _resolve(sources, format, mapping)
+    base = run or _default_run_name(Path(sources[0]))
+    options = IngestOptions(mapping=dict(mapping or {}), temperature=temperature,
+                            vocab_size=vocab_size, on_error=on_error,
+                            aliases=dict(aliases or {}))
+
+    return resolved, base, options
+
+
 def ingest(sources: str | Path | Sequence[str | Path], out: str | Path | Store, *,
            run: str | None = None, format: str | None = None,
            mapping: Mapping[str, str] | None = None, temperature: float | None = None,
@@ -401,35 +442,13 @@ def ingest(sources: str | Path | Sequence[str | Path], out: str | Path | Store, 
     EntropylensError
         Naming the file and line or record; nothing is written then.
     """
-    if isinstance(sources, (str, Path)):
-        sources = [sources]
-    if not sources:
-        raise EntropylensError("no sources given")
-    if on_error not in ON_ERROR:
-        raise EntropylensError(f"--on-error must be one of {', '.join(ON_ERROR)}")
-    if on_duplicate not in ON_DUPLICATE:
-        raise EntropylensError(f"--on-duplicate must be one of {', '.join(ON_DUPLICATE)}")
-    if logprob_basis is not None and logprob_basis not in LOGPROB_BASES:
-        raise EntropylensError(f"logprob basis must be one of {', '.join(LOGPROB_BASES)}")
-    if step_basis is not None and step_basis not in STEP_BASES:
-        raise EntropylensError(f"step basis must be one of {', '.join(STEP_BASES)}")
-    if temperature is not None and not (math.isfinite(temperature) and temperature > 0):
-        raise EntropylensError(f"temperature must be positive, got {temperature}")
-    if vocab_size is not None and vocab_size <= 1:
-        raise EntropylensError(f"vocabulary size must be above 1, got {vocab_size}")
-    if run is not None:
-        validate_run_name(run)
-    resolved = _resolve(sources, format, mapping)
-    base = run or _default_run_name(Path(sources[0]))
-    options = IngestOptions(mapping=dict(mapping or {}), temperature=temperature,
-                            vocab_size=vocab_size, on_error=on_error,
-                            aliases=dict(aliases or {}))
-
     if append:
-        return _append_call([(path, fmt) for path, fmt, _ in resolved], out, base, options,
-                            replace=replace,
-                            temperature=temperature, vocab_size=vocab_size,
-                            logprob_basis=logprob_basis)
+        raise EntropylensError("append through entropylens.ingest(..., append=True) or "
+                               "entropylens.ingest.append.ingest_appending")
+    resolved, base, options = prepare(
+        sources, run=run, format=format, mapping=mapping, temperature=temperature,
+        vocab_size=vocab_size, logprob_basis=logprob_basis, on_error=on_error,
+        on_duplicate=on_duplicate, step_basis=step_basis, aliases=aliases)
     created_store = False
     if isinstance(out, Store):
         store = out
@@ -523,23 +542,6 @@ def ingest(sources: str | Path | Sequence[str | Path], out: str | Path | Store, 
         if bar is not None:
             bar.close()
     return sorted(writers)
-
-
-def _append_call(resolved, out, run: str, options: IngestOptions, *, replace: bool,
-                 **provenance) -> list[str]:
-    """:func:`ingest` with ``append``: one run, new steps only."""
-    from .append import append as append_sources
-
-    if replace:
-        raise EntropylensError("--append and --replace exclude each other")
-    store = out if isinstance(out, Store) else Store.create(out)
-    try:
-        append_sources(resolved, store, run, options=options, **provenance)
-    except BaseException:
-        if not isinstance(out, Store):
-            store.discard_if_unused()
-        raise
-    return [run]
 
 
 #: Errors a reader's parsing libraries raise on damaged files (corrupt Parquet pages, broken

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from ._display import token_label
+from ..base.pieces import token_label
 from ._style import ENTROPY_COLOR, get_ax, one_run, require_columns
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..errors import EntropylensError
-from ..ingest.hf_generate import RecordResult, scored_generations, write_generations
+from .hf_generate import RecordResult, scored_generations, write_generations
 from ..store import Store
 from .model import ScoringModel, load_model, require_torch
 from .rescorer import PromptEncoder

@@ -39,7 +39,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..errors import EntropylensError
-from ..store import Store
+from ..store import Store, open_store
 from .model import ScoringModel, load_model, require_torch, wrap_model
 from .scoring import TokenScores, score_block, to_numpy
 from .scoring import block_rows as default_block_rows
@@ -113,7 +113,7 @@ def _read_source(src, source_run: str | None, format: str | None, steps, limit: 
     """The sequences to rescore, from a store run or a sequence file ingested on the side."""
     is_store = isinstance(src, Store) or (Path(src) / "store.json").exists()
     if is_store:
-        store = src if isinstance(src, Store) else Store.open(src)
+        store = open_store(src)
         runs = store.runs()
         if source_run is None:
             if len(runs) != 1:

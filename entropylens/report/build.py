@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,10 +12,12 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from .. import __version__
+from .._version import __version__
+from ..base.jsonable import plain as _plain
+from ..base.jsonable import records
 from ..analysis.registry import Analysis, Outcome
 from ..errors import EntropylensError
-from ..store import Store, _finite, _json_default, write_file_atomic, writing
+from ..store import Store, _finite, _json_default, open_store, write_file_atomic, writing
 from .collect import RunResults, collect
 from .figures import FigureFile, compare_figure, figure_file, write_figures
 from .render import render_html, render_markdown
@@ -62,32 +63,6 @@ class Report:
         return {"out": str(self.out), "html": str(self.html), "markdown": str(self.markdown),
                 "json": str(self.json), "figures": [str(p) for p in self.figures],
                 "verdicts": self.model["verdicts"]}
-
-
-def records(frame: pd.DataFrame | None) -> list[dict]:
-    """Rows of a DataFrame as JSON-ready dicts (NaN and NA become None)."""
-    if frame is None:
-        return []
-    out = []
-    for row in frame.astype(object).where(frame.notna(), None).to_dict(orient="records"):
-        out.append({str(k): _plain(v) for k, v in row.items()})
-    return out
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, (list, tuple, np.ndarray)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (pd.Timestamp, _dt.datetime, _dt.date)):
-        return value.isoformat()
-    if value is pd.NA:
-        return None
-    return value
 
 
 def _section(part: Outcome, figure: FigureFile | None = None, **content) -> dict:
@@ -225,7 +200,7 @@ def build_report(store: Store | str, out: str | Path, runs: str | Sequence[str] 
     -------
     Report
     """
-    store = store if isinstance(store, Store) else Store.open(store)
+    store = open_store(store)
     names = store.resolve_runs(runs)
     out = Path(out)
     if out.exists() and not out.is_dir():

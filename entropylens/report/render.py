@@ -17,7 +17,7 @@ import jinja2
 from matplotlib import colormaps
 from matplotlib.colors import Normalize, to_hex
 
-from ..plots._display import token_label
+from ..base.pieces import token_label
 
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#|!~])")
 

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 
 from ..estimators import token_entropy
-from ..plots._display import decode_tokens
+from ..base.pieces import decode_tokens
 from ..store import Store
 
 #: Candidates tried per example before settling for one without token rows.

@@ -9,7 +9,7 @@ top-k, top-p), whose entropy is not the policy's.
 
 >>> out = model.generate(**inputs, do_sample=True, temperature=0.7, max_new_tokens=64,
 ...                      output_logits=True, return_dict_in_generate=True)  # doctest: +SKIP
->>> from entropylens.ingest import from_hf_generate
+>>> from entropylens.record import from_hf_generate
 >>> from_hf_generate(out, tokenizer, "store", run="gen", temperature=0.7)   # doctest: +SKIP
 
 No format is registered: there is no file to sniff.
@@ -71,10 +71,10 @@ def scored_generations(output, tokenizer, *, prompt_lengths=None, prompts=None,
     See :func:`from_hf_generate` for the parameters. ``first_index`` numbers the default
     sample ids when several outputs go into one run.
     """
-    from ..record.model import require_torch
-    from ..record.scoring import TokenScores, score_block, to_numpy
-    from ..record.scoring import block_rows as default_block_rows
-    from ..record.tables import ScoredSequence
+    from .model import require_torch
+    from .scoring import TokenScores, score_block, to_numpy
+    from .scoring import block_rows as default_block_rows
+    from .tables import ScoredSequence
 
     torch = require_torch()
     if getattr(output, "beam_indices", None) is not None:
@@ -176,7 +176,7 @@ def scored_generations(output, tokenizer, *, prompt_lengths=None, prompts=None,
 def write_generations(writer: RunWriter, scored, tokenizer, *, temperature: float, top_k: int,
                       vocab_size: int, notes: dict | None = None) -> None:
     """Write scored generations and the provenance of a generate() run."""
-    from ..record.tables import PieceTable, sequence_table, token_table
+    from .tables import PieceTable, sequence_table, token_table
 
     if scored:
         writer.write_tokens(token_table(scored, PieceTable(tokenizer, vocab_size), top_k),
