@@ -23,9 +23,7 @@ How a completion is turned into tokens:
 
 from __future__ import annotations
 
-import json
 import math
-import re
 import shutil
 import sys
 import tempfile
@@ -36,21 +34,18 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from ..errors import EntropylensError
-from ..store import Store, open_store
+from ..store import Store
 from .model import ScoringModel, load_model, require_torch, wrap_model
+from .prompts import PromptEncoder, completion_ids
 from .scoring import TokenScores, score_block, to_numpy
 from .scoring import block_rows as default_block_rows
+from .sources import _logged_ids, _read_source, _Source
 from .tables import PieceTable, ScoredSequence, sequence_table, token_table
 
 EOS_MODES = ("auto", "always", "never")
-#: A role line of a chat template whose special tokens were stripped (verl rollout prompts).
-_ROLE_LINE = re.compile(r"(?:^|\n)(system|user|assistant|tool)\n")
 TOKEN_MODES = ("text", "source")
-_STOP_REASONS = {"stop", "eos", "eos_token", "end_turn", "stop_token", "end"}
-_LENGTH_REASONS = {"length", "max_tokens", "truncated", "abort", "max_length"}
 
 
 @dataclass
@@ -94,189 +89,6 @@ class RescoreResult:
                 "retokenised": self.retokenised, "seconds": self.seconds,
                 "tokens_per_second": self.tokens_per_second, "device": self.device,
                 "prompt_modes": self.prompt_modes}
-
-
-# -- reading the source -------------------------------------------------------------------
-@dataclass
-class _Source:
-    sequences: pa.Table
-    label: str
-    sources: list
-    store: Store | None
-    run: str | None
-    record_numbers: np.ndarray
-    ingested: bool = False  # a sequence file read into a temporary store
-
-
-def _read_source(src, source_run: str | None, format: str | None, steps, limit: int | None,
-                 workdir: Path) -> _Source:
-    """The sequences to rescore, from a store run or a sequence file ingested on the side."""
-    is_store = isinstance(src, Store) or (Path(src) / "store.json").exists()
-    if is_store:
-        store = open_store(src)
-        runs = store.runs()
-        if source_run is None:
-            if len(runs) != 1:
-                raise EntropylensError(f"the store holds {len(runs)} runs "
-                                       f"({', '.join(runs) or 'none'}): pick one with "
-                                       "--source-run", path=store.path)
-            source_run = runs[0]
-        table = store.read_sequences(source_run)
-        label = f"{store.path}#{source_run}"
-        sources = [{"path": str(store.run_dir(source_run).resolve()),
-                    "format": "entropylens-store", "size": None, "sha256": None,
-                    "run": source_run}]
-    else:
-        from ..ingest import ingest
-
-        path = Path(src)
-        if not path.exists():
-            raise EntropylensError("no such file or folder", path=path)
-        tmp = Store.create(workdir / "source")
-        ingest(path, tmp, run="source", format=format, progress=False)
-        store, source_run = tmp, "source"
-        table = store.read_sequences(source_run)
-        label = str(path)
-        sources = store.manifest(source_run)["sources"]
-    if table.num_rows == 0:
-        raise EntropylensError("holds no completions to rescore (no sequences table with "
-                               "prompt and completion text)", path=label)
-    numbers = np.arange(1, table.num_rows + 1)
-    if steps is not None:
-        keep = pc.fill_null(pc.is_in(table.column("step"),
-                                     value_set=pa.array(list(steps), pa.int64())), False)
-        table, numbers = table.filter(keep), numbers[keep.to_numpy(zero_copy_only=False)]
-        if table.num_rows == 0:
-            raise EntropylensError(f"no completion at step(s) {', '.join(map(str, steps))}",
-                                   path=label)
-    if limit is not None:
-        table, numbers = table.slice(0, limit), numbers[:limit]
-    return _Source(table, label, sources, store, source_run, numbers, ingested=not is_store)
-
-
-def _logged_ids(source: _Source, window: pa.Table) -> dict[tuple, np.ndarray]:
-    """Token ids the source run logged for a window's completions, per ``(step, sample_id)``."""
-    store, run = source.store, source.run
-    if store is None or not store.manifest(run)["counts"].get("tokens"):
-        return {}
-    import pyarrow.dataset as ds
-
-    steps = sorted(set(window.column("step").drop_null().to_pylist()))
-    samples = sorted(set(window.column("sample_id").to_pylist()))
-    filter = ds.field("step").isin(pa.array(steps, pa.int64())) if steps else None
-    if window.column("step").null_count:
-        filter = ds.field("step").is_null() if filter is None else \
-            (filter | ds.field("step").is_null())
-    filter = filter & ds.field("sample_id").isin(pa.array(samples, pa.string()))
-    table = store.read_tokens(run, columns=["step", "sample_id", "position", "token_id"],
-                              filter=filter)
-    if table.num_rows == 0 or table.column("token_id").null_count == table.num_rows:
-        return {}
-    table = table.sort_by([("step", "ascending"), ("sample_id", "ascending"),
-                           ("position", "ascending")])
-    step = np.asarray(table.column("step").to_pylist(), dtype=object)
-    sample = np.asarray(table.column("sample_id").to_pylist(), dtype=object)
-    ids = table.column("token_id").to_numpy(zero_copy_only=False)
-    change = np.flatnonzero((step[1:] != step[:-1]) | (sample[1:] != sample[:-1])) + 1
-    bounds = np.concatenate([[0], change, [len(ids)]])
-    return {(step[start], sample[start]): ids[start:end].astype(np.int64)
-            for start, end in zip(bounds[:-1], bounds[1:])}
-
-
-# -- tokenising ---------------------------------------------------------------------------
-class PromptEncoder:
-    """Prompt text to token ids, through the chat template where the prompt is raw.
-
-    Parameters
-    ----------
-    tokenizer : transformers tokenizer
-    chat_template : bool
-        Use the tokenizer's chat template for raw prompts and message lists.
-    """
-
-    def __init__(self, tokenizer, chat_template: bool = True):
-        self.tokenizer = tokenizer
-        self.template = bool(chat_template and getattr(tokenizer, "chat_template", None))
-        specials = set(getattr(tokenizer, "all_special_tokens", []) or [])
-        specials.update(str(t) for t in (getattr(tokenizer, "added_tokens_decoder", {}) or {})
-                        .values() if getattr(t, "special", False))
-        self.specials = sorted((s for s in specials if s and len(s) > 1), key=len)
-        self.bos = getattr(tokenizer, "bos_token", None)
-
-    @staticmethod
-    def messages(prompt: str) -> list | None:
-        """The prompt as a chat message list when it is one stored as JSON."""
-        text = prompt.lstrip()
-        if not text.startswith("["):
-            return None
-        try:
-            value = json.loads(text)
-        except ValueError:
-            return None
-        if isinstance(value, list) and value and all(
-                isinstance(m, dict) and "role" in m and "content" in m for m in value):
-            return value
-        return None
-
-    def restore(self, prompt: str) -> str | None:
-        """The templated prompt whose special tokens were stripped to give ``prompt``, or None.
-
-        verl decodes its rollout prompts with ``skip_special_tokens=True``: the chat template's
-        text stays (``system\n...\nuser\n...\nassistant\n``) but its special tokens are
-        gone. The role lines give the messages back; the result is used only when templating
-        them and stripping the special tokens again gives the prompt exactly.
-        """
-        parts = _ROLE_LINE.split(prompt)
-        if len(parts) < 5 or parts[0] or parts[-2] != "assistant" or parts[-1]:
-            return None
-        messages = [{"role": role, "content": content}
-                    for role, content in zip(parts[1:-2:2], parts[2:-2:2])]
-        try:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                      add_generation_prompt=True)
-        except Exception:  # a template that rejects these roles: not a stripped template
-            return None
-        stripped = text
-        for special in reversed(self.specials):  # longest first
-            stripped = stripped.replace(special, "")
-        return text if stripped == prompt else None
-
-    def __call__(self, prompt: str) -> tuple[list[int], str]:
-        """``(ids, mode)`` with mode ``messages``, ``restored``, ``chat_template`` or ``as_is``."""
-        tok = self.tokenizer
-        messages = self.messages(prompt)
-        if messages is not None and self.template:
-            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            return tok(text, add_special_tokens=False)["input_ids"], "messages"
-        restored = self.restore(prompt) if self.template else None
-        if restored is not None:
-            return tok(restored, add_special_tokens=False)["input_ids"], "restored"
-        if self.template and not any(s in prompt for s in self.specials):
-            text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                           add_generation_prompt=True)
-            return tok(text, add_special_tokens=False)["input_ids"], "chat_template"
-        starts_with_bos = bool(self.bos) and prompt.startswith(self.bos)
-        return tok(prompt, add_special_tokens=not starts_with_bos)["input_ids"], "as_is"
-
-
-def completion_ids(tokenizer, completion: str, *, finish_reason: str | None,
-                   num_tokens: int | None, eos: str = "auto") -> tuple[list[int], bool]:
-    """The completion's token ids as the tokenizer splits its text, plus the end-of-turn token
-    where the completion ended on it. Returns ``(ids, eos_appended)``."""
-    ids = list(tokenizer(completion, add_special_tokens=False)["input_ids"])
-    eos_id = tokenizer.eos_token_id
-    if eos_id is None or eos == "never" or (ids and ids[-1] == eos_id):
-        return ids, False
-    if eos == "always":
-        return ids + [eos_id], True
-    reason = (finish_reason or "").strip().lower()
-    if reason in _STOP_REASONS:
-        return ids + [eos_id], True
-    if reason in _LENGTH_REASONS or reason:
-        return ids, False
-    if num_tokens is not None and num_tokens > len(ids):
-        return ids + [eos_id], True
-    return ids, False
 
 
 # -- scoring ------------------------------------------------------------------------------
