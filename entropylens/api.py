@@ -42,8 +42,9 @@ __all__ += ["distribution", "Distribution", "forking_tokens", "Forking", "forkin
 # -- end token analyses --
 
 # -- roles: planning versus execution tokens, strategic-gram lexicons --
-from .analysis.lexicon import (Lexicon, MinedLexicon, PlanningMatch,  # noqa: E402
-                               load_lexicon, match_planning_tokens, mine_lexicon)
+from .analysis.lexicon import Lexicon, load_lexicon  # noqa: E402
+from .analysis.lexicon_matching import PlanningMatch, match_planning_tokens  # noqa: E402
+from .analysis.lexicon_mining import MinedLexicon, mine_lexicon  # noqa: E402
 from .analysis.roles import Roles, roles  # noqa: E402
 
 __all__ += ["roles", "Roles", "mine_lexicon", "MinedLexicon", "load_lexicon", "Lexicon",

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from entropylens.analysis.automaton import LEAP, PhraseAutomaton
-from entropylens.analysis.lexicon import (Lexicon, PlanningMatcher, default_lexicon, fold_case,
-                                          normalize_phrase)
+from entropylens.analysis.lexicon import Lexicon, default_lexicon, normalize_phrase
+from entropylens.analysis.lexicon_matching import PlanningMatcher, fold_case
 from entropylens.errors import EntropylensError
 
 #: Phrases where the rules meet: one-letter words, phrases inside phrases, phrases that

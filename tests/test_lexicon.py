@@ -12,8 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 
 import entropylens as el
-from entropylens.analysis.lexicon import (FUNCTION_WORDS, PlanningMatcher,
-                                          default_lexicon, detect_convention, token_bytes)
+from entropylens.analysis.lexicon import default_lexicon
+from entropylens.analysis.lexicon_matching import PlanningMatcher
+from entropylens.analysis.lexicon_mining import FUNCTION_WORDS
+from entropylens.base.pieces import detect_convention, token_bytes
 from entropylens.errors import EntropylensError
 from entropylens.store import Store
 

@@ -9,7 +9,8 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from entropylens.analysis.lexicon import PlanningMatcher, default_lexicon, fold_case
+from entropylens.analysis.lexicon import default_lexicon
+from entropylens.analysis.lexicon_matching import PlanningMatcher, fold_case
 from entropylens.analysis.quality import QualityScan, _fold_sequences
 from entropylens.analysis.sequences import sequence_starts, step_groups
 from entropylens.store import Store

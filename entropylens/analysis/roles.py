@@ -56,12 +56,14 @@ import pyarrow.compute as pc
 from scipy import stats
 
 from ..base.jsonable import records as _records
+from ..base.pieces import CONVENTIONS, detect_convention
 from ..base.steps import NO_STEP, step_array
 from ..engine import Aggregator, Plan
 from ..errors import EntropylensError
 from ..estimators import best_entropy_source, columns_for, token_entropy
 from ..store import Store, open_store
-from .lexicon import (CONVENTIONS, Lexicon, PlanningMatcher, detect_convention, load_lexicon)
+from .lexicon import Lexicon, load_lexicon
+from .lexicon_matching import PlanningMatcher
 from .registry import NEEDS, Analysis, FigureSpec, Finding, register, run_analysis
 from .sequences import inside_runs, run_keys, sequence_starts, step_groups
 
