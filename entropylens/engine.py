@@ -511,6 +511,60 @@ class Map:
 Plan = Generator[Union[Scan, Map, Mapping[str, Aggregator]], Any, Any]
 
 
+def together(plans: Mapping[str, Plan]) -> Plan:
+    """Several plans as one plan whose scans are read together.
+
+    Each round gathers the requests of the unfinished plans: token scans over the same steps
+    become one request (aggregator keys prefixed by the plan's name), anything else is
+    asked alone. Returns ``{name: result or Failed}``, like :func:`run_plans`, so that one
+    sub-plan that raises does not stop the others.
+    """
+    outcomes: dict[str, Any] = {}
+    waiting: dict[str, Any] = {}
+
+    def advance(name: str, reply) -> None:
+        plan = plans[name]
+        try:
+            request = next(plan) if reply is None else (
+                plan.throw(reply) if isinstance(reply, Exception) else plan.send(reply))
+            waiting[name] = request if isinstance(request, (Scan, Map)) \
+                else Scan(dict(request))
+        except StopIteration as stop:
+            outcomes[name] = stop.value
+        except Exception as exc:  # noqa: BLE001 - one sub-plan's failure is its own
+            outcomes[name] = Failed(exc)
+
+    for name in plans:
+        advance(name, None)
+    while waiting:
+        current, groups = dict(waiting), {}
+        waiting.clear()
+        for name, request in current.items():
+            key = ("scan", request.steps) if isinstance(request, Scan) else ("alone", name)
+            groups.setdefault(key, []).append(name)
+        for (kind, _), names in groups.items():
+            if kind == "alone":
+                name = names[0]
+                try:
+                    reply = yield current[name]
+                except Exception as exc:  # noqa: BLE001
+                    reply = exc
+                advance(name, reply)
+                continue
+            fused = {f"{name}\x00{key}": aggregator for name in names
+                     for key, aggregator in current[name].aggregators.items()}
+            try:
+                results = yield Scan(fused, current[names[0]].steps)
+            except Exception as exc:  # noqa: BLE001
+                for name in names:
+                    advance(name, exc)
+                continue
+            for name in names:
+                advance(name, {key: results[f"{name}\x00{key}"]
+                               for key in current[name].aggregators})
+    return outcomes
+
+
 @dataclass
 class Failed:
     """The outcome of a plan that raised."""

@@ -144,6 +144,17 @@ SEEDS = {
     "wandb_panel": ("wandb_panel", "panel.csv",
                     lambda: _lines(FIXTURES / "metrics/wandb_panel_train_entropy.csv", 8)),
     "tensorboard": ("tensorboard", "events.out.tfevents.1.host", _tensorboard_bytes),
+    "tree_json": ("tree-json", "trees.jsonl",
+                  lambda: _lines(REPO / "sample_logs" / "kg_mcts" / "trees.jsonl", 2)),
+    "tree_table": ("tree-table", "nodes.csv",
+                   lambda: b"tree_id,step,node_id,parent_id,prior,visits\n"
+                           b"t,3,r,,,2\nt,3,a,r,0.5,1\nt,3,b,r,0.5,1\nu,3,r,,,1\nu,3,a,r,1.0,1\n"),
+    "graph_episodes": ("graph-episodes", "walks.jsonl", lambda: json.dumps(
+        {"episode_id": "e1", "step": 2, "reward": 1.0, "hops": [
+            {"node": "Paris", "candidates": ["Berlin", "Rome"], "logprobs": [-0.1, -2.4],
+             "chosen": "Berlin"},
+            {"node": "Berlin", "candidates": ["Warsaw"], "logprobs": [-0.01], "chosen": 0}]}
+    ).encode() + b"\n"),
     "slime": ("slime", "rollout_data_0.pt",
               lambda: (FIXTURES / "ingest/slime/rollout_data_0.pt").read_bytes()),
 }

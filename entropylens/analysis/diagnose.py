@@ -62,7 +62,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from ..engine import Aggregator, Plan
+from ..engine import Aggregator, Failed, Plan, together
 from ..errors import EntropylensError
 from ..estimators import best_entropy_source, columns_for, token_entropy
 from ..store import Store
@@ -690,10 +690,18 @@ def diagnose_plan(store: Store, run: str, *, val_size: int | None = None,
     manifest = store.manifest(run)
     settings = run_settings(store, run)
     size = val_size or validation_size(settings)
-    try:
-        curve = yield from policy_entropy_plan(store, run, engine=engine, **engine_options)
-    except EntropylensError:
-        curve = None
+    source = best_entropy_source(manifest) if manifest.get("counts", {}).get("tokens") \
+        else None
+    # the curve, forking thresholds, roles and covariance read the tokens together (one
+    # scan); the decision split needs the thresholds, so it reads them once more
+    subplans = {"curve": policy_entropy_plan(store, run, engine=engine, **engine_options)}
+    if source is not None:
+        subplans.update(
+            forks=forking_plan(store, run, source, manifest, ratio=DECISION_RATIO),
+            roles=roles_plan(store, run),
+            covariance=covariance_plan(store, run, engine=engine, **engine_options))
+    done = yield from together(subplans)
+    curve = _usable(done["curve"])
     try:
         perf = performance(store, run, reward)
     except EntropylensError:
@@ -704,8 +712,6 @@ def diagnose_plan(store: Store, run: str, *, val_size: int | None = None,
         length, _, _ = _metric_series(metrics, "response_length_mean")
         if len(length):
             extras["length"] = length
-    source = best_entropy_source(manifest) if manifest.get("counts", {}).get("tokens") \
-        else None
     if curve is not None and "entropy_seq_mean" in curve:
         extras["seq_curve"] = curve.dropna(subset=["entropy_seq_mean"])
     if source is not None:
@@ -713,35 +719,37 @@ def diagnose_plan(store: Store, run: str, *, val_size: int | None = None,
             lengths = store.read_sequences(run, columns=["step", "num_tokens"]).to_pandas()
             lengths = lengths.dropna().groupby("step", as_index=False)["num_tokens"].mean()
             extras["length"] = lengths.rename(columns={"num_tokens": "value"})
-        try:
-            forks = yield from forking_plan(store, run, source, manifest, ratio=DECISION_RATIO)
-            scoped = forks[1]
-            extras["decision"] = (yield {"d": TrainTokens(DecisionSplit(
-                source, scoped, vocab_size=manifest.get("vocab_size"),
-                top_k=manifest.get("top_k")))})["d"]
-        except EntropylensError:
-            pass
-        try:
-            roles_part = yield from roles_plan(store, run)
-            table = roles_part[0] if isinstance(roles_part, tuple) else None
-            if isinstance(table, pd.DataFrame) and {"cls", "mean_entropy"} <= set(table):
-                extras["roles"] = table
-                pivot = table.pivot_table(index="step", columns="cls", values="mean_entropy")
-                if {"planning", "execution"} <= set(pivot.columns):
-                    extras["planning"] = pd.DataFrame({
-                        "step": pivot.index.astype("int64"),
-                        "decision_entropy": pivot["planning"].to_numpy(float),
-                        "routine_entropy": pivot["execution"].to_numpy(float)})
-        except EntropylensError:
-            pass
-        try:
-            _, per_step, _ = yield from covariance_plan(store, run, engine=engine,
-                                                        **engine_options)
-            extras["covariance"] = per_step.dropna(subset=["mean_cov"])
-        except EntropylensError:
-            pass
+        forks, roles_part, covariance = (_usable(done[k]) for k in ("forks", "roles",
+                                                                     "covariance"))
+        if forks is not None:
+            try:
+                extras["decision"] = (yield {"d": TrainTokens(DecisionSplit(
+                    source, forks[1], vocab_size=manifest.get("vocab_size"),
+                    top_k=manifest.get("top_k")))})["d"]
+            except EntropylensError:
+                pass
+        table = roles_part[0] if isinstance(roles_part, tuple) else None
+        if isinstance(table, pd.DataFrame) and {"cls", "mean_entropy"} <= set(table):
+            extras["roles"] = table
+            pivot = table.pivot_table(index="step", columns="cls", values="mean_entropy")
+            if {"planning", "execution"} <= set(pivot.columns):
+                extras["planning"] = pd.DataFrame({
+                    "step": pivot.index.astype("int64"),
+                    "decision_entropy": pivot["planning"].to_numpy(float),
+                    "routine_entropy": pivot["execution"].to_numpy(float)})
+        if covariance is not None:
+            extras["covariance"] = covariance[1].dropna(subset=["mean_cov"])
     return diagnose_curves(curve, perf, run=run, val_size=size, settings=settings,
                            extras=extras)
+
+
+def _usable(outcome):
+    """A sub-plan's result, None when the run cannot have it (other errors propagate)."""
+    if isinstance(outcome, Failed):
+        if isinstance(outcome.error, EntropylensError):
+            return None
+        raise outcome.error
+    return outcome
 
 
 class DiagnoseAnalysis(Analysis):

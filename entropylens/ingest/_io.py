@@ -386,7 +386,8 @@ def _expand(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
 
 def iter_parquet_batches(path: str | Path, columns: list[str] | None = None, *,
                          limit: int | None = None, parquet: pq.ParquetFile | None = None,
-                         source: io.BytesIO | None = None) -> Iterator[pa.RecordBatch]:
+                         source: io.BytesIO | None = None,
+                         batch_rows: int | None = None) -> Iterator[pa.RecordBatch]:
     """Yield the record batches of a Parquet input with memory bounded whatever it holds.
 
     Parameters
@@ -402,6 +403,9 @@ def iter_parquet_batches(path: str | Path, columns: list[str] | None = None, *,
         The file as opened by :func:`parquet_file` (opened here otherwise).
     source : BytesIO, optional
         The file's bytes, as for :func:`parquet_file`.
+    batch_rows : int, optional
+        At most this many rows a batch (a reader's own streaming size); batches are also cut
+        at about 64 MiB decoded.
 
     Raises
     ------
@@ -416,7 +420,8 @@ def iter_parquet_batches(path: str | Path, columns: list[str] | None = None, *,
     text = [field.name for field in wanted if _is_text(field.type)]
     metadata = parquet.metadata
     per_row = parquet_decoded_estimate(metadata) / max(1, metadata.num_rows)
-    rows = int(max(1, min(PARQUET_BATCH_ROWS, PARQUET_BATCH_BYTES // max(1.0, per_row))))
+    rows = int(max(1, min(batch_rows or PARQUET_BATCH_ROWS,
+                          PARQUET_BATCH_BYTES // max(1.0, per_row))))
     record_limit = max_record_bytes()
     decoded = 0
     first_row = 0

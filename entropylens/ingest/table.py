@@ -186,7 +186,7 @@ def _batches(path: Path, suffix: str, ctx=None) -> Iterator[pa.RecordBatch]:
     bad_rows = None
     try:
         if suffix == ".parquet":
-            yield from iter_parquet_batches(path)
+            yield from iter_parquet_batches(path, batch_rows=BATCH_ROWS)
         elif suffix in (".csv", ".tsv"):
             delimiter = "\t" if suffix == ".tsv" else ","
             check_header_columns(path, delimiter)
