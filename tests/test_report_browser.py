@@ -61,7 +61,7 @@ def chromium() -> str:
 class Browser:
     """A headless Chromium and one page, spoken to over the DevTools protocol."""
 
-    def __init__(self, binary: str, *, width: int = 1280, height: int = 900):
+    def __init__(self, binary: str, *, width: int = 1400, height: int = 900):
         import websocket
 
         self.profile = tempfile.mkdtemp(prefix="entropylens-chromium-")
@@ -208,9 +208,13 @@ def test_sample_report_loads_clean_offline_and_decodes_every_image(browser, samp
         assert image["src"] == "data:image/png;base64,"
         assert image["complete"] and image["width"] > 0 and image["height"] > 0, image
     assert browser.evaluate("document.scripts.length") == 0
-    # the verdicts are on the first screen and every one links to an element of the page
-    first = browser.evaluate("document.querySelector('#verdicts li').getBoundingClientRect().top")
-    assert 0 < first < 900
+    # the diagnosis heads the page: each run's status line and its entropy-with-performance
+    # figure start on the first screen (900 px tall); every verdict links into the page
+    tops = browser.evaluate("""Array.from(document.querySelectorAll('.diagnosis')).map(d =>
+        [d.querySelector('.status').getBoundingClientRect().top,
+         d.querySelector('img').getBoundingClientRect().top])""")
+    assert len(tops) == len(sample_report.model["runs"]) == 2
+    assert all(0 < status < 900 and 0 < image < 900 for status, image in tops), tops
     missing = browser.evaluate("""Array.from(document.querySelectorAll('#verdicts a.go'))
         .map(a => a.getAttribute('href').slice(1)).filter(id => !document.getElementById(id))""")
     assert missing == []

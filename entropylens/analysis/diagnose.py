@@ -762,6 +762,11 @@ class DiagnoseAnalysis(Analysis):
 
     def plan(self, store: Store, run: str, inputs, *, val_size: int | None = None,
              reward: str | None = None, **options) -> Plan:
+        counts = store.manifest(run).get("counts", {})
+        if not (counts.get("tokens") or counts.get("metrics")) and counts.get("nodes"):
+            raise EntropylensError(f"run {run!r} holds search trees only (no training curve "
+                                   "to diagnose): see its branch-entropy section",
+                                   path=store.run_dir(run))
         return diagnose_plan(store, run, val_size=val_size, reward=reward)
 
     def combine(self, parts, *, skipped=(), **options) -> Diagnosis:
