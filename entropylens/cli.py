@@ -16,13 +16,39 @@ from typing import List, Optional, Tuple
 
 import typer
 
-from . import api
 from ._safe_text import markup, plain
+from ._version import __version__
+from .base.jsonable import finite as _finite
+from .base.jsonable import json_default as _json_default
 from .errors import EntropylensError
-from .store import _finite, _json_default
+
+
+class _Api:
+    """The Python API, imported when a command first calls it: ``--help``, ``--version``
+    and ``formats`` do not pay for pandas, scipy and pyarrow."""
+
+    def __getattr__(self, name: str):
+        from . import api as module
+
+        return getattr(module, name)
+
+
+api = _Api()
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Token-level entropy diagnostics for RL training of language models.")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"entropylens {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", callback=_print_version,
+                                          is_eager=True, help="Print the version and exit.")):
+    """Token-level entropy diagnostics for RL training of language models."""
 
 
 class OnError(str, Enum):
@@ -51,6 +77,18 @@ def _fail(exc: Exception) -> None:
     message = plain(str(exc).replace("\n", " "))  # data in messages: no terminal escapes
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code=1)
+
+
+@contextmanager
+def _working(what: str):
+    """A spinner on stderr while a long command works, when stderr is a terminal."""
+    if not sys.stderr.isatty():
+        yield
+        return
+    from rich.console import Console
+
+    with Console(stderr=True).status(what):
+        yield
 
 
 @contextmanager
@@ -524,7 +562,7 @@ def report(
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed, whatever the environment says
-    with _user_errors():
+    with _user_errors(), _working("writing the report"):
         result = api.report(store, out, run or None, engine=_engine(engine, ray_address, workers),
                             keep_after_eos=keep_after_eos)
     for missing in result.model["unavailable"]:
