@@ -402,7 +402,9 @@ def assert_valid_run(store, run: str) -> None:
     assert counts["tokens"] == tokens.num_rows
     assert counts["sequences"] == sequences.num_rows
     assert counts["metrics"] == len(metrics)
-    assert tokens.num_rows + sequences.num_rows + len(metrics) > 0
+    nodes = store.read_nodes(run) if counts.get("nodes") else None
+    assert counts.get("nodes", 0) == (nodes.num_rows if nodes is not None else 0)
+    assert tokens.num_rows + sequences.num_rows + len(metrics) + counts.get("nodes", 0) > 0
     assert tokens.column("sample_id").null_count == 0
     assert tokens.column("position").null_count == 0
     for name in ("logprob", "entropy"):
