@@ -22,9 +22,7 @@ path, after everything written so far is removed.
 from __future__ import annotations
 
 import datetime as _dt
-import errno
 import json
-import math
 import os
 import re
 import shutil
@@ -41,7 +39,6 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None
     import msvcrt
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -49,6 +46,8 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from ._version import __version__
+from .base.jsonable import finite as _finite
+from .base.jsonable import json_default as _json_default
 from .errors import RunExistsError, StoreError, StoreReadError
 from .schema import (METRIC_SCHEMA, NODE_SCHEMA, SEQUENCE_SCHEMA, TOKEN_SCHEMA, conform,
                      mark_after_eos)
@@ -111,30 +110,6 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:  # exists, owned by someone else
         return True
     return True
-
-
-def _json_default(value: Any):
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        value = float(value)
-        return None if not math.isfinite(value) else value
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, (_dt.datetime, _dt.date)):
-        return value.isoformat()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def _finite(obj):
-    """Replace NaN and infinities by None so the JSON stays standard."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 def _os_reason(exc: BaseException) -> str:
