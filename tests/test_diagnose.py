@@ -125,6 +125,19 @@ def test_insufficient_data(shared_store, real_store):
     assert diagnose_curves(steady, None, run="r").status == "insufficient_data"
 
 
+def test_noise_that_could_hide_a_rise_is_inconclusive_not_a_verdict():
+    # three noisy logged rewards and no validation size (like the wild TRL console log, three
+    # logging steps): a rise of the whole range still fits, so no "not learning" is claimed
+    curve = pd.DataFrame({"step": [10, 20, 30], "entropy": [0.113, 0.120, 0.113],
+                          "source": "metric", "tokens": 0})
+    perf = pd.DataFrame({"step": [10, 20, 30], "value": [1.88, 0.62, 0.80],
+                         "metric": "reward_mean"})
+    item = diagnose_curves(curve, perf, run="r")
+    assert item.performance["change"]["verdict"] == "inconclusive"
+    assert item.status == "insufficient_data"
+    assert any("too few or too noisy" in cause for cause in item.causes)
+
+
 def test_qwen25_started_near_its_ceiling_and_is_not_learning(real_diagnosis):
     item = real_diagnosis.run("qwen25_vanilla")
     assert item.status == "not_learning"

@@ -16,7 +16,9 @@ Statuses (DESIGN.md section 5), decided in this order:
    (or falling) within its noise: the saturation law's regime (arXiv 2505.22617).
 5. ``learning``: performance's end level is above its start level beyond its noise (and
    no plateau was shown above).
-6. ``not_learning``: otherwise (performance flat at its starting level, or lower).
+6. ``not_learning``: otherwise (performance flat at its starting level, or lower), unless
+   the level change is inconclusive and its noise still allows a rise of more than
+   :data:`HIDDEN_RISE_SHARE` of the metric's range: then ``insufficient_data``.
 
 Noise (:mod:`entropylens.analysis.noise`): binomial from the number of validation prompts
 when known (``val_size``, or ``val_n``/``val_size`` in a ``config.json`` beside the run's
@@ -69,7 +71,7 @@ from ..store import Store
 from .curves import (TrainTokens, _metric_series, entropy_label, open_store, performance,
                      policy_entropy_plan)
 from .noise import (Change, Noise, curve_noise, level_change, level_window, metric_range,
-                    residual_scatter, trend_change, VAL_SIZE_KEYS)
+                    Z, residual_scatter, trend_change, VAL_SIZE_KEYS)
 from .phases import COLLAPSED_SHARE, analyse_curve
 from .registry import Analysis, FigureSpec, Finding, register, run_analysis
 
@@ -77,6 +79,10 @@ STATUSES = ("learning", "collapsing", "collapsed_plateau", "entropy_explosion", 
             "insufficient_data")
 #: A curve needs this many points to have a trend and a residual to judge it by.
 MIN_POINTS = 3
+#: "Not learning" needs the noise to rule out a real rise: when a rise of more than this share
+#: of the metric's range still fits the data (estimate + 2 SE), the status is
+#: insufficient_data (inconclusive), not a verdict the data cannot carry.
+HIDDEN_RISE_SHARE = 0.5
 #: "Falling fast now": the recent entropy line loses this share of its level (and more than
 #: its noise): a third of the entropy gone within the last quarter of the run.
 COLLAPSING_DROP = 0.3
@@ -488,6 +494,11 @@ def diagnose_curves(curve: pd.DataFrame | None, perf: pd.DataFrame | None, *, ru
         d.status = "collapsed_plateau"
     elif level.verdict == "rise":
         d.status = "learning"
+    elif level.verdict == "inconclusive" and \
+            level.estimate + Z * level.se > HIDDEN_RISE_SHARE * margin_scale:
+        d.status = "insufficient_data"
+        d.causes.append(f"{metric} changed by {_f(level.estimate)} ± {_f(Z * level.se)}: too "
+                        "few or too noisy points to tell whether the run learns")
     else:
         d.status = "not_learning"
     _explain(d, h_recent, level, recent, noise, explosion, applied, extras, settings)
