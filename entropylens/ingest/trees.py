@@ -190,20 +190,25 @@ def _chunks(trees: Iterator[pa.Table]) -> Iterator[Chunk]:
         yield Chunk("nodes", concat(held), offset)
 
 
-def read_json(path: Path, ctx) -> Iterator[Chunk]:
+def _read_documents(path: Path, ctx, build) -> Iterator[Chunk]:
+    """Node chunks of the trees ``build`` makes from each JSON document of ``path``; a
+    malformed tree stops the ingest or, with ``--on-error skip``, is counted and skipped."""
     mapping = ctx.options.mapping
 
     def trees():
         for index, line, document in _documents(path, ctx):
             try:
-                yield nested_tree(document, index=index, path=path, line=line,
-                                  mapping=mapping)
+                yield build(document, index=index, path=path, line=line, mapping=mapping)
             except FormatError as exc:
                 if ctx.options.on_error == "stop":
                     raise
                 ctx.reject(exc.line, exc.message, field=exc.field)
 
     yield from _chunks(trees())
+
+
+def read_json(path: Path, ctx) -> Iterator[Chunk]:
+    yield from _read_documents(path, ctx, nested_tree)
 
 
 # -- tree-table ----------------------------------------------------------------------------
@@ -380,19 +385,7 @@ def episode_tree(document: dict, *, index: int, path: Path, line: int | None,
 
 
 def read_episodes(path: Path, ctx) -> Iterator[Chunk]:
-    mapping = ctx.options.mapping
-
-    def trees():
-        for index, line, document in _documents(path, ctx):
-            try:
-                yield episode_tree(document, index=index, path=path, line=line,
-                                   mapping=mapping)
-            except FormatError as exc:
-                if ctx.options.on_error == "stop":
-                    raise
-                ctx.reject(exc.line, exc.message, field=exc.field)
-
-    yield from _chunks(trees())
+    yield from _read_documents(path, ctx, episode_tree)
 
 
 register(Format(
