@@ -31,7 +31,7 @@ import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 try:  # POSIX advisory locks; Windows locks a byte range of the lock file instead
     import fcntl
@@ -39,18 +39,24 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None
     import msvcrt
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 from ._version import __version__
 from .base.jsonable import finite as _finite
 from .base.jsonable import json_default as _json_default
+from .base.lazy import LazyModule
 from .errors import RunExistsError, StoreError, StoreReadError
 from .schema import (METRIC_SCHEMA, NODE_SCHEMA, SEQUENCE_SCHEMA, TOKEN_SCHEMA, conform,
                      mark_after_eos)
+
+# pyarrow.dataset imports pandas: it loads with the first token scan, so that writing a
+# store and listing formats stay cheap
+ds = LazyModule("pyarrow.dataset")
 
 STORE_FORMAT = "entropylens-store"
 STORE_VERSION = 1

@@ -1,4 +1,4 @@
-"""The command line starts without the heavy libraries: ``--help``, ``--version``.
+"""The command line starts without the heavy libraries: ``--help``, ``--version``, ``formats``.
 
 Each check runs in a fresh interpreter, the only honest way to see what an import pulls in.
 """
@@ -43,6 +43,17 @@ def test_help_and_version_load_no_heavy_library():
             "    try:\n        app(args)\n    except SystemExit as exc:\n"
             "        assert exc.code == 0, (args, exc.code)\n")
     assert _loaded_after(code) == []
+
+
+def test_formats_lists_every_format_without_numpy_or_pyarrow():
+    # the catalogue declares the built-in formats: listing them imports no reader module
+    code = ("import sys\nfrom entropylens.cli import app\n"
+            "try:\n    app(['formats'])\nexcept SystemExit as exc:\n"
+            "    assert exc.code in (0, None), exc.code\n"
+            "assert not [m for m in ('numpy', 'pyarrow') if m in sys.modules]\n")
+    assert _loaded_after(code) == []
+    listed = _python("from entropylens.cli import app\napp(['formats'])").stdout
+    assert "vllm_offline" in listed and "tensorboard" in listed and "slime" in listed
 
 
 @pytest.mark.slow

@@ -11,17 +11,22 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+
+def _numpy():
+    """numpy when it is loaded, else None: no value can be a numpy scalar before numpy
+    loads, and commands that print no table should not pay for importing it."""
+    return sys.modules.get("numpy")
 
 
 def plain(value: Any) -> Any:
     """``value`` with numpy scalars, non-finite floats, dates, ``pandas.NA`` and nested
     containers made JSON-ready (NaN, infinities and NA become None, dict keys strings)."""
-    if isinstance(value, np.generic):
+    np = _numpy()
+    if np is not None and isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
         return None
-    if isinstance(value, (list, tuple, np.ndarray)):
+    if isinstance(value, (list, tuple)) or (np is not None and isinstance(value, np.ndarray)):
         return [plain(v) for v in value]
     if isinstance(value, dict):
         return {str(k): plain(v) for k, v in value.items()}
@@ -65,9 +70,10 @@ def finite(obj):
 
 def json_default(value: Any):
     """``default=`` hook of :func:`json.dumps` for numpy scalars, paths and dates."""
-    if isinstance(value, (np.integer,)):
+    np = _numpy()
+    if np is not None and isinstance(value, np.integer):
         return int(value)
-    if isinstance(value, (np.floating,)):
+    if np is not None and isinstance(value, np.floating):
         value = float(value)
         return None if not math.isfinite(value) else value
     if isinstance(value, Path):

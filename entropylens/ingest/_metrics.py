@@ -5,10 +5,14 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 
 from ..aliases import canonical_metric
+from ..base.lazy import LazyModule
+
+# pandas is imported by the first function that uses it: format sniffing and
+# `entropylens formats` do not pay for it
+pd = LazyModule("pandas")
 
 
 def long_metrics(steps: Sequence, keys: Sequence[str], values: Sequence, *,

@@ -22,14 +22,18 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 
 from ..aliases import canonical_metric
+from ..base.lazy import LazyModule
 from ..errors import FormatError
 from ._io import open_binary
 from ._metrics import long_metrics
 from .registry import Sample
+
+# pandas is imported by the first function that uses it: format sniffing and
+# `entropylens formats` do not pay for it
+pd = LazyModule("pandas")
 
 #: Columns that hold the trainer's own step, best first (W&B's ``_step`` is a row counter).
 STEP_KEYS = ("train/global_step", "trainer/global_step", "training/global_step",

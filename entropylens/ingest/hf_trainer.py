@@ -36,7 +36,7 @@ from ..aliases import canonical_metric
 from ..errors import FormatError
 from ._io import iter_lines, read_document
 from ._tracking import metric_table, python_literal, text_lines, to_float
-from .registry import Chunk, Format, Sample, appended_run, register
+from .registry import Chunk, Sample, appended_run
 
 #: Keys that make a dict a Trainer log record.
 _TRAINER_KEYS = {"loss", "learning_rate", "grad_norm", "epoch", "eval_loss", "train_runtime",
@@ -393,30 +393,3 @@ def read_swift(path: Path, ctx) -> Iterator[Chunk]:
     ctx.note(framework="ms-swift", step_source="logged")
     steps, keys, values = _points(records)
     yield Chunk("metrics", metric_table(steps, keys, values, path=path, ctx=ctx))
-
-
-register(Format(
-    name="hf_trainer",
-    description="Hugging Face Trainer / TRL trainer_state.json or a JSON list of "
-                "log_history records: step metrics",
-    sniff=sniff_state,
-    read=read_state,
-    produces=("metrics",),
-))
-
-register(Format(
-    name="hf_console",
-    description="Hugging Face Trainer / TRL console log (printed log dicts): step metrics",
-    sniff=sniff_console,
-    read=read_console,
-    produces=("metrics",),
-))
-
-register(Format(
-    name="ms_swift",
-    description="ms-swift 2.x/3.x logging.jsonl (global_step or global_step/max_steps "
-                "records): step metrics",
-    sniff=sniff_swift,
-    read=read_swift,
-    produces=("metrics",),
-))

@@ -26,7 +26,7 @@ from typing import Iterator
 
 from ._records import (SequenceRows, TokenColumns, as_float, first_mapping, first_record,
                        iter_json_records)
-from .registry import Chunk, Format, Sample, register
+from .registry import Chunk, Sample
 
 _NAME = re.compile(r"^(train|val)_data_step(\d+)\.jsonl(\.gz|\.zst)?$")
 _TOKEN_FIELDS = ("token_ids", "token_loss_mask", "generation_logprobs", "advantages",
@@ -160,13 +160,3 @@ def sniff(sample: Sample) -> float:
                                            or '"content":' in head):
         return 0.85
     return 0.0
-
-
-register(Format(
-    name="nemo_rl",
-    description="NeMo-RL train_data_step<N>.jsonl (token_ids, token_loss_mask, "
-                "generation_logprobs, advantages, rewards)",
-    sniff=sniff,
-    read=read,
-    produces=("tokens", "sequences"),
-))

@@ -43,7 +43,7 @@ import msgspec
 from ..errors import FormatError
 from ._records import (SequenceRows, TokenColumns, decode_bytes, first_mapping, first_record,
                        head_json_prefix, iter_raw_records, standard_json, validation_field)
-from .registry import Chunk, Format, Sample, register
+from .registry import Chunk, Sample
 
 _TOKEN_ID_PREFIX = "token_id:"
 
@@ -551,22 +551,3 @@ def sniff_completion(sample: Sample) -> float:
             ('"token_logprobs":[' in prefix or '"object":"text_completion"' in prefix):
         return 0.9
     return 0.0
-
-
-register(Format(
-    name="openai_chat",
-    description="Chat Completions responses with logprobs (OpenAI, vLLM, SGLang servers): "
-                "JSONL, JSON, Batch API output or stream chunks",
-    sniff=sniff_chat,
-    read=read_chat,
-    produces=("tokens", "sequences"),
-))
-
-register(Format(
-    name="openai_completion",
-    description="legacy Completions responses with logprobs (tokens, token_logprobs, "
-                "top_logprobs dicts, text_offset; echo supported)",
-    sniff=sniff_completion,
-    read=read_completion,
-    produces=("tokens", "sequences"),
-))

@@ -30,7 +30,7 @@ from typing import Iterator
 from ..errors import FormatError
 from ._records import (SequenceRows, TokenColumns, as_float, first_mapping, first_record,
                        iter_json_records)
-from .registry import Chunk, Format, Sample, register
+from .registry import Chunk, Sample
 
 _ARRAYS = ("token_ids", "loss_mask", "inference_logprobs", "trainer_logprobs", "entropy",
            "advantages", "rewards", "temperatures")
@@ -204,14 +204,3 @@ def sniff(sample: Sample) -> float:
             and '"micro_sequence_idx":' in head:
         return 0.9
     return 0.0
-
-
-register(Format(
-    name="prime_rl",
-    description="prime-rl token exports (token_exports/step_<s>/rank_<r>.jsonl): exact "
-                "entropy, inference logprobs, advantages, loss mask",
-    sniff=sniff,
-    read=read,
-    produces=("tokens", "sequences"),
-    folders=True,
-))

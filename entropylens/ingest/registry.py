@@ -14,12 +14,12 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple
-
-import pyarrow as pa
+from typing import TYPE_CHECKING, Callable, Iterator, NamedTuple
 
 from ..errors import FormatError
-from ._io import parquet_columns
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 #: Bytes a sniffer may look at.
 SNIFF_BYTES = 64 * 1024
@@ -109,6 +109,8 @@ class Sample:
         suffix = self.suffix
         if self.head[:4] == b"PAR1" or suffix == ".parquet":
             try:
+                from ._io import parquet_columns  # pyarrow: only for Parquet sniffing
+
                 return parquet_columns(self.path)
             except Exception:
                 return None
@@ -143,10 +145,11 @@ class Format:
         What ``--format`` accepts.
     description : str
         One line for ``entropylens formats``.
-    sniff : callable
-        ``sniff(sample) -> float`` confidence in [0, 1].
-    read : callable
-        ``read(path, ctx) -> Iterator[Chunk]``.
+    sniff : callable or str
+        ``sniff(sample) -> float`` confidence in [0, 1]; or ``"module:function"`` naming a
+        function of a module of this package, imported when first called.
+    read : callable or str
+        ``read(path, ctx) -> Iterator[Chunk]``; or ``"module:function"`` as for ``sniff``.
     produces : tuple of str
         Which run tables it can fill.
     folders : bool
@@ -155,11 +158,49 @@ class Format:
 
     name: str
     description: str
-    sniff: Callable[[Sample], float]
-    read: Callable[..., Iterator[Chunk]]
+    sniff: Callable[[Sample], float] | str
+    read: Callable[..., Iterator[Chunk]] | str
     produces: tuple[str, ...] = ("tokens",)
     folders: bool = False
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        for role in ("sniff", "read"):
+            target = getattr(self, role)
+            if isinstance(target, str):
+                object.__setattr__(self, role, ReaderFunction(target))
+
+
+class ReaderFunction:
+    """A function of a reader module named ``"module:function"``, imported when first called:
+    listing or choosing formats by name does not import every reader (and pandas with them).
+    """
+
+    def __init__(self, target: str):
+        module, sep, function = target.partition(":")
+        if not sep or not module or not function:
+            raise ValueError(f"expected 'module:function', got {target!r}")
+        self.target = target
+        self._function: Callable | None = None
+
+    def resolve(self) -> Callable:
+        """The function itself (importing its module)."""
+        if self._function is None:
+            import importlib
+
+            module, _, function = self.target.partition(":")
+            package = __name__.rsplit(".", 1)[0]
+            self._function = getattr(importlib.import_module(f"{package}.{module}"), function)
+        return self._function
+
+    def __call__(self, *args, **kwargs):
+        return self.resolve()(*args, **kwargs)
+
+    def __getstate__(self):  # the imported function is found again on the other side
+        return {"target": self.target, "_function": None}
+
+    def __repr__(self) -> str:
+        return f"<reader function {self.target}>"
 
 
 _REGISTRY: dict[str, Format] = {}
@@ -254,15 +295,12 @@ _BUILTIN_LOADED = False
 
 
 def _load_builtin() -> None:
-    """Import the built-in format modules, each of which registers itself."""
+    """Register the built-in formats (:mod:`.catalogue`) under any registered before them."""
     global _BUILTIN_LOADED
     if _BUILTIN_LOADED:
         return
     _BUILTIN_LOADED = True
-    import importlib
-    import pkgutil
+    from .catalogue import BUILTIN_FORMATS
 
-    package = importlib.import_module(__name__.rsplit(".", 1)[0])
-    for info in pkgutil.iter_modules(package.__path__):
-        if not info.name.startswith("_") and info.name not in ("registry", "driver"):
-            importlib.import_module(f"{package.__name__}.{info.name}")
+    for fields in BUILTIN_FORMATS:
+        _REGISTRY.setdefault(fields["name"], Format(**fields))  # a user's format wins

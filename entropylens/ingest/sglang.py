@@ -22,7 +22,7 @@ from typing import Iterator
 
 from ._records import (SequenceRows, TokenColumns, as_float, first_mapping, first_record,
                        head_json_prefix, iter_json_records)
-from .registry import Chunk, Format, Sample, register
+from .registry import Chunk, Sample
 
 
 def _triple(entry, where: str):
@@ -142,13 +142,3 @@ def sniff(sample: Sample) -> float:
     if prefix.startswith(("{", "[")) and '"meta_info":{' in prefix:
         return 0.9 if '"output_token_logprobs":[' in prefix else 0.8
     return 0.0
-
-
-register(Format(
-    name="sglang_native",
-    description="SGLang /generate responses with meta_info.output_token_logprobs and "
-                "output_top_logprobs ([logprob, token_id, text] triples)",
-    sniff=sniff,
-    read=read,
-    produces=("tokens", "sequences"),
-))

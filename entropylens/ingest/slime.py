@@ -34,7 +34,7 @@ from typing import Iterator
 
 from ..errors import FormatError
 from ._records import SequenceRows, TokenColumns
-from .registry import Chunk, Format, Sample, register
+from .registry import Chunk, Sample
 
 _EVAL_NAME = re.compile(r"(^|[^A-Za-z0-9])eval_\d+\.pt$", re.IGNORECASE)
 _FINISH = {"completed": "stop", "truncated": "length", "aborted": "abort", "failed": "error"}
@@ -191,13 +191,3 @@ def _sample_rows(sample: dict, number: int):
                 "finish_reason": _FINISH.get(status, status) if isinstance(status, str)
                 else None, "extra": extra}
     return sample_id, group_id, ids, logprobs, keep, sequence
-
-
-register(Format(
-    name="slime",
-    description="slime --save-debug-rollout-data dumps (rollout_data_<id>.pt, read with "
-                "weights_only=True): tokens, logprobs, rewards",
-    sniff=sniff,
-    read=read,
-    produces=("tokens", "sequences"),
-))

@@ -29,7 +29,7 @@ from ..schema import METRIC_SCHEMA, SEQUENCE_SCHEMA, TOKEN_SCHEMA
 from ._io import check_header_columns, iter_lines, iter_parquet_batches, open_binary
 from ._records import loads
 from ._metrics import wide_to_long
-from .registry import Chunk, Format, Sample, register
+from .registry import Chunk, Sample
 
 BATCH_ROWS = 256 * 1024
 _TOKEN_COLUMNS = {"token", "token_id", "logprob", "entropy", "top_logprobs"}
@@ -326,13 +326,3 @@ def read(path: Path, ctx) -> Iterator[Chunk]:
             yield Chunk("metrics", wide_to_long(frame, "__step__", aliases=ctx.options.aliases),
                         offset)
         offset += table.num_rows
-
-
-register(Format(
-    name="table",
-    description="Parquet, CSV or JSONL with canonical columns (or --map): tokens, "
-                "sequences, or wide/long step metrics",
-    sniff=sniff,
-    read=read,
-    produces=("tokens", "sequences", "metrics"),
-))

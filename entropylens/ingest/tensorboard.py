@@ -29,7 +29,7 @@ from typing import Iterator
 from ..errors import FormatError
 from ._io import max_record_bytes
 from ._tracking import metric_table
-from .registry import Chunk, Format, Sample, register
+from .registry import Chunk, Sample
 
 _EVENT_FILE = re.compile(r"(^|\.)tfevents\.")
 #: Folder entries a sniffer looks at before giving up.
@@ -242,14 +242,3 @@ def _repeated_steps(steps: list, keys: list, runs: list) -> dict:
         if len(entry["examples"]) < 5:
             entry["examples"].append({"tag": key, "step": step})
     return out
-
-
-register(Format(
-    name="tensorboard",
-    description="TensorBoard event files, or a folder of them (one run per subfolder): "
-                "step metrics",
-    sniff=sniff,
-    read=read,
-    produces=("metrics",),
-    folders=True,
-))

@@ -38,7 +38,7 @@ import pyarrow as pa
 from ..errors import FormatError
 from ._io import iter_lines
 from ._trees import Node, concat, field_name, number, step_value, text, tree_table
-from .registry import Chunk, Format, Sample, register
+from .registry import Chunk, Sample
 
 #: Node rows gathered before a chunk of whole trees is yielded (bounds reader memory).
 CHUNK_NODES = 64 * 1024
@@ -386,20 +386,3 @@ def episode_tree(document: dict, *, index: int, path: Path, line: int | None,
 
 def read_episodes(path: Path, ctx) -> Iterator[Chunk]:
     yield from _read_documents(path, ctx, episode_tree)
-
-
-register(Format(
-    name="tree-json",
-    description="Search trees as nested JSON (one tree per document or JSONL line): nodes "
-                "with id, action, prior/logprob, visits, value, reward, children",
-    sniff=sniff_json, read=read_json, produces=("nodes",)))
-register(Format(
-    name="tree-table",
-    description="Search-tree nodes as a flat table (Parquet, CSV, JSONL) with node_id and "
-                "parent_id",
-    sniff=sniff_table, read=read_table, produces=("nodes",)))
-register(Format(
-    name="graph-episodes",
-    description="Graph-traversal episodes (JSONL): hops with candidate neighbours and the "
-                "policy's log-probabilities over them",
-    sniff=sniff_episodes, read=read_episodes, produces=("nodes",)))

@@ -30,7 +30,7 @@ import pyarrow as pa
 from ..errors import FormatError
 from ._io import iter_parquet_batches, parquet_columns, parquet_file
 from ._records import SequenceRows
-from .registry import Chunk, Format, Sample, register
+from .registry import Chunk, Sample
 
 _NAME = re.compile(r"^completions_\d+\.parquet$")
 _NOT_REWARDS = {"step", "prompt", "completion", "advantage", "mode", "image", "images"}
@@ -139,13 +139,3 @@ def sniff(sample: Sample) -> float:
     if _NAME.match(sample.path.name):
         return 0.85
     return 0.0
-
-
-register(Format(
-    name="trl_completions",
-    description="TRL completions/completions_<step>.parquet (step, prompt, completion, "
-                "reward columns, advantage) into sequences",
-    sniff=sniff,
-    read=read,
-    produces=("sequences",),
-))

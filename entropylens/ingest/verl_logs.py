@@ -30,7 +30,7 @@ from typing import Iterator
 from ..errors import FormatError
 from ._io import iter_lines
 from ._tracking import metric_table, python_literal, text_lines, to_float
-from .registry import Chunk, Format, Sample, register
+from .registry import Chunk, Sample
 
 _ANSI = re.compile(r"(?:\x1b)?\[[0-9;]*m")
 _RAY_PREFIX = re.compile(r"^\s*\([\w.-]+ pid=\d+(?:, ip=[\d.]+)?\)\s*")
@@ -187,21 +187,3 @@ def read_jsonl(path: Path, ctx) -> Iterator[Chunk]:
                     values.append(number_value)
     ctx.note(framework="verl")
     yield Chunk("metrics", metric_table(steps, keys, values, path=path, ctx=ctx))
-
-
-register(Format(
-    name="verl_console",
-    description="verl console log ('step:N - key:value - ...' lines, Ray prefixes, "
-                "validation dicts): step metrics",
-    sniff=sniff_console,
-    read=read_console,
-    produces=("metrics",),
-))
-
-register(Format(
-    name="verl_jsonl",
-    description="verl FileLogger JSONL ({\"step\": N, \"data\": {...}}): step metrics",
-    sniff=sniff_jsonl,
-    read=read_jsonl,
-    produces=("metrics",),
-))

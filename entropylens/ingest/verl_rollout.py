@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ._records import SequenceRows, as_float, first_mapping, first_record, iter_json_records
-from .registry import Chunk, Format, Sample, register
+from .registry import Chunk, Sample
 
 _KNOWN = ("input", "output", "score", "step")
 _VAL_FOLDER = re.compile(r"(^|[_\-.])(val|valid|validation|eval|test)([_\-.]|$)",
@@ -93,13 +93,3 @@ def sniff(sample: Sample) -> float:
     if "input" in record and "output" in record and ("score" in record or "step" in record):
         return 0.9 if sample.path.name.split(".")[0].isdigit() else 0.85
     return 0.0
-
-
-register(Format(
-    name="verl_rollout",
-    description="verl rollout/validation dumps ({step}.jsonl: input, output, gts, score, "
-                "step, reward extras) into sequences",
-    sniff=sniff,
-    read=read,
-    produces=("sequences",),
-))

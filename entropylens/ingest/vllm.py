@@ -46,7 +46,7 @@ from ..errors import EntropylensError, FormatError
 from ._io import numbered_lines
 from ._records import (SequenceRows, TokenColumns, first_mapping, first_record,
                        head_json_prefix, iter_json_records)
-from .registry import Chunk, Format, Sample, read_sample, register
+from .registry import Chunk, Sample, read_sample
 
 
 # -- one request output -> rows ----------------------------------------------------------------
@@ -295,14 +295,6 @@ def sniff(sample: Sample) -> float:
     return 0.0
 
 
-register(Format(
-    name="vllm_offline",
-    description="vLLM offline RequestOutput dumps (JSON per request, token_id -> {logprob, "
-                "rank, decoded_token}) or printed logprobs reprs; from_vllm() for objects",
-    sniff=sniff,
-    read=read,
-    produces=("tokens", "sequences"),
-))
 
 
 # -- Python API ------------------------------------------------------------------------------

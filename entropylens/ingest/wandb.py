@@ -24,14 +24,18 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 
+from ..base.lazy import LazyModule
 from ..errors import FormatError
 from ._io import check_header_columns, iter_lines, read_document, read_parquet
 from ._records import loads
 from ._tracking import STEP_KEYS, exact_steps, melt, metric_table, trainer_steps
-from .registry import Chunk, Format, Sample, register
+from .registry import Chunk, Sample
+
+# pandas is imported by the first function that uses it: format sniffing and
+# `entropylens formats` do not pay for it
+pd = LazyModule("pandas")
 
 _W_AND_B_COLUMNS = ("_step", "_runtime", "_timestamp")
 _RUN_COLUMNS = ("run_name", "run", "run_id")
@@ -218,22 +222,3 @@ def read_panel(path: Path, ctx) -> Iterator[Chunk]:
     ctx.note(step_source=x_axis)
     yield Chunk("metrics", metric_table(point_steps, keys, values, path=path, ctx=ctx,
                                         runs=runs if several else None))
-
-
-register(Format(
-    name="wandb",
-    description="W&B run history export (run.history()/scan_history() as CSV, Parquet, "
-                "JSONL or JSON; history artifact): step metrics",
-    sniff=sniff_history,
-    read=read_history,
-    produces=("metrics",),
-))
-
-register(Format(
-    name="wandb_panel",
-    description="W&B chart 'Export CSV' (Step, \"<run> - <metric>\" columns; several runs "
-                "per file): step metrics",
-    sniff=sniff_panel,
-    read=read_panel,
-    produces=("metrics",),
-))
