@@ -221,6 +221,17 @@ def test_streams_in_batches_of_whole_steps(shared_store, monkeypatch):
     assert json.dumps(whole.to_dict()) == json.dumps(stepwise.to_dict())
 
 
+def test_completions_without_text_still_give_pass_at_k(tmp_path):
+    # sequences logged with rewards but no completion text (as benchmarks/make_store.py
+    # writes them): pass@k and reward variance stand, answers are unknown
+    rows = _rows(0, "train", 0, [1, 0, 0, 1], texts=[None] * 4)
+    result = el.diversity(_store(tmp_path, rows), k="1,2")
+    step = result.steps.iloc[0]
+    assert step["prompts"] == 1 and pd.isna(step["distinct_answers_mean"])
+    assert pd.isna(step["distinct_completions_mean"]) and step["answered_share"] == 0
+    assert result.pass_at_k.set_index("k")["pass_at_k"].loc[1] == pytest.approx(0.5)
+
+
 def test_runs_without_completions(tmp_path, shared_store):
     store = Store.create(tmp_path / "store")
     with store.write_run("metrics_only") as writer:

@@ -205,8 +205,9 @@ def compile_answer_regex(answer_regex: str | None) -> re.Pattern | None:
 
 
 def extract_answer(text: str | None, pattern: re.Pattern | None = None) -> str | None:
-    """The final answer of a completion (see the module docstring), or None."""
-    if text is None:
+    """The final answer of a completion (see the module docstring), or None (also for a
+    completion whose text was not logged, which pandas hands over as NaN)."""
+    if not isinstance(text, str):
         return None
     if pattern is not None:
         matches = list(pattern.finditer(text))
@@ -306,10 +307,13 @@ def group_stats(frame: pd.DataFrame, *, ks: Sequence[int] | None, correct: float
         sizes, rewarded = [], []
         answered = int(rows["answer"].notna().sum())
         for _, g in groups:
-            distinct.append(g["text"].nunique())
+            # groups whose texts or answers were not logged say nothing about their variety
+            logged = g["text"][g["completion"].notna()]
+            if len(logged):
+                distinct.append(logged.nunique())
             given = g["answer"].dropna()
-            distinct_answers.append(given.nunique())
             if len(given):
+                distinct_answers.append(given.nunique())
                 ans_ent.append(_entropy_of(list(given)))
             r = g["reward"].dropna().to_numpy(np.float64)
             sizes.append(len(g))
