@@ -103,8 +103,8 @@ def demo(*, samples: str | Path = "sample_logs", store: str | Path = "demo_store
 
 # -- report: figures, one self-contained HTML page, Markdown and JSON --
 def report(store: Store | str | Path, out: str | Path, runs: str | Sequence[str] | None = None,
-           *, engine: str = "local", title: str = "entropylens report",
-           keep_after_eos: bool = False):
+           *, engine: str = "local", workers: int | None = None,
+           title: str = "entropylens report", keep_after_eos: bool = False):
     """Write the diagnostic report of ``runs`` into the folder ``out``.
 
     Writes ``out/index.html`` (one self-contained page: figures inline, no network, no
@@ -120,6 +120,9 @@ def report(store: Store | str | Path, out: str | Path, runs: str | Sequence[str]
     runs : str or sequence of str, optional
         Default: every run.
     engine : {"local", "ray"}
+    workers : int, optional
+        Processes of the local engine (default: the usable CPUs up to 4, or
+        ``$ENTROPYLENS_WORKERS``).
     title : str
     keep_after_eos : bool
         Keep the tokens after the end of their sequence (padding never sampled) in the token
@@ -132,7 +135,7 @@ def report(store: Store | str | Path, out: str | Path, runs: str | Sequence[str]
     """
     from .report import build_report
 
-    return build_report(store, out, runs, engine=engine, title=title,
+    return build_report(store, out, runs, engine=engine, workers=workers, title=title,
                         keep_after_eos=keep_after_eos)
 
 

@@ -54,3 +54,14 @@ def test_runs_are_passed_on(sample_store):
     result = CliRunner().invoke(app, ["summary", str(sample_store.path), "--run", runs[0], "--json"])
     assert result.exit_code == 0, result.output
     assert [row["run"] for row in json.loads(result.stdout)["runs"]] == [runs[0]]
+
+
+def test_every_token_command_accepts_workers(sample_store, tmp_path):
+    # each command hands --workers to its API function, which must take it
+    store = str(sample_store.path)
+    for name in TOKEN_COMMANDS + RUN_COMMANDS:
+        extra = ["--out", str(tmp_path / "report")] if name == "report" else []
+        done = CliRunner().invoke(app, [name, store, "--workers", "1", *extra])
+        assert done.exit_code in (0, 1), (name, done.output)
+        assert "TypeError" not in repr(done.exception) and "unexpected keyword" not in \
+            done.output, (name, done.output)

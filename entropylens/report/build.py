@@ -179,8 +179,8 @@ def _unavailable(model: dict) -> list[dict]:
 
 
 def build_report(store: Store | str, out: str | Path, runs: str | Sequence[str] | None = None,
-                 *, engine: str = "local", title: str = "entropylens report",
-                 keep_after_eos: bool = False) -> Report:
+                 *, engine: str = "local", workers: int | None = None,
+                 title: str = "entropylens report", keep_after_eos: bool = False) -> Report:
     """Write the diagnostic report of ``runs`` of ``store`` into the folder ``out``.
 
     Parameters
@@ -191,6 +191,8 @@ def build_report(store: Store | str, out: str | Path, runs: str | Sequence[str] 
     runs : str or sequence of str, optional
         Default: every run.
     engine : {"local", "ray"}
+    workers : int, optional
+        Processes of the local engine.
     title : str
     keep_after_eos : bool
         Keep the tokens after the end of their sequence in the token analyses (left out by
@@ -205,7 +207,8 @@ def build_report(store: Store | str, out: str | Path, runs: str | Sequence[str] 
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise EntropylensError("report output exists and is not a folder", path=out)
-    results = collect(store, names, engine=engine, keep_after_eos=keep_after_eos)
+    results = collect(store, names, engine=engine, workers=workers,
+                      keep_after_eos=keep_after_eos)
 
     figures: list[FigureFile] = []
     run_models, findings = [], []

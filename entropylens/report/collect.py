@@ -81,7 +81,7 @@ class Results:
 
 
 def collect(store: Store, runs: list[str], *, engine: str = "local",
-            keep_after_eos: bool = False) -> Results:
+            workers: int | None = None, keep_after_eos: bool = False) -> Results:
     """Run the report's analyses on ``runs`` of ``store``.
 
     Parameters
@@ -90,6 +90,8 @@ def collect(store: Store, runs: list[str], *, engine: str = "local",
     runs : list of str
         Run names (already resolved).
     engine : {"local", "ray"}
+    workers : int, optional
+        Processes of the local engine (default: :func:`entropylens.engine.local_workers`).
     keep_after_eos : bool
         Keep the tokens after the end of their sequence (left out by default).
 
@@ -104,7 +106,8 @@ def collect(store: Store, runs: list[str], *, engine: str = "local",
     with session():   # engine workers, if any, serve every run
         for run in runs:
             parts = registry.run_parts(store, run, [*spanning, *sections], engine=engine,
-                                        keep_after_eos=keep_after_eos)
+                                        keep_after_eos=keep_after_eos,
+                                        **({"workers": workers} if workers is not None else {}))
             if isinstance(parts["summary"], Failed):
                 raise parts["summary"].error   # the store itself cannot be read
             summary_parts.append(parts["summary"])
