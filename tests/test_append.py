@@ -41,6 +41,7 @@ def _sorted(table, keys):
     return frame.sort_values(keys, kind="stable").reset_index(drop=True)
 
 
+@pytest.mark.slow  # several seconds: `make test` runs it
 def test_ten_appends_equal_one_ingest(tmp_path):
     el.ingest(VANILLA, tmp_path / "whole", run="v")
     live = tmp_path / "live"

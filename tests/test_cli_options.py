@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
 import typer.main
 from typer.testing import CliRunner
 
@@ -56,6 +57,7 @@ def test_runs_are_passed_on(sample_store):
     assert [row["run"] for row in json.loads(result.stdout)["runs"]] == [runs[0]]
 
 
+@pytest.mark.slow  # several seconds: `make test` runs it
 def test_every_token_command_accepts_workers(sample_store, tmp_path):
     # each command hands --workers to its API function, which must take it
     store = str(sample_store.path)

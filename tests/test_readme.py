@@ -108,6 +108,7 @@ def _walkthrough() -> list[list[str]]:
     return [shlex.split(line) for line in block.splitlines() if line.startswith("entropylens ")]
 
 
+@pytest.mark.slow  # several seconds: `make test` runs it
 def test_walkthrough_runs_on_a_real_wandb_export(tmp_path):
     """Every command of the walkthrough, as written, on a real W&B history export."""
     shutil.copytree(WANDB_EXPORT, tmp_path / "wandb_export")
@@ -137,6 +138,7 @@ def test_walkthrough_runs_on_a_real_wandb_export(tmp_path):
         "index.html", "report.md", "report.json", "figures"}
 
 
+@pytest.mark.slow  # several seconds: `make test` runs it
 def test_api_tour_runs(tmp_path, monkeypatch):
     """The README's Python tour, run as written from a copy of the sample logs."""
     import matplotlib

@@ -364,6 +364,7 @@ def test_bad_input_is_a_one_line_error(tmp_path, sample_store):
     assert result.stderr.count("\n") == 1 and "no run named 'nope'" in result.stderr
 
 
+@pytest.mark.slow  # several seconds: `make test` runs it
 def test_demo_writes_the_report(tmp_path):
     result = el.demo(samples=REPO / "sample_logs", store=tmp_path / "store",
                      out=tmp_path / "report")

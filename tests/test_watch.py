@@ -91,6 +91,7 @@ def _first(seen: dict[int, str], status: str) -> int:
     return next(step for step, got in sorted(seen.items()) if got == status)
 
 
+@pytest.mark.slow  # several seconds: `make test` runs it
 @pytest.mark.parametrize("status", ["collapsing", "collapsed_plateau"])
 def test_status_change_within_one_refresh_of_full_diagnose(followed, tmp_path, status):
     log, seen = followed
@@ -167,6 +168,7 @@ def test_prediction_states_ceiling_only_when_earned():
     assert not bad.predictable and bad.text().startswith("not yet predictable")
 
 
+@pytest.mark.slow  # several seconds: `make test` runs it
 def test_watch_command_follows_a_growing_log(tmp_path):
     log = TrainerLog(tmp_path / "logs")
     hook = tmp_path / "hook.txt"
