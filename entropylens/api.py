@@ -33,8 +33,8 @@ __all__ += ["policy_entropy", "PolicyEntropy", "performance", "Performance", "ph
 
 # -- token analyses: distributions, forking tokens, data quality --
 from .analysis.distribution import Distribution, distribution  # noqa: E402
-from .analysis.forking import (Forking, ForkingOverlap, forking_mask,  # noqa: E402
-                               forking_overlap, forking_tokens)
+from .analysis.forking import Forking, forking_mask, forking_tokens  # noqa: E402
+from .analysis.forking_overlap import ForkingOverlap, forking_overlap  # noqa: E402
 from .analysis.quality import Quality, quality  # noqa: E402
 
 __all__ += ["distribution", "Distribution", "forking_tokens", "Forking", "forking_overlap",

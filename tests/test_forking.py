@@ -10,7 +10,9 @@ import pytest
 from typer.testing import CliRunner
 
 import entropylens as el
-from entropylens.analysis.forking import grouped_quantile, normalise_token, token_category
+from entropylens.analysis.forking_counts import token_category
+from entropylens.analysis.forking_thresholds import grouped_quantile
+from entropylens.base.pieces import normalise_token
 from entropylens.cli import app
 from entropylens.errors import EntropylensError
 from entropylens.store import Store

@@ -150,7 +150,7 @@ def test_scans_over_other_steps_are_not_fused(store, scans):
 def test_merging_halves_of_one_step_equals_one_state(store):
     """merge takes partial states of any disjoint batches, sealed or not."""
     from entropylens.analysis.covariance import StepCovariance
-    from entropylens.analysis.forking import ForkingScan
+    from entropylens.analysis.forking_counts import ForkingScan
 
     batch = store.read_tokens("r").combine_chunks().to_batches()[0].slice(0, 7_500)
     pieces = [batch.slice(0, 2_500), batch.slice(2_500, 2_500), batch.slice(5_000, 2_500)]

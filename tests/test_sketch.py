@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from entropylens.analysis.distribution import DISTRIBUTION_QUANTILES, distribution
-from entropylens.analysis.forking import ForkingThresholds, run_thresholds
+from entropylens.analysis.forking_thresholds import ForkingThresholds, run_thresholds
 from entropylens.analysis.sketch import MIN_VALUE, QuantileSketch
 from entropylens.engine import run_aggregators
 

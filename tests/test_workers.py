@@ -17,7 +17,7 @@ import entropylens.store as store_module
 from entropylens import workers
 from entropylens.analysis.covariance import StepCovariance
 from entropylens.analysis.distribution import DistributionStats, StepStats
-from entropylens.analysis.forking import ForkingScan
+from entropylens.analysis.forking_counts import ForkingScan
 from entropylens.analysis.quality import QualityScan
 from entropylens.engine import Aggregator, local_workers, plan_units, run_aggregators
 from entropylens.errors import EntropylensError, FormatError

@@ -291,10 +291,10 @@ class DecisionSplit(Aggregator):
         return []
 
     def update(self, state: list, batch: pa.RecordBatch) -> list:
-        from .forking import _key_arrays
+        from .forking_thresholds import key_arrays
 
         entropy = token_entropy(batch, self.source, **self.options)
-        keys = _key_arrays(batch, self.thresholds.scope)
+        keys = key_arrays(batch, self.thresholds.scope)
         flags = self.thresholds.flags(*keys, entropy)
         finite = np.isfinite(entropy)
         frame = pd.DataFrame({"step": keys[0][finite], "forking": flags[finite],
