@@ -15,13 +15,14 @@ Scopes (DESIGN.md section 5):
   step; the last batch of a step may be smaller.
 
 Memory: ``step``, ``sequence`` and ``batch`` thresholds are exact. The engine hands over
-step-closed units, so :class:`~.forking_counts.ForkingScan` computes a unit's thresholds when it is sealed,
-flags and counts its tokens by text there and frees them: one scan, memory bounded by one
-unit plus count tables bounded by the number of distinct texts. ``global`` is exact for runs
-of at most ``EXACT_GLOBAL_MAX_TOKENS`` tokens (their entropies held in memory); larger runs
-take the threshold from a :class:`~entropylens.analysis.sketch.QuantileSketch` (fixed
-memory, within relative error 0.5 % plus 1e-9 nats of the exact quantile). Its tokens are
-counted in a second pass (:class:`~.forking_counts.ForkingCounts`), once the run's threshold is known.
+step-closed units, so :class:`~.forking_counts.ForkingScan` computes a unit's thresholds
+when it is sealed, flags and counts its tokens by text there and frees them: one scan,
+memory bounded by one unit plus count tables bounded by the number of distinct texts.
+``global`` is exact for runs of at most ``EXACT_GLOBAL_MAX_TOKENS`` tokens (their entropies
+held in memory); larger runs take the threshold from a
+:class:`~entropylens.analysis.sketch.QuantileSketch` (fixed memory, within relative error
+0.5 % plus 1e-9 nats of the exact quantile). Its tokens are counted in a second pass
+(:class:`~.forking_counts.ForkingCounts`), once the run's threshold is known.
 
 Tokens without an entropy from the run's source (NaN) are neither counted nor forking.
 
