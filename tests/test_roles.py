@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 import entropylens as el
 import entropylens.store as store_module
 from entropylens.analysis.lexicon import default_lexicon
-from entropylens.analysis.roles import RolesAggregator, _tables, detect_phases
+from entropylens.analysis.roles import RolesAggregator, _tables
+from entropylens.analysis.roles_phases import detect_phases
 from entropylens.cli import app
 from entropylens.errors import EntropylensError
 from entropylens.store import Store
