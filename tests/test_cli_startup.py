@@ -71,3 +71,9 @@ def test_version_option():
 
     result = CliRunner().invoke(app, ["--version"])
     assert result.exit_code == 0 and result.stdout == f"entropylens {__version__}\n"
+
+
+def test_the_api_loads_scipy_only_for_the_analyses_that_use_it():
+    # scipy.stats costs about half a second, more than pandas: summary and forks never need it
+    loaded = _loaded_after("import entropylens.api")
+    assert "pandas" in loaded and "scipy" not in loaded

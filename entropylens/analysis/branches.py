@@ -46,7 +46,6 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from ..engine import Map, Plan
 from ..errors import EntropylensError
@@ -54,6 +53,10 @@ from ..store import Store, read_node_part
 from .curves import open_store
 from .registry import Analysis, FigureSpec, Finding, register, run_analysis
 from ..base.jsonable import records as _records
+from ..base.lazy import LazyModule
+
+# scipy.stats takes about half a second to import: only the correlations pay for it
+stats = LazyModule("scipy.stats")
 
 #: Nats below which the visits are concentrated (and the priors collapsed).
 THRESHOLD = 0.2

@@ -30,7 +30,6 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-from scipy import stats
 
 from ..engine import Aggregator, Plan
 from ..errors import EntropylensError
@@ -39,6 +38,10 @@ from .curves import TrainTokens, open_store, policy_entropy_plan
 from .registry import Analysis, FigureSpec, Finding, register, run_analysis
 from .sequences import step_rows
 from ..base.jsonable import records as _records
+from ..base.lazy import LazyModule
+
+# scipy.stats takes about half a second to import: only the correlations pay for it
+stats = LazyModule("scipy.stats")
 
 #: Covariance groups: label and share of a step's tokens, ranked by covariance.
 GROUPS = (("top 0.02%", 0.0002), ("top 0.2%", 0.002), ("top 2%", 0.02), ("top 20%", 0.2),

@@ -53,7 +53,6 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
-from scipy.special import gammaln
 
 from ..engine import Plan
 from ..errors import EntropylensError
@@ -62,6 +61,10 @@ from ..store import Store
 from .curves import open_store, policy_entropy_plan
 from .registry import Analysis, Finding, FigureSpec, register, run_analysis
 from ..base.jsonable import records as _records
+from ..base.lazy import LazyModule
+
+# scipy.special loads with the first best@k, not with every command
+special = LazyModule("scipy.special")
 
 #: Reward at or above which a completion is correct (default of ``--correct``).
 CORRECT = 1.0
@@ -128,8 +131,8 @@ def best_at_k(rewards: np.ndarray, k: int) -> float:
     if not 1 <= k <= n:
         raise ValueError("best@k needs 1 <= k <= n")
     i = np.arange(k, n + 1, dtype=np.float64)   # ranks that can be the maximum
-    log_w = (gammaln(i) - gammaln(k) - gammaln(i - k + 1)) \
-        - (gammaln(n + 1) - gammaln(k + 1) - gammaln(n - k + 1))
+    log_w = (special.gammaln(i) - special.gammaln(k) - special.gammaln(i - k + 1)) \
+        - (special.gammaln(n + 1) - special.gammaln(k + 1) - special.gammaln(n - k + 1))
     return float(np.dot(np.exp(log_w), values[k - 1:]))
 
 
