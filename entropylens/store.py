@@ -576,6 +576,26 @@ class Store:
             parts.append((path, metadata))
         return parts
 
+    def token_column_empty(self, run: str, column: str) -> bool:
+        """True when the Parquet statistics prove that every token's ``column`` is null.
+
+        Reads only the part files' footers, so an analysis of a column the run never logged
+        (token origins, most often) can say so without scanning the tokens. False whenever a
+        row group lacks null counts: then only a scan can tell.
+        """
+        for _, metadata in self.token_parts(run):
+            names = metadata.schema.to_arrow_schema().names
+            if column not in names:
+                continue    # older part files lack newer columns: null there
+            index = names.index(column)
+            for group in range(metadata.num_row_groups):
+                rows = metadata.row_group(group).num_rows
+                stats = metadata.row_group(group).column(index).statistics
+                if rows and (stats is None or not stats.has_null_count
+                             or stats.null_count != rows):
+                    return False
+        return True
+
     def tokens_dataset(self, run: str) -> ds.Dataset:
         """The run's tokens as a :class:`pyarrow.dataset.Dataset` (possibly empty)."""
         parts = [path for path, _ in self.token_parts(run)]

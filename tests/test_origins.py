@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 from typer.testing import CliRunner
 
@@ -79,6 +80,37 @@ def test_runs_without_origins_are_a_clear_error(shared_store):
         el.origins(shared_store, "vanilla")
     result = runner.invoke(app, ["origins", str(shared_store.path), "--run", "vanilla"])
     assert result.exit_code == 1 and "--map origin=COLUMN" in result.output
+
+
+def test_footers_tell_a_run_without_origins_before_any_scan(labelled, shared_store,
+                                                           monkeypatch):
+    store, _ = labelled
+    assert not store.token_column_empty("crit", "origin")
+    assert shared_store.token_column_empty("vanilla", "origin")
+
+    def no_scan(*args, **kwargs):
+        raise AssertionError("the tokens were scanned")
+
+    monkeypatch.setattr("entropylens.engine.scan_unit", no_scan)
+    with pytest.raises(EntropylensError, match="no token origins"):
+        el.origins(shared_store, "vanilla", workers=1)
+
+
+def test_footers_without_null_counts_leave_it_to_the_scan(tmp_path, labelled):
+    # a part written without statistics proves nothing: the column may hold values
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    store, _ = labelled
+    copy = tmp_path / "store"
+    shutil.copytree(store.path, copy)
+    for part in (copy / "runs" / "crit" / "tokens").glob("part-*.parquet"):
+        table = pq.read_table(part)
+        table = table.set_column(table.schema.get_field_index("origin"), "origin",
+                                 pa.nulls(table.num_rows, pa.string()))
+        pq.write_table(table, part, write_statistics=False)
+    assert not el.open(copy).token_column_empty("crit", "origin")
 
 
 def test_cli_and_report_hooks(labelled):

@@ -143,12 +143,15 @@ def origins_plan(store: Store, run: str) -> Plan:
     if source is None:
         raise EntropylensError(f"run {run!r} has no token entropy source: the origin split "
                                "needs tokens", path=store.run_dir(run))
+    missing = EntropylensError(f"run {run!r} has no token origins: label them at ingest "
+                               "(--map origin=COLUMN)", path=store.run_dir(run))
+    if store.token_column_empty(run, "origin"):
+        raise missing   # from the footers: a report of a run without origins reads nothing
     scan = OriginScan(source, vocab_size=manifest.get("vocab_size"),
                       top_k=manifest.get("top_k"))
     frame = (yield {"o": TrainTokens(scan)})["o"]
     if frame.empty or set(frame["origin"]) == {UNLABELLED}:
-        raise EntropylensError(f"run {run!r} has no token origins: label them at ingest "
-                               "(--map origin=COLUMN)", path=store.run_dir(run))
+        raise missing
     frame.insert(0, "run", run)
     return frame[COLUMNS]
 
