@@ -132,11 +132,12 @@ class StepStats(Aggregator):
                    "entropy_token_mean": float(values.mean()),
                    "entropy_seq_mean": float(seq_mean[step])}
             total = float(values.sum())
-            # sorted (after the sums, whose rounding depends on the order), numpy's
-            # quantiles cost a third: its vectorised sort beats selecting each quantile
-            values.sort()
-            for name, q in zip(qnames, np.quantile(values, self.quantiles)):
-                row[name] = float(q)
+            if self.quantiles:   # the policy-entropy curve asks for none: no sort
+                # sorted (after the sums, whose rounding depends on the order), numpy's
+                # quantiles cost a third: its vectorised sort beats selecting each quantile
+                values.sort()
+                for name, q in zip(qnames, np.quantile(values, self.quantiles)):
+                    row[name] = float(q)
             row["frac_below_0_01"] = below / len(values)
             state.rows[step] = (row, total, below)
         state.values, state.sequences = {}, []

@@ -291,76 +291,142 @@ def _winners(vectors: list, texts: list, rng: np.random.Generator, draws: int) -
     return len({texts[keep[b]] for b in np.unique(best)})
 
 
+def _per_group(codes: np.ndarray, labels: pd.Series, groups: int) -> tuple:
+    """Distinct labels and the Shannon entropy (nats) of their shares, per group.
+
+    Only rows with a label and a group count; groups with none are left out.
+
+    Returns
+    -------
+    (group indices, distinct labels, entropy) : arrays in group order
+    """
+    keep = (codes >= 0) & labels.notna().to_numpy()
+    if not keep.any():
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
+    # labels as text, as the answers compare (1 and "1" are one answer)
+    pairs = pd.DataFrame({"g": codes[keep], "label": labels[keep].astype(str).to_numpy()})
+    counts = pairs.groupby(["g", "label"], sort=True).size()
+    g = counts.index.get_level_values("g").to_numpy()
+    n = counts.to_numpy(np.float64)
+    distinct = np.bincount(g, minlength=groups)
+    total = np.bincount(g, weights=n, minlength=groups)
+    p = n / total[g]
+    entropy = np.bincount(g, weights=-(p * np.log(p)), minlength=groups)
+    present = np.flatnonzero(distinct)
+    return present, distinct[present], entropy[present]
+
+
+def _best_at_k_groups(values: np.ndarray, starts: np.ndarray, sizes: np.ndarray,
+                      k: int) -> np.ndarray:
+    """:func:`best_at_k` of every group at once: ``values`` sorted within each group, the
+    groups at ``starts`` with ``sizes >= k``; one matrix product per group size."""
+    out = np.empty(len(starts))
+    for n in np.unique(sizes):
+        mine = np.flatnonzero(sizes == n)
+        matrix = values[starts[mine, None] + np.arange(k - 1, n)]
+        i = np.arange(k, n + 1, dtype=np.float64)
+        log_w = (special.gammaln(i) - special.gammaln(k) - special.gammaln(i - k + 1)) \
+            - (special.gammaln(n + 1) - special.gammaln(k + 1) - special.gammaln(n - k + 1))
+        out[mine] = matrix @ np.exp(log_w)
+    return out
+
+
 def group_stats(frame: pd.DataFrame, *, ks: Sequence[int] | None, correct: float,
                 pattern: re.Pattern | None, draws: int, seed: int) -> tuple[list, list]:
     """Rows of one step's table (``step, split, sample_id, group_id, completion, reward,
     final_answer, reward_vector``): one per split (:data:`STEP_COLUMNS` but ``run`` and
-    ``entropy``) and one per split and k (:data:`PASS_COLUMNS` but ``run``)."""
+    ``entropy``) and one per split and k (:data:`PASS_COLUMNS` but ``run``).
+
+    Every per-group figure is computed for all groups at once (bincounts over the group
+    codes, one matrix product per group size for best@k): a step holds thousands of groups,
+    and a Python loop over them cost more than reading the completions. Only the reward-space
+    winners loop, over the groups that logged reward vectors.
+    """
     steps, passes = [], []
     frame = frame.assign(split=frame["split"].fillna("train"))
     for (step, split), rows in frame.groupby(["step", "split"], sort=True, dropna=False):
         texts = rows["completion"].fillna("").str.strip()
-        answers = rows["final_answer"].where(rows["final_answer"].notna(), [
-            extract_answer(t, pattern) for t in rows["completion"]])
-        rows = rows.assign(text=texts, answer=answers)
-        groups = list(rows.groupby(rows["group_id"].fillna(rows["sample_id"]), sort=True))
-        rng = np.random.default_rng(seed)
-        distinct, distinct_answers, zero, variance, corr_var, ans_ent, winners = \
-            [], [], [], [], [], [], []
-        sizes, rewarded = [], []
-        answered = int(rows["answer"].notna().sum())
-        for _, g in groups:
-            # groups whose texts or answers were not logged say nothing about their variety
-            logged = g["text"][g["completion"].notna()]
-            if len(logged):
-                distinct.append(logged.nunique())
-            given = g["answer"].dropna()
-            if len(given):
-                distinct_answers.append(given.nunique())
-                ans_ent.append(_entropy_of(list(given)))
-            r = g["reward"].dropna().to_numpy(np.float64)
-            sizes.append(len(g))
-            if len(r):
-                rewarded.append(r)
-                variance.append(float(r.var()))
-                p = float((r >= correct).mean())
-                corr_var.append(p * (1 - p))
-                if len(r) >= 2:
-                    zero.append(bool(np.all(r == r[0])))
-            won = _winners(list(g["reward_vector"]), list(g["text"]), rng, draws)
-            if won is not None:
-                winners.append(won)
-        spp = int(np.median(sizes)) if sizes else 0
-        all_r = np.concatenate(rewarded) if rewarded else np.zeros(0)
-        vectors = rows["reward_vector"].dropna()
+        answers = rows["final_answer"]
+        missing = answers.isna().to_numpy()
+        if missing.any():
+            answers = answers.astype(object).copy()
+            answers[missing] = [extract_answer(t, pattern)
+                                for t in rows["completion"].to_numpy(object)[missing]]
+        # groups in sorted order of their key, as a sorted groupby; keyless rows in none
+        codes, keys = pd.factorize(rows["group_id"].fillna(rows["sample_id"]), sort=True)
+        groups = len(keys)
+        sizes = np.bincount(codes[codes >= 0], minlength=groups)
+        logged = texts.where(rows["completion"].notna().to_numpy())
+        _, distinct, _ = _per_group(codes, logged, groups)
+        _, distinct_answers, ans_ent = _per_group(codes, answers, groups)
+
+        # rewards: the rewarded rows of each group, groups in order, rows in their order
+        reward = rows["reward"].to_numpy(np.float64, na_value=np.nan)
+        has = (codes >= 0) & ~np.isnan(reward)
+        order = np.flatnonzero(has)[np.argsort(codes[has], kind="stable")]
+        r, g = reward[order], codes[order]
+        counts = np.bincount(g, minlength=groups)
+        rewarded = np.flatnonzero(counts)
+        n_r = counts[rewarded]
+        means = np.bincount(g, weights=r, minlength=groups)[rewarded] / n_r
+        variance = np.bincount(g, weights=(r - np.repeat(means, n_r)) ** 2,
+                               minlength=groups)[rewarded] / n_r
+        c_r = np.bincount(g, weights=(r >= correct), minlength=groups)[rewarded]
+        p = c_r / n_r
+        corr_var = p * (1 - p)
+        starts = np.concatenate([[0], np.cumsum(n_r)[:-1]]).astype(np.int64)
+        if len(r):
+            spread = np.maximum.reduceat(r, starts) - np.minimum.reduceat(r, starts)
+        else:
+            spread = np.zeros(0)
+        zero = (spread == 0)[n_r >= 2]
+        winners: list[int] = []
+        vectors = rows["reward_vector"]
+        if vectors.notna().any():
+            winners = _group_winners(codes, list(vectors), list(texts), groups,
+                                     np.random.default_rng(seed), draws)
+        spp = int(np.median(sizes)) if groups else 0
+        answered = int(answers.notna().sum())
         row = {"step": None if pd.isna(step) else int(step), "split": split,
-               "prompts": len(groups), "samples": len(rows), "samples_per_prompt": spp,
+               "prompts": groups, "samples": len(rows), "samples_per_prompt": spp,
                "distinct_completions_mean": _mean_se(distinct)[0],
                "distinct_answers_mean": _mean_se(distinct_answers)[0],
                "answered_share": answered / len(rows) if len(rows) else None,
-               "zero_variance_groups": int(sum(zero)),
-               "zero_variance_share": float(np.mean(zero)) if zero else None,
-               "reward_mean": float(all_r.mean()) if len(all_r) else None,
+               "zero_variance_groups": int(zero.sum()),
+               "zero_variance_share": float(np.mean(zero)) if len(zero) else None,
+               "reward_mean": float(r.mean()) if len(r) else None,
                "reward_variance_mean": _mean_se(variance)[0],
-               "correct_share": float((all_r >= correct).mean()) if len(all_r) else None,
+               "correct_share": float((r >= correct).mean()) if len(r) else None,
                "correctness_variance_mean": _mean_se(corr_var)[0],
                "answer_entropy_mean": _mean_se(ans_ent)[0],
                "reward_space_winners_mean": _mean_se(winners)[0],
-               "reward_vector_size": int(vectors.map(len).max()) if len(vectors) else None}
+               "reward_vector_size": int(vectors.dropna().map(len).max())
+               if vectors.notna().any() else None}
         steps.append(row)
-        largest = max((len(r) for r in rewarded), default=0)
-        for k in (default_ks(largest) if ks is None else ks):
-            usable = [r for r in rewarded if len(r) >= k]
-            if not usable:
+        ranked = np.lexsort((r, g))   # rewards sorted within each group, for best@k
+        for k in (default_ks(int(n_r.max()) if len(n_r) else 0) if ks is None else ks):
+            usable = n_r >= k
+            if not usable.any():
                 continue
-            n = np.array([len(r) for r in usable])
-            c = np.array([int((r >= correct).sum()) for r in usable])
-            p_mean, p_se = _mean_se(pass_at_k(n, c, k))
-            b_mean, b_se = _mean_se([best_at_k(r, k) for r in usable])
+            p_mean, p_se = _mean_se(pass_at_k(n_r[usable], c_r[usable].astype(np.int64), k))
+            b_mean, b_se = _mean_se(_best_at_k_groups(r[ranked], starts[usable],
+                                                      n_r[usable], k))
             passes.append({"step": row["step"], "split": split, "k": int(k),
-                           "prompts": len(usable), "pass_at_k": p_mean, "pass_at_k_se": p_se,
-                           "best_at_k": b_mean, "best_at_k_se": b_se})
+                           "prompts": int(usable.sum()), "pass_at_k": p_mean,
+                           "pass_at_k_se": p_se, "best_at_k": b_mean, "best_at_k_se": b_se})
     return steps, passes
+
+
+def _group_winners(codes: np.ndarray, vectors: list, texts: list, groups: int,
+                   rng: np.random.Generator, draws: int) -> list[int]:
+    """:func:`_winners` of each group in order (one generator, drawn group after group)."""
+    members: list[list[int]] = [[] for _ in range(groups)]
+    for row, code in enumerate(codes):
+        if code >= 0:
+            members[code].append(row)
+    won = (_winners([vectors[i] for i in rows], [texts[i] for i in rows], rng, draws)
+           for rows in members)
+    return [w for w in won if w is not None]
 
 
 # -- result -------------------------------------------------------------------------------
