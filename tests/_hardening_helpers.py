@@ -21,15 +21,13 @@ import os
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 import entropylens as el
 from entropylens.errors import EntropylensError
-from entropylens.schema import METRIC_SCHEMA, SENTINEL_LOGPROB, SEQUENCE_SCHEMA, TOKEN_SCHEMA
+from entropylens.schema import SENTINEL_LOGPROB, SEQUENCE_SCHEMA, TOKEN_SCHEMA
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"

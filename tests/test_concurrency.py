@@ -11,7 +11,6 @@ byte for byte unchanged and no temporary folder stays behind.
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import sys

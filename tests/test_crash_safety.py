@@ -142,7 +142,7 @@ def test_leftovers_are_invisible_and_swept_only_when_safe(tmp_path):
     live = _fake_tmp(store, "live", f"{os.getpid()} {host}", age_s=7 * 86400)
     dead = _fake_tmp(store, "dead", f"{_dead_pid()} {host}")
     remote_new = _fake_tmp(store, "remote-new", f"{os.getpid()} some-other-host")
-    remote_old = _fake_tmp(store, "remote-old", f"1 some-other-host", age_s=2 * 86400)
+    remote_old = _fake_tmp(store, "remote-old", "1 some-other-host", age_s=2 * 86400)
     unknown_old = _fake_tmp(store, "unknown-old", None, age_s=2 * 86400)
     unknown_new = _fake_tmp(store, "unknown-new", None)
 

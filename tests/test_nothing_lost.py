@@ -10,16 +10,14 @@ import gzip
 import json
 import struct
 import warnings
-from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 import entropylens as el
-from entropylens.errors import EntropylensError, FormatError
+from entropylens.errors import FormatError
 from entropylens.ingest._records import iter_json_records
 from _hardening_helpers import _tensorboard_bytes
 

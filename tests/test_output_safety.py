@@ -4,7 +4,6 @@ nothing from outside, and run names or file names cannot escape the chosen folde
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pandas as pd
 import pytest

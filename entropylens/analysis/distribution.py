@@ -24,7 +24,7 @@ from ..base.steps import NO_STEP, step_array
 from ..engine import Aggregator, Plan
 from ..errors import EntropylensError
 from ..estimators import best_entropy_source, columns_for, token_entropy
-from ..store import Store, open_store
+from ..store import Store
 from .sequences import run_keys, run_lengths, sequence_starts, step_rows
 from .registry import Analysis, FigureSpec, register, run_analysis
 from .sketch import DEFAULT_ALPHA, QuantileSketch

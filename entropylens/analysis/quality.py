@@ -46,7 +46,7 @@ import pyarrow.compute as pc
 from ..aliases import canonical_metric
 from ..engine import Aggregator, Plan
 from ..estimators import best_entropy_source
-from ..schema import EOS_TOKENS, eos_mask
+from ..schema import eos_mask
 from ..store import Store
 from ..base.steps import NO_STEP, step_array
 from .registry import Analysis, register, run_analysis

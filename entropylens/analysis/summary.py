@@ -10,7 +10,7 @@ import pandas as pd
 from ..base.jsonable import records as _records
 from ..engine import Plan, scan_selection
 from ..estimators import best_entropy_source
-from ..store import Store, open_store
+from ..store import Store
 from .distribution import step_stats
 from .quality import QUALITY_COLUMNS, QualityScan, quality_plan
 from .registry import Analysis, register, run_analysis

@@ -23,7 +23,6 @@ import re
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
 import pyarrow as pa
 
 from ..base.lazy import LazyModule

@@ -7,10 +7,9 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
-import pandas as pd
 
 from .._version import __version__
 from ..base.jsonable import plain as _plain
