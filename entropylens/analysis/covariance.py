@@ -76,6 +76,10 @@ class StepCovariance(Aggregator):
 
     columns = ("step", "logprob", "advantage")
 
+    def share_key(self) -> tuple | None:
+        """No settings: the covariance and the diagnosis that reads it scan once."""
+        return (StepCovariance,) if type(self) is StepCovariance else None
+
     def start(self) -> dict:
         return {"pending": {}, "rows": []}
 

@@ -59,6 +59,11 @@ class TrainTokens(Aggregator):
         self.inner = inner
         self.columns = tuple(sorted(set(inner.columns) | {"step", "split"}))
 
+    def share_key(self) -> tuple | None:
+        """The inner aggregator's key, over training tokens: shared where that one is."""
+        key = self.inner.share_key()
+        return None if key is None else (TrainTokens, key)
+
     def start(self) -> Any:
         return self.inner.start()
 

@@ -6,6 +6,7 @@ threshold is known (:class:`ForkingCounts`).
 
 from __future__ import annotations
 
+import functools
 import unicodedata
 from dataclasses import dataclass, field
 
@@ -38,6 +39,7 @@ def token_keys(batch) -> pa.Array:
     return text.combine_chunks() if isinstance(text, pa.ChunkedArray) else text
 
 
+@functools.lru_cache(maxsize=1 << 17)   # a vocabulary's pieces, asked again per analysis
 def token_category(text: str) -> str:
     """``whitespace``, ``punctuation``, ``digits`` or ``other`` for a token's text.
 
