@@ -48,7 +48,7 @@ import pyarrow.dataset as ds
 
 from entropylens.analysis.distribution import DEFAULT_BINS, DISTRIBUTION_QUANTILES
 from entropylens.analysis.lexicon import default_lexicon
-from entropylens.analysis.quality import EOS_TOKENS
+from entropylens.schema import EOS_TOKENS
 from entropylens.engine import WORKERS_ENV, local_workers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
