@@ -132,11 +132,11 @@ class StepStats(Aggregator):
                    "entropy_token_mean": float(values.mean()),
                    "entropy_seq_mean": float(seq_mean[step])}
             total = float(values.sum())
-            if self.quantiles:   # the policy-entropy curve asks for none: no sort
-                # sorted (after the sums, whose rounding depends on the order), numpy's
-                # quantiles cost a third: its vectorised sort beats selecting each quantile
-                values.sort()
-                for name, q in zip(qnames, np.quantile(values, self.quantiles)):
+            if self.quantiles:   # the policy-entropy curve asks for none
+                # selecting the order statistics in place (after the sums, whose rounding
+                # depends on the order) takes half the time of a sort, same values exactly
+                for name, q in zip(qnames, np.quantile(values, self.quantiles,
+                                                       overwrite_input=True)):
                     row[name] = float(q)
             row["frac_below_0_01"] = below / len(values)
             state.rows[step] = (row, total, below)
