@@ -65,6 +65,10 @@ _NULL_KEY = np.iinfo(np.int64).min
 WORKERS_ENV = "ENTROPYLENS_WORKERS"
 #: Default ceiling of worker processes (each holds one unit).
 MAX_WORKERS = 4
+#: Columns read dictionary-encoded: a batch repeats a few thousand token texts, which
+#: Parquet stores as a dictionary and indices; decoding them to plain strings costs more
+#: than reading every other column (and aggregators that count by text encode them again).
+DICTIONARY_COLUMNS = ("token",)
 
 
 class Aggregator(ABC):
@@ -80,6 +84,11 @@ class Aggregator(ABC):
     #: True for an aggregator that must see the tokens after end-of-sequence even when the
     #: scan leaves them out for the others (the quality checks that count them).
     after_eos: bool = False
+    #: Text columns (of :data:`DICTIONARY_COLUMNS`) the aggregator takes as Arrow
+    #: dictionary arrays as well as plain strings. The scan reads them dictionary-encoded,
+    #: as Parquet stores them: such an aggregator can judge each distinct text once, and
+    #: the others get the column decoded to plain strings.
+    dictionary_columns: tuple[str, ...] = ()
 
     @abstractmethod
     def start(self) -> Any:
@@ -243,12 +252,14 @@ def scan_unit(unit: Unit, columns: Sequence[str], *, steps: Iterable[int] | None
 
     With ``eos_columns`` the batches also carry ``after_eos`` (null in part files written
     before it existed, which then also give the columns it is told from), after ``columns``.
+    The columns of :data:`DICTIONARY_COLUMNS` come as dictionary arrays of strings
+    (:func:`decoded` turns them into plain strings).
     """
     base = list(columns) if "step" in columns else [*columns, "step"]
     wanted = None if steps is None else pa.array(sorted({int(s) for s in steps}), pa.int64())
     for path, row_groups in unit.pieces:
         with reading(path, "token part"):
-            handle = pq.ParquetFile(path)
+            handle = pq.ParquetFile(path, read_dictionary=list(DICTIONARY_COLUMNS))
             read, marked = base, True
             if eos_columns:
                 marked = "after_eos" in handle.schema_arrow.names
@@ -274,12 +285,31 @@ def scan_unit(unit: Unit, columns: Sequence[str], *, steps: Iterable[int] | None
 
 
 def _conform_batch(batch: pa.RecordBatch, names: Sequence[str]) -> pa.RecordBatch:
-    """Cast columns to the canonical token types (older part files may differ)."""
-    fields = [TOKEN_SCHEMA.field(n) for n in names]
+    """Cast columns to the canonical token types (older part files may differ); columns of
+    :data:`DICTIONARY_COLUMNS` read dictionary-encoded keep their encoding."""
+    fields = [_read_field(batch.schema.field(n), TOKEN_SCHEMA.field(n)) for n in names]
     if all(batch.schema.field(n).type == f.type for n, f in zip(names, fields)):
         return batch
     return pa.RecordBatch.from_arrays([batch.column(n).cast(f.type) for n, f in
                                        zip(names, fields)], schema=pa.schema(fields))
+
+
+def _read_field(read: pa.Field, canonical: pa.Field) -> pa.Field:
+    """The type a column is handed on as: the canonical one, or dictionary-encoded values
+    of it for a dictionary column read so."""
+    if pa.types.is_dictionary(read.type) and canonical.name in DICTIONARY_COLUMNS:
+        return pa.field(canonical.name, pa.dictionary(read.type.index_type, canonical.type))
+    return canonical
+
+
+def decoded(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """``batch`` with its dictionary-encoded columns as plain arrays of their values."""
+    columns = batch.columns
+    if not any(pa.types.is_dictionary(c.type) for c in columns):
+        return batch
+    plain = [c.cast(c.type.value_type) if pa.types.is_dictionary(c.type) else c
+             for c in columns]
+    return pa.RecordBatch.from_arrays(plain, names=batch.schema.names)
 
 
 def run_unit(unit: Unit, aggregators: Mapping[str, Aggregator], columns: Sequence[str], *,
@@ -293,13 +323,23 @@ def run_unit(unit: Unit, aggregators: Mapping[str, Aggregator], columns: Sequenc
     states = {name: agg.start() for name, agg in aggregators.items()}
     drop = not keep_after_eos and not all(agg.after_eos for agg in aggregators.values())
     cut = _BeforeEos() if drop else None
+    encoded = [c for c in DICTIONARY_COLUMNS if c in columns]
+    # aggregators that take every dictionary column as read; the others get plain strings
+    as_read = {name: all(c in agg.dictionary_columns for c in encoded)
+               for name, agg in aggregators.items()}
     for batch in scan_unit(unit, columns, steps=steps, batch_size=batch_size,
                            eos_columns=drop):
         kept = batch
         if cut is not None:
             batch, kept = cut.split(batch, columns)
+        plain: dict[bool, pa.RecordBatch] = {}   # decoded once per batch, if asked for
         for name, agg in aggregators.items():
-            seen = batch if agg.after_eos else kept
+            after = agg.after_eos
+            seen = batch if after else kept
+            if not as_read[name]:
+                if after not in plain:
+                    plain[after] = decoded(seen)
+                seen = plain[after]
             if seen.num_rows:
                 states[name] = agg.update(states[name], seen)
     return {name: agg.seal(states[name]) for name, agg in aggregators.items()}

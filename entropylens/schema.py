@@ -110,13 +110,15 @@ _NO_STEP = np.iinfo(np.int64).min
 
 def eos_mask(token: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """Boolean numpy mask of the end-of-sequence tokens (:data:`EOS_TOKENS`) of a column of
-    token texts (surrounding whitespace ignored; null texts are not EOS)."""
+    token texts, plain or dictionary-encoded (surrounding whitespace ignored; null texts are
+    not EOS)."""
     if isinstance(token, pa.ChunkedArray):
         token = token.combine_chunks()
     if not len(token):
         return np.zeros(0, dtype=bool)
-    # judge each distinct text once (a batch repeats a few thousand texts)
-    encoded = pc.dictionary_encode(token)
+    # judge each distinct text once (a batch repeats a few thousand texts); a column read
+    # dictionary-encoded is judged on its dictionary as it is
+    encoded = token if pa.types.is_dictionary(token.type) else pc.dictionary_encode(token)
     eos_text = pc.fill_null(pc.is_in(pc.utf8_trim_whitespace(encoded.dictionary),
                                      value_set=pa.array(EOS_TOKENS)), False)
     return pc.fill_null(pc.take(eos_text, encoded.indices), False) \

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 import entropylens.store as store_module
@@ -181,3 +182,68 @@ def test_corrupt_part_file_names_the_file(tmp_path, synthetic_store):
     with pytest.raises(StoreReadError) as info:
         distribution(Store.open(copy))
     assert info.value.path == str(part)
+
+
+class _Texts:
+    """Collects the token column's types and texts (a test aggregator)."""
+
+    columns = ("step", "token")
+    after_eos = False
+
+    def __init__(self, dictionary: bool):
+        self.dictionary_columns = ("token",) if dictionary else ()
+
+    def start(self):
+        return {"types": set(), "texts": []}
+
+    def update(self, state, batch):
+        state["types"].add(str(batch.column("token").type))
+        state["texts"] += batch.column("token").to_pylist()
+        return state
+
+    def seal(self, state):
+        return state
+
+    def merge(self, left, right):
+        return {"types": left["types"] | right["types"], "texts": left["texts"] + right["texts"]}
+
+    def finish(self, state):
+        return state
+
+    def share_key(self):
+        return None
+
+
+def test_token_texts_come_dictionary_encoded_only_to_who_asks(synthetic_store):
+    # both read by one scan: the same texts in the same order, in the form each asked for
+    got = run_aggregators(synthetic_store, "synthetic",
+                          {"encoded": _Texts(True), "plain": _Texts(False)}, workers=1)
+    assert got["encoded"]["types"] == {"dictionary<values=string, indices=int32, ordered=0>"}
+    assert got["plain"]["types"] == {"string"}
+    table = pa.concat_tables(pq.read_table(p, columns=["token"])
+                             for p, _ in synthetic_store.token_parts("synthetic"))
+    assert got["encoded"]["texts"] == got["plain"]["texts"] == table.column("token").to_pylist()
+
+
+def test_counts_by_dictionary_index_equal_counts_by_text():
+    from entropylens.analysis.forking_counts import count_forking, counts_frame
+    from entropylens.schema import eos_mask
+
+    rng = np.random.default_rng(3)
+    texts = np.array(["Ġthe", "Ġ7", ",", "<|im_end|>", " </s> ", "Ċ", "x"], object)
+    plain = pa.array(texts[rng.integers(0, len(texts), 5_000)].tolist(), pa.string())
+    # a dictionary holding one text twice (concatenated batches can) and one unused
+    dictionary = pa.array(["Ġthe", "Ġ7", ",", "<|im_end|>", " </s> ", "Ċ", "x", "Ġthe", "u"])
+    where = {t: i for i, t in enumerate(dictionary.to_pylist()) if t not in ("u",)}
+    codes = np.array([where[t] for t in plain.to_pylist()], np.int32)
+    codes[(codes == 0) & (np.arange(len(codes)) % 2 == 0)] = 7   # the second "Ġthe"
+    encoded = pa.DictionaryArray.from_arrays(pa.array(codes), dictionary)
+    assert encoded.cast(pa.string()).to_pylist() == plain.to_pylist()
+    flags = rng.random(5_000) < 0.2
+    judged = rng.random(5_000) < 0.9
+    by_index = counts_frame([count_forking(encoded, flags, judged)])
+    by_text = counts_frame([count_forking(plain, flags, judged)])
+    key = ["token"]
+    pd.testing.assert_frame_equal(by_index.sort_values(key).reset_index(drop=True),
+                                  by_text.sort_values(key).reset_index(drop=True))
+    assert (eos_mask(encoded) == eos_mask(plain)).all() and eos_mask(plain).any()

@@ -27,11 +27,16 @@ TEXT_COLUMNS = ("token", "token_id")
 
 
 def token_keys(batch) -> pa.Array:
-    """Text a token is counted under: its ``token``, else ``<id N>``, else ``<unknown>``."""
+    """Text a token is counted under: its ``token``, else ``<id N>``, else ``<unknown>``.
+
+    A token column read dictionary-encoded stays so when no text is missing.
+    """
     names = batch.schema.names
     text = batch.column("token") if "token" in names else pa.nulls(batch.num_rows, pa.string())
     if text.null_count == 0:
         return text.combine_chunks() if isinstance(text, pa.ChunkedArray) else text
+    if pa.types.is_dictionary(text.type):
+        text = text.cast(pa.string())
     if "token_id" in names:
         ids = pc.cast(batch.column("token_id"), pa.string())
         text = pc.coalesce(text, pc.binary_join_element_wise("<id ", ids, ">", ""))
@@ -62,7 +67,22 @@ def token_category(text: str) -> str:
 
 
 def count_forking(keys: pa.Array, flags: np.ndarray, judged: np.ndarray) -> pa.Table:
-    """``token, count, forking_count`` per token text, over the judged tokens."""
+    """``token, count, forking_count`` per token text, over the judged tokens.
+
+    Dictionary-encoded keys (without nulls) are counted by their indices; a text the
+    dictionary holds twice gets two rows, which :func:`add_counts` sums like any other.
+    """
+    if pa.types.is_dictionary(keys.type) and not keys.null_count:
+        codes = keys.indices.to_numpy(zero_copy_only=False)
+        if not judged.all():
+            codes, flags = codes[judged], flags[judged]
+        size = len(keys.dictionary)
+        count = np.bincount(codes, minlength=size)
+        forks = np.bincount(codes, weights=flags, minlength=size)
+        present = np.flatnonzero(count)
+        return pa.table({"token": keys.dictionary.take(pa.array(present)).cast(pa.string()),
+                         "count": pa.array(count[present].astype(np.int64)),
+                         "forking_count": pa.array(forks[present].astype(np.int64))})
     table = pa.table({"token": keys, "fork": pa.array(flags.astype(np.int64))})
     if not judged.all():
         table = table.filter(pa.array(judged))
@@ -112,6 +132,8 @@ class ForkingCounts(Aggregator):
     vocabulary.
     """
 
+    dictionary_columns = ("token",)   # counted by dictionary index
+
     def __init__(self, source: str, thresholds: ScopeThresholds, *,
                  vocab_size: int | None = None, top_k: int | None = None):
         self.source, self.thresholds = source, thresholds
@@ -154,6 +176,8 @@ class ForkingScan(Aggregator):
     :class:`ForkingCounts`.)
     """
 
+    dictionary_columns = ("token",)   # counted by dictionary index
+
     def __init__(self, source: str, *, scope: str, ratio: float,
                  batch_size: int | None = None, vocab_size: int | None = None,
                  top_k: int | None = None):
@@ -177,14 +201,17 @@ class ForkingScan(Aggregator):
             return state
         steps, samples, positions, entropy = (np.concatenate(parts) for parts in
                                               zip(*(p[:4] for p in state.pending)))
-        keys = pa.concat_arrays([p[4] for p in state.pending])
+        keys = [p[4] for p in state.pending]   # one batch's each (dictionaries differ)
         state.pending = []
         scoped = compute_thresholds(steps, samples, positions, entropy, scope=self.scope,
                                     ratio=self.ratio, batch_size=self.batch_size)
         state.thresholds.append(scoped)
         flags = scoped.flags(steps, samples, positions, entropy)
-        state.counts = add_counts(state.counts + [count_forking(keys, flags,
-                                                               np.isfinite(entropy))])
+        judged = np.isfinite(entropy)
+        ends = np.cumsum([len(k) for k in keys])
+        state.counts = add_counts(state.counts + [
+            count_forking(k, flags[end - len(k):end], judged[end - len(k):end])
+            for k, end in zip(keys, ends)])
         return state
 
     def merge(self, left: _UnitForks, right: _UnitForks) -> _UnitForks:

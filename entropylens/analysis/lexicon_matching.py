@@ -158,7 +158,7 @@ class PlanningMatcher:
 
         Parameters
         ----------
-        tokens : pyarrow string array or sequence of str
+        tokens : pyarrow string array (plain or dictionary-encoded) or sequence of str
             Token strings of all sequences, each sequence's tokens in order.
         starts : numpy.ndarray of int
             Index of the first token of every sequence (increasing, the first one 0).
@@ -175,7 +175,8 @@ class PlanningMatcher:
         if n == 0:
             return MatchResult(np.zeros(0, bool), empty, empty, empty, empty,
                                [""] * len(starts) if keep_text else [])
-        encoded = pc.dictionary_encode(tokens.cast(pa.string()))
+        encoded = tokens if pa.types.is_dictionary(tokens.type) \
+            else pc.dictionary_encode(tokens.cast(pa.string()))
         # pieces: the bytes of each distinct token, then b"" for null tokens (id-only rows,
         # they decode to nothing), then the separator that ends every sequence
         pieces = pa.concat_arrays([self._encode_dictionary(encoded.dictionary),

@@ -131,6 +131,8 @@ class QualityScan(Aggregator):
     columns = _SCAN_COLUMNS
     after_eos = True   # the checks count the tokens after EOS that analyses leave out
 
+    dictionary_columns = ("token",)   # EOS judged once per distinct text
+
     def __init__(self, vocab_size: int | None = None):
         self.vocab_size = vocab_size
 

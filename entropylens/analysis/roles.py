@@ -113,6 +113,8 @@ class RolesAggregator(Aggregator):
         For the top-k estimate.
     """
 
+    dictionary_columns = ("token",)   # each distinct piece decoded once
+
     def __init__(self, lexicon: Lexicon, convention: str, source: str | None, *,
                  has_logprob: bool = True, vocab_size: int | None = None):
         self.lexicon = lexicon
@@ -146,7 +148,8 @@ class RolesAggregator(Aggregator):
     def seal(self, state: _RolesState) -> _RolesState:
         """Match every completion waiting in the state (all complete: see the class notes)."""
         if state.tables:
-            table = pa.concat_tables(state.tables).combine_chunks()
+            # the batches' token dictionaries differ: one dictionary for the unit
+            table = pa.concat_tables(state.tables).unify_dictionaries().combine_chunks()
             state.tables = []
             self._process(state, *_in_completion_order(table))
         return state
