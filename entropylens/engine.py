@@ -65,10 +65,11 @@ _NULL_KEY = np.iinfo(np.int64).min
 WORKERS_ENV = "ENTROPYLENS_WORKERS"
 #: Default ceiling of worker processes (each holds one unit).
 MAX_WORKERS = 4
-#: Columns read dictionary-encoded: a batch repeats a few thousand token texts, which
-#: Parquet stores as a dictionary and indices; decoding them to plain strings costs more
-#: than reading every other column (and aggregators that count by text encode them again).
-DICTIONARY_COLUMNS = ("token",)
+#: Columns read dictionary-encoded: a batch repeats a few thousand token texts and a few
+#: hundred completion ids, which Parquet stores as a dictionary and indices. Reading them so
+#: and decoding the dictionary costs a third of reading plain strings (which cost more than
+#: every other column together); aggregators that count by text need no decoding at all.
+DICTIONARY_COLUMNS = ("token", "sample_id")
 
 
 class Aggregator(ABC):
@@ -302,14 +303,17 @@ def _read_field(read: pa.Field, canonical: pa.Field) -> pa.Field:
     return canonical
 
 
-def decoded(batch: pa.RecordBatch) -> pa.RecordBatch:
-    """``batch`` with its dictionary-encoded columns as plain arrays of their values."""
-    columns = batch.columns
-    if not any(pa.types.is_dictionary(c.type) for c in columns):
+def decoded(batch: pa.RecordBatch, keep: Iterable[str] = ()) -> pa.RecordBatch:
+    """``batch`` with its dictionary-encoded columns (but those in ``keep``) as plain
+    arrays of their values."""
+    keep = set(keep)
+    names = batch.schema.names
+    if not any(pa.types.is_dictionary(c.type) and n not in keep
+               for n, c in zip(names, batch.columns)):
         return batch
-    plain = [c.cast(c.type.value_type) if pa.types.is_dictionary(c.type) else c
-             for c in columns]
-    return pa.RecordBatch.from_arrays(plain, names=batch.schema.names)
+    plain = [c.cast(c.type.value_type) if pa.types.is_dictionary(c.type) and n not in keep
+             else c for n, c in zip(names, batch.columns)]
+    return pa.RecordBatch.from_arrays(plain, names=names)
 
 
 def run_unit(unit: Unit, aggregators: Mapping[str, Aggregator], columns: Sequence[str], *,
@@ -323,23 +327,20 @@ def run_unit(unit: Unit, aggregators: Mapping[str, Aggregator], columns: Sequenc
     states = {name: agg.start() for name, agg in aggregators.items()}
     drop = not keep_after_eos and not all(agg.after_eos for agg in aggregators.values())
     cut = _BeforeEos() if drop else None
-    encoded = [c for c in DICTIONARY_COLUMNS if c in columns]
-    # aggregators that take every dictionary column as read; the others get plain strings
-    as_read = {name: all(c in agg.dictionary_columns for c in encoded)
-               for name, agg in aggregators.items()}
+    # the dictionary columns each aggregator takes as read; the rest it gets decoded
+    as_read = {name: frozenset(DICTIONARY_COLUMNS).intersection(
+        getattr(agg, "dictionary_columns", ())) for name, agg in aggregators.items()}
     for batch in scan_unit(unit, columns, steps=steps, batch_size=batch_size,
                            eos_columns=drop):
         kept = batch
         if cut is not None:
             batch, kept = cut.split(batch, columns)
-        plain: dict[bool, pa.RecordBatch] = {}   # decoded once per batch, if asked for
+        plain: dict[tuple, pa.RecordBatch] = {}   # each decoding once per batch
         for name, agg in aggregators.items():
-            after = agg.after_eos
-            seen = batch if after else kept
-            if not as_read[name]:
-                if after not in plain:
-                    plain[after] = decoded(seen)
-                seen = plain[after]
+            key = (agg.after_eos, as_read[name])
+            if key not in plain:
+                plain[key] = decoded(batch if agg.after_eos else kept, keep=as_read[name])
+            seen = plain[key]
             if seen.num_rows:
                 states[name] = agg.update(states[name], seen)
     return {name: agg.seal(states[name]) for name, agg in aggregators.items()}

@@ -247,3 +247,30 @@ def test_counts_by_dictionary_index_equal_counts_by_text():
     pd.testing.assert_frame_equal(by_index.sort_values(key).reset_index(drop=True),
                                   by_text.sort_values(key).reset_index(drop=True))
     assert (eos_mask(encoded) == eos_mask(plain)).all() and eos_mask(plain).any()
+
+
+def test_completion_runs_from_dictionary_ids_fold_to_the_same_sums():
+    # runs found from dictionary indices: a dictionary holding an id twice may split a run,
+    # never join two; summed by key, the rows are those of the plain ids
+    from entropylens.analysis.sequences import run_keys, run_lengths, sequence_starts
+
+    rng = np.random.default_rng(8)
+    ids = np.repeat([f"c{i}" for i in rng.integers(0, 40, 300)], rng.integers(1, 30, 300))
+    steps = np.sort(rng.integers(0, 4, len(ids)))
+    plain = pa.array(ids.tolist())
+    dictionary = pa.array(sorted(set(ids.tolist())) + ["c0"])   # "c0" twice
+    index = {t: i for i, t in enumerate(dictionary.to_pylist()[:-1])}
+    codes = np.array([index[t] for t in ids.tolist()], np.int32)
+    codes[(ids == "c0") & (np.arange(len(ids)) % 3 == 0)] = len(dictionary) - 1
+    encoded = pa.DictionaryArray.from_arrays(pa.array(codes), dictionary)
+
+    def folded(samples):
+        starts = sequence_starts(steps, samples)
+        keys = run_keys(steps, samples, starts).to_pandas()
+        assert keys["sample_id"].map(type).eq(str).all()
+        keys["rows"] = run_lengths(starts, len(ids))
+        return keys.groupby(["step", "sample_id"])["rows"].sum()
+
+    pd.testing.assert_series_equal(folded(encoded), folded(plain))
+    assert (sequence_starts(steps, pa.array(ids.tolist()).dictionary_encode())
+            == sequence_starts(steps, plain)).all()

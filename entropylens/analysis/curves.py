@@ -57,6 +57,7 @@ class TrainTokens(Aggregator):
 
     def __init__(self, inner: Aggregator):
         self.inner = inner
+        self.dictionary_columns = getattr(inner, "dictionary_columns", ())
         self.columns = tuple(sorted(set(inner.columns) | {"step", "split"}))
 
     def share_key(self) -> tuple | None:

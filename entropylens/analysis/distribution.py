@@ -63,6 +63,8 @@ class StepStats(Aggregator):
     is bounded by one unit, not by the run.
     """
 
+    dictionary_columns = ("sample_id",)   # completions told apart by index
+
     def __init__(self, source: str, *, quantiles=(0.5, 0.8), vocab_size: int | None = None,
                  top_k: int | None = None):
         self.source = source

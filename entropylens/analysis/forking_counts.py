@@ -19,7 +19,7 @@ from ..base.pieces import normalise_token
 from ..engine import Aggregator
 from ..errors import EntropylensError
 from ..estimators import columns_for, token_entropy
-from .forking_thresholds import KEY_COLUMNS, ScopeThresholds, compute_thresholds, key_arrays
+from .forking_thresholds import ScopeThresholds, compute_thresholds, key_arrays, key_columns
 
 CATEGORIES = ("whitespace", "punctuation", "digits", "other")
 #: Columns a token's text is read from.
@@ -138,7 +138,7 @@ class ForkingCounts(Aggregator):
                  vocab_size: int | None = None, top_k: int | None = None):
         self.source, self.thresholds = source, thresholds
         self.vocab_size, self.top_k = vocab_size, top_k
-        self.columns = KEY_COLUMNS + TEXT_COLUMNS + columns_for(source)
+        self.columns = key_columns(thresholds.scope) + TEXT_COLUMNS + columns_for(source)
 
     def start(self) -> list:
         return []
@@ -185,7 +185,7 @@ class ForkingScan(Aggregator):
             raise EntropylensError("ForkingScan serves the step-wise scopes, not 'global'")
         self.source, self.scope, self.ratio, self.batch_size = source, scope, ratio, batch_size
         self.vocab_size, self.top_k = vocab_size, top_k
-        self.columns = KEY_COLUMNS + TEXT_COLUMNS + columns_for(source)
+        self.columns = key_columns(scope) + TEXT_COLUMNS + columns_for(source)
 
     def start(self) -> _UnitForks:
         return _UnitForks()

@@ -195,6 +195,11 @@ def _empty_frame(scope: str) -> pd.DataFrame:
     return pd.DataFrame(columns)
 
 
+def key_columns(scope: str) -> tuple[str, ...]:
+    """The key columns a scope reads: the steps only for ``step`` and ``global``."""
+    return ("step",) if scope in ("step", "global") else KEY_COLUMNS
+
+
 def key_arrays(batch, scope: str = "batch") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(steps, sample ids, positions) of a batch; the scopes ``step`` and ``global`` use the
     steps only, so they get cheap placeholders for the others."""
@@ -202,7 +207,10 @@ def key_arrays(batch, scope: str = "batch") -> tuple[np.ndarray, np.ndarray, np.
     if scope in ("step", "global"):
         empty = np.zeros(len(steps), dtype=np.int8)
         return steps, empty, empty
-    samples = batch.column("sample_id").to_numpy(zero_copy_only=False).astype(object)
+    samples = batch.column("sample_id")
+    if pa.types.is_dictionary(samples.type):
+        samples = samples.cast(samples.type.value_type)
+    samples = samples.to_numpy(zero_copy_only=False).astype(object)
     positions = batch.column("position").to_numpy(zero_copy_only=False).astype(np.int64)
     return steps, samples, positions
 
@@ -287,7 +295,7 @@ class ForkingThresholds(Aggregator):
         self.vocab_size, self.top_k = vocab_size, top_k
         # a run-wide threshold from a fixed-size sketch (relative error DEFAULT_ALPHA)
         self.sketch = sketch and scope == "global"
-        self.columns = KEY_COLUMNS + columns_for(source)
+        self.columns = key_columns(scope) + columns_for(source)
 
     def start(self) -> list | QuantileSketch:
         return QuantileSketch() if self.sketch else []

@@ -131,7 +131,8 @@ class QualityScan(Aggregator):
     columns = _SCAN_COLUMNS
     after_eos = True   # the checks count the tokens after EOS that analyses leave out
 
-    dictionary_columns = ("token",)   # EOS judged once per distinct text
+    # EOS judged once per distinct text, completions told apart by index
+    dictionary_columns = ("token", "sample_id")
 
     def __init__(self, vocab_size: int | None = None):
         self.vocab_size = vocab_size
@@ -181,6 +182,8 @@ class QualityScan(Aggregator):
                 "rows": rows, "first": positions[starts],
                 "last": positions[starts + rows - 1],
                 "first_eos": np.minimum.reduceat(eos_position, starts), "distinct": rows})
+        if pa.types.is_dictionary(samples.type):
+            samples = samples.cast(samples.type.value_type)
         table = pa.table({"step": pa.array(steps), "sample_id": samples,
                           "position": pa.array(positions),
                           "eos_position": pa.array(eos_position)})

@@ -23,7 +23,7 @@ def sequence_starts(steps: np.ndarray, sample_ids: pa.Array | pa.ChunkedArray) -
     ----------
     steps : numpy.ndarray of int64
         Step of every row (rows without a step already given one sentinel value).
-    sample_ids : pyarrow string array
+    sample_ids : pyarrow string array, plain or dictionary-encoded
         ``sample_id`` of every row.
 
     Returns
@@ -36,6 +36,10 @@ def sequence_starts(steps: np.ndarray, sample_ids: pa.Array | pa.ChunkedArray) -
         return np.zeros(0, np.int64)
     if isinstance(sample_ids, pa.ChunkedArray):
         sample_ids = sample_ids.combine_chunks()
+    if pa.types.is_dictionary(sample_ids.type):
+        # equal indices are equal ids; a dictionary holding an id twice only splits a run,
+        # which the callers fold by key like any partial row
+        sample_ids = sample_ids.indices
     same_sample = pc.equal(sample_ids.slice(1), sample_ids.slice(0, n - 1))
     if sample_ids.null_count:   # two missing ids in a row are one key, as in a group-by
         both_null = pc.and_(pc.is_null(sample_ids.slice(1)),
@@ -47,9 +51,11 @@ def sequence_starts(steps: np.ndarray, sample_ids: pa.Array | pa.ChunkedArray) -
 
 
 def run_keys(steps: np.ndarray, sample_ids: pa.Array, starts: np.ndarray) -> pa.Table:
-    """``step, sample_id`` of every run."""
-    return pa.table({"step": pa.array(steps[starts], pa.int64()),
-                     "sample_id": pc.take(sample_ids, pa.array(starts))})
+    """``step, sample_id`` of every run (ids as plain strings, whatever their encoding)."""
+    ids = pc.take(sample_ids, pa.array(starts))
+    if pa.types.is_dictionary(ids.type):
+        ids = ids.cast(ids.type.value_type)
+    return pa.table({"step": pa.array(steps[starts], pa.int64()), "sample_id": ids})
 
 
 def run_lengths(starts: np.ndarray, n: int) -> np.ndarray:
