@@ -327,9 +327,11 @@ def run_unit(unit: Unit, aggregators: Mapping[str, Aggregator], columns: Sequenc
     states = {name: agg.start() for name, agg in aggregators.items()}
     drop = not keep_after_eos and not all(agg.after_eos for agg in aggregators.values())
     cut = _BeforeEos() if drop else None
-    # the dictionary columns each aggregator takes as read; the rest it gets decoded
-    as_read = {name: frozenset(DICTIONARY_COLUMNS).intersection(
-        getattr(agg, "dictionary_columns", ())) for name, agg in aggregators.items()}
+    # the dictionary columns each aggregator takes as read, or does not read at all; the
+    # ones it reads as plain strings are decoded for it
+    as_read = {name: frozenset(c for c in DICTIONARY_COLUMNS
+                               if c in getattr(agg, "dictionary_columns", ())
+                               or c not in agg.columns) for name, agg in aggregators.items()}
     for batch in scan_unit(unit, columns, steps=steps, batch_size=batch_size,
                            eos_columns=drop):
         kept = batch
