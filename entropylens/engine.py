@@ -50,6 +50,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .base.encoding import plain_values
 from .errors import EntropylensError
 from .schema import TOKEN_SCHEMA, mark_after_eos
 from .store import Store, reading
@@ -311,8 +312,7 @@ def decoded(batch: pa.RecordBatch, keep: Iterable[str] = ()) -> pa.RecordBatch:
     if not any(pa.types.is_dictionary(c.type) and n not in keep
                for n, c in zip(names, batch.columns)):
         return batch
-    plain = [c.cast(c.type.value_type) if pa.types.is_dictionary(c.type) and n not in keep
-             else c for n, c in zip(names, batch.columns)]
+    plain = [c if n in keep else plain_values(c) for n, c in zip(names, batch.columns)]
     return pa.RecordBatch.from_arrays(plain, names=names)
 
 

@@ -130,10 +130,16 @@ def best_at_k(rewards: np.ndarray, k: int) -> float:
     n = len(values)
     if not 1 <= k <= n:
         raise ValueError("best@k needs 1 <= k <= n")
-    i = np.arange(k, n + 1, dtype=np.float64)   # ranks that can be the maximum
+    return float(np.dot(_best_at_k_weights(n, k), values[k - 1:]))
+
+
+def _best_at_k_weights(n: int, k: int) -> np.ndarray:
+    """Probability that the ``i``-th smallest of ``n`` is the maximum of ``k``, for
+    ``i = k .. n`` (the ranks that can be): ``C(i-1, k-1) / C(n, k)``, from log-gamma."""
+    i = np.arange(k, n + 1, dtype=np.float64)
     log_w = (special.gammaln(i) - special.gammaln(k) - special.gammaln(i - k + 1)) \
         - (special.gammaln(n + 1) - special.gammaln(k + 1) - special.gammaln(n - k + 1))
-    return float(np.dot(np.exp(log_w), values[k - 1:]))
+    return np.exp(log_w)
 
 
 def default_ks(samples_per_prompt: int) -> list[int]:
@@ -269,12 +275,6 @@ def _mean_se(values: np.ndarray) -> tuple[float | None, float | None]:
     return float(values.mean()), se
 
 
-def _entropy_of(labels: list) -> float:
-    _, counts = np.unique(np.asarray(labels, dtype=object).astype(str), return_counts=True)
-    p = counts / counts.sum()
-    return float(-(p * np.log(p)).sum())
-
-
 def _winners(vectors: list, texts: list, rng: np.random.Generator, draws: int) -> int | None:
     """Distinct completions that win (argmax of ``w . r``) under ``draws`` Dirichlet(1)
     weightings; None when the group has no two vectors of one length."""
@@ -298,11 +298,11 @@ def _per_group(codes: np.ndarray, labels: pd.Series, groups: int) -> tuple:
 
     Returns
     -------
-    (group indices, distinct labels, entropy) : arrays in group order
+    (distinct labels, entropy) : arrays in group order
     """
     keep = (codes >= 0) & labels.notna().to_numpy()
     if not keep.any():
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
+        return np.zeros(0, np.int64), np.zeros(0)
     # labels as text, as the answers compare (1 and "1" are one answer)
     pairs = pd.DataFrame({"g": codes[keep], "label": labels[keep].astype(str).to_numpy()})
     counts = pairs.groupby(["g", "label"], sort=True).size()
@@ -313,7 +313,7 @@ def _per_group(codes: np.ndarray, labels: pd.Series, groups: int) -> tuple:
     p = n / total[g]
     entropy = np.bincount(g, weights=-(p * np.log(p)), minlength=groups)
     present = np.flatnonzero(distinct)
-    return present, distinct[present], entropy[present]
+    return distinct[present], entropy[present]
 
 
 def _best_at_k_groups(values: np.ndarray, starts: np.ndarray, sizes: np.ndarray,
@@ -324,10 +324,7 @@ def _best_at_k_groups(values: np.ndarray, starts: np.ndarray, sizes: np.ndarray,
     for n in np.unique(sizes):
         mine = np.flatnonzero(sizes == n)
         matrix = values[starts[mine, None] + np.arange(k - 1, n)]
-        i = np.arange(k, n + 1, dtype=np.float64)
-        log_w = (special.gammaln(i) - special.gammaln(k) - special.gammaln(i - k + 1)) \
-            - (special.gammaln(n + 1) - special.gammaln(k + 1) - special.gammaln(n - k + 1))
-        out[mine] = matrix @ np.exp(log_w)
+        out[mine] = matrix @ _best_at_k_weights(int(n), k)
     return out
 
 
@@ -357,8 +354,8 @@ def group_stats(frame: pd.DataFrame, *, ks: Sequence[int] | None, correct: float
         groups = len(keys)
         sizes = np.bincount(codes[codes >= 0], minlength=groups)
         logged = texts.where(rows["completion"].notna().to_numpy())
-        _, distinct, _ = _per_group(codes, logged, groups)
-        _, distinct_answers, ans_ent = _per_group(codes, answers, groups)
+        distinct, _ = _per_group(codes, logged, groups)
+        distinct_answers, ans_ent = _per_group(codes, answers, groups)
 
         # rewards: the rewarded rows of each group, groups in order, rows in their order
         reward = rows["reward"].to_numpy(np.float64, na_value=np.nan)

@@ -15,6 +15,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..base.encoding import plain_values
 from ..base.pieces import normalise_token
 from ..engine import Aggregator
 from ..errors import EntropylensError
@@ -35,8 +36,7 @@ def token_keys(batch) -> pa.Array:
     text = batch.column("token") if "token" in names else pa.nulls(batch.num_rows, pa.string())
     if text.null_count == 0:
         return text.combine_chunks() if isinstance(text, pa.ChunkedArray) else text
-    if pa.types.is_dictionary(text.type):
-        text = text.cast(pa.string())
+    text = plain_values(text)
     if "token_id" in names:
         ids = pc.cast(batch.column("token_id"), pa.string())
         text = pc.coalesce(text, pc.binary_join_element_wise("<id ", ids, ">", ""))

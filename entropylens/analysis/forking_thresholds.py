@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
+from ..base.encoding import plain_values
 from ..base.steps import NO_STEP, step_array
 from ..engine import Aggregator, Plan, run_plan, scan_selection
 from ..errors import EntropylensError
@@ -207,10 +208,8 @@ def key_arrays(batch, scope: str = "batch") -> tuple[np.ndarray, np.ndarray, np.
     if scope in ("step", "global"):
         empty = np.zeros(len(steps), dtype=np.int8)
         return steps, empty, empty
-    samples = batch.column("sample_id")
-    if pa.types.is_dictionary(samples.type):
-        samples = samples.cast(samples.type.value_type)
-    samples = samples.to_numpy(zero_copy_only=False).astype(object)
+    samples = plain_values(batch.column("sample_id")).to_numpy(zero_copy_only=False) \
+        .astype(object)
     positions = batch.column("position").to_numpy(zero_copy_only=False).astype(np.int64)
     return steps, samples, positions
 

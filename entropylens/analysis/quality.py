@@ -48,6 +48,7 @@ from ..engine import Aggregator, Plan
 from ..estimators import best_entropy_source
 from ..schema import eos_mask
 from ..store import Store
+from ..base.encoding import plain_values
 from ..base.steps import NO_STEP, step_array
 from .registry import Analysis, register, run_analysis
 from .sequences import inside_runs, run_keys, run_lengths, sequence_starts, step_groups
@@ -182,9 +183,7 @@ class QualityScan(Aggregator):
                 "rows": rows, "first": positions[starts],
                 "last": positions[starts + rows - 1],
                 "first_eos": np.minimum.reduceat(eos_position, starts), "distinct": rows})
-        if pa.types.is_dictionary(samples.type):
-            samples = samples.cast(samples.type.value_type)
-        table = pa.table({"step": pa.array(steps), "sample_id": samples,
+        table = pa.table({"step": pa.array(steps), "sample_id": plain_values(samples),
                           "position": pa.array(positions),
                           "eos_position": pa.array(eos_position)})
         grouped = table.group_by(_SEQ_KEYS, use_threads=False).aggregate([

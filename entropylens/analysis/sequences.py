@@ -15,6 +15,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..base.encoding import plain_values
+
 
 def sequence_starts(steps: np.ndarray, sample_ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """First row of every run of consecutive rows with the same ``(step, sample_id)``.
@@ -52,9 +54,7 @@ def sequence_starts(steps: np.ndarray, sample_ids: pa.Array | pa.ChunkedArray) -
 
 def run_keys(steps: np.ndarray, sample_ids: pa.Array, starts: np.ndarray) -> pa.Table:
     """``step, sample_id`` of every run (ids as plain strings, whatever their encoding)."""
-    ids = pc.take(sample_ids, pa.array(starts))
-    if pa.types.is_dictionary(ids.type):
-        ids = ids.cast(ids.type.value_type)
+    ids = plain_values(pc.take(sample_ids, pa.array(starts)))
     return pa.table({"step": pa.array(steps[starts], pa.int64()), "sample_id": ids})
 
 
