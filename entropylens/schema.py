@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .base.encoding import DictionaryMemo
 from .errors import SchemaError
 
 TOKEN_SCHEMA = pa.schema([
@@ -119,10 +120,18 @@ def eos_mask(token: pa.Array | pa.ChunkedArray) -> np.ndarray:
     # judge each distinct text once (a batch repeats a few thousand texts); a column read
     # dictionary-encoded is judged on its dictionary as it is
     encoded = token if pa.types.is_dictionary(token.type) else pc.dictionary_encode(token)
-    eos_text = pc.fill_null(pc.is_in(pc.utf8_trim_whitespace(encoded.dictionary),
-                                     value_set=pa.array(EOS_TOKENS)), False)
+    eos_text = _eos_texts(encoded.dictionary)
     return pc.fill_null(pc.take(eos_text, encoded.indices), False) \
         .to_numpy(zero_copy_only=False)
+
+
+def _judge_eos_texts(dictionary: pa.Array) -> pa.Array:
+    return pc.fill_null(pc.is_in(pc.utf8_trim_whitespace(dictionary),
+                                 value_set=pa.array(EOS_TOKENS)), False)
+
+
+#: the EOS judgement of a dictionary, kept for the batches of one row group that share it
+_eos_texts = DictionaryMemo(_judge_eos_texts)
 
 
 def is_special_token(text: str | None) -> bool:

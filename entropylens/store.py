@@ -155,6 +155,14 @@ def reading(path: str | Path, what: str = "") -> Iterator[None]:
                              f"{_read_reason(exc)}", path=where) from exc
 
 
+def _chunk_all_null(chunk) -> bool:
+    """Whether a column chunk's statistics prove it holds no value (every leaf slot null)."""
+    if chunk is False:
+        return False
+    stats = chunk.statistics
+    return stats is not None and stats.has_null_count and stats.null_count == chunk.num_values
+
+
 def _compatible(found: pa.DataType, want: pa.DataType) -> bool:
     """Whether a column of a token part can be cast to its canonical type (older parts may
     hold narrower integers or floats, or plain strings)."""
@@ -576,25 +584,47 @@ class Store:
             parts.append((path, metadata))
         return parts
 
+    def _token_column_chunks(self, run: str, column: str) -> Iterator[tuple[int, Any]]:
+        """``(rows, column chunk metadata)`` of every row group of the run's token parts:
+        the chunk is None where a part file lacks the column (written before it existed:
+        null there), ``False`` where the column is not one leaf (its statistics unusable)."""
+        for _, metadata in self.token_parts(run):
+            # a list column's one leaf is "name.list.element": match the top-level name
+            leaves = [i for i in range(metadata.num_columns)
+                      if metadata.schema.column(i).path.split(".")[0] == column]
+            for group in range(metadata.num_row_groups):
+                row_group = metadata.row_group(group)
+                chunk = None if not leaves else \
+                    row_group.column(leaves[0]) if len(leaves) == 1 else False
+                yield row_group.num_rows, chunk
+
     def token_column_empty(self, run: str, column: str) -> bool:
-        """True when the Parquet statistics prove that every token's ``column`` is null.
+        """True when the Parquet statistics prove that every token's ``column`` is null
+        (for a list column: that no list holds a value).
 
         Reads only the part files' footers, so an analysis of a column the run never logged
         (token origins, most often) can say so without scanning the tokens. False whenever a
         row group lacks null counts: then only a scan can tell.
         """
-        for _, metadata in self.token_parts(run):
-            names = metadata.schema.to_arrow_schema().names
-            if column not in names:
-                continue    # older part files lack newer columns: null there
-            index = names.index(column)
-            for group in range(metadata.num_row_groups):
-                rows = metadata.row_group(group).num_rows
-                stats = metadata.row_group(group).column(index).statistics
-                if rows and (stats is None or not stats.has_null_count
-                             or stats.null_count != rows):
-                    return False
+        for rows, chunk in self._token_column_chunks(run, column):
+            if rows and chunk is not None and not _chunk_all_null(chunk):
+                return False
         return True
+
+    def token_column_max(self, run: str, column: str) -> float | None:
+        """The largest value of a numeric token column by the Parquet statistics (NaN
+        ignored, as the statistics do), from the part files' footers: ``-inf`` when the
+        column holds no value, None when a row group lacks statistics (only a scan can
+        tell)."""
+        largest = -float("inf")
+        for rows, chunk in self._token_column_chunks(run, column):
+            if not rows or chunk is None or _chunk_all_null(chunk):
+                continue
+            stats = chunk.statistics if chunk is not False else None
+            if stats is None or not stats.has_min_max:
+                return None
+            largest = max(largest, float(stats.max))
+        return largest
 
     def tokens_dataset(self, run: str) -> ds.Dataset:
         """The run's tokens as a :class:`pyarrow.dataset.Dataset` (possibly empty)."""

@@ -137,3 +137,36 @@ def test_values_nulled_at_ingest_are_reported(tmp_path):
     el.ingest(path, tmp_path / "s", run="r")
     counts = _counts(el.quality(tmp_path / "s").checks, "r")
     assert counts == {"entropy_out_of_range": 1, "null_logprobs": 1}
+
+
+def test_footers_clear_the_columns_they_can_and_only_those(faulty, tmp_path):
+    from entropylens.analysis.quality import quality_scan
+
+    # the faulty run holds a positive logprob and top-k lists: both read
+    scan = quality_scan(faulty, "bad", faulty.manifest("bad"))
+    assert {"logprob", "top_logprobs"} <= set(scan.columns)
+    assert faulty.token_column_max("bad", "logprob") == pytest.approx(0.2)
+    assert not faulty.token_column_empty("bad", "top_logprobs")
+    # the clean run logged neither: nothing to read for them, and the counts stay right
+    clean = quality_scan(faulty, "clean", faulty.manifest("clean"))
+    assert "logprob" not in clean.columns and "top_logprobs" not in clean.columns
+    assert faulty.token_column_max("clean", "logprob") == -np.inf
+    # a list whose one value sits beside a null list is not empty (leaf slots, not rows)
+    store = Store.create(tmp_path / "lists")
+    _write(store, "l", {"step": [0, 0], "sample_id": ["a", "a"], "position": [0, 1],
+                        "entropy": [0.1, 0.2], "logprob": [-0.1, -0.2],
+                        "top_logprobs": pa.array([None, [-0.1, None]],
+                                                 pa.list_(pa.float32()))})
+    assert not store.token_column_empty("l", "top_logprobs")
+    assert store.token_column_max("l", "logprob") == pytest.approx(-0.1)
+    assert "logprob" not in quality_scan(store, "l", store.manifest("l")).columns
+
+
+def test_parts_without_statistics_are_read_for_every_check(faulty):
+    import pyarrow.parquet as pq
+
+    for part in (faulty.run_dir("bad") / "tokens").glob("part-*.parquet"):
+        pq.write_table(pq.read_table(part), part, write_statistics=False)
+    assert faulty.token_column_max("bad", "logprob") is None
+    counts = _counts(el.quality(faulty, "bad").checks, "bad")
+    assert counts["positive_logprob"] == 1 and counts["topk_mass_above_one"] == 1

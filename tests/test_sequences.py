@@ -46,8 +46,13 @@ def test_quality_per_completion_rows_match_pandas(duplicates):
     if duplicates:
         positions[rng.random(len(positions)) < 0.05] = 0   # repeated and out-of-order
     is_eos = rng.random(len(positions)) < 0.02
-    got = _fold_sequences([QualityScan._per_sequence(steps, pa.array(samples), positions,
-                                                     is_eos)])
+    # without duplicates, in two batches split inside a completion, as the engine hands them
+    # over (a duplicate whose copies fall in different batches is counted by position range)
+    cut = len(steps) if duplicates else len(steps) // 2 + 7
+    got = _fold_sequences([QualityScan._per_sequence(steps[part], pa.array(samples[part]),
+                                                     positions[part], is_eos[part])
+                           for part in (slice(0, cut), slice(cut, None))
+                           if part.start < len(steps)]).to_pandas()
     frame = pd.DataFrame({"step": steps, "sample_id": samples, "position": positions,
                           "eos": np.where(is_eos, positions, np.iinfo(np.int64).max)})
     expected = frame.groupby(["step", "sample_id"], as_index=False).agg(

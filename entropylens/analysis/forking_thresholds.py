@@ -151,8 +151,7 @@ class ScopeThresholds:
         if self.scope == "global":
             return np.full(len(steps), float(frame["threshold"].iloc[0]))
         if self.scope == "step":
-            index = pd.Index(frame["step"].to_numpy(np.int64))
-            where = index.get_indexer(steps)
+            where = _step_lookup(frame["step"].to_numpy(np.int64), steps)
         elif self.scope == "sequence":
             index = pd.MultiIndex.from_arrays([frame["step"].to_numpy(np.int64),
                                                frame["sample_id"].to_numpy(object)])
@@ -183,6 +182,17 @@ class ScopeThresholds:
         threshold = self.token_thresholds(steps, sample_ids, positions)
         with np.errstate(invalid="ignore"):
             return np.asarray(entropy > threshold) & np.isfinite(entropy)
+
+
+def _step_lookup(known: np.ndarray, steps: np.ndarray) -> np.ndarray:
+    """Row of each of ``steps`` in the distinct steps ``known`` (-1 for none): a binary
+    search, several times faster than hashing for the few hundred steps of a unit."""
+    if not len(known):
+        return np.full(len(steps), -1, np.int64)
+    order = np.argsort(known, kind="stable")
+    found = np.minimum(np.searchsorted(known[order], steps), len(known) - 1)
+    row = order[found]
+    return np.where(known[row] == steps, row, -1)
 
 
 def _empty_frame(scope: str) -> pd.DataFrame:

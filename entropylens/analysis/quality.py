@@ -51,7 +51,7 @@ from ..store import Store
 from ..base.encoding import plain_values
 from ..base.steps import NO_STEP, step_array
 from .registry import Analysis, register, run_analysis
-from .sequences import inside_runs, run_keys, run_lengths, sequence_starts, step_groups
+from .sequences import inside_runs, run_keys, run_lengths, sequence_starts, step_rows
 
 #: Entropies this far outside [0, log V] count as out of range (float32 rounding is smaller).
 ENTROPY_TOLERANCE = 1e-4
@@ -75,7 +75,7 @@ _COMPACT_EVERY = 64
 
 @dataclass
 class _ScanState:
-    sequences: list          # frames of open completions: step, sample_id, rows, distinct,
+    sequences: list          # tables of open completions: step, sample_id, rows, distinct,
     #                          first, last, first_eos (several rows per completion)
     steps: dict              # step -> tokens
     entropy_low: int = 0
@@ -90,24 +90,32 @@ class _ScanState:
     duplicate_completions: int = 0
     missing_positions: int = 0
     gapped_completions: int = 0
-    suspects: list = field(default_factory=list)   # frames: completions with tokens after EOS
+    suspects: list = field(default_factory=list)   # tables: completions with tokens after EOS
 
     @property
     def after_eos(self) -> pd.DataFrame:
         """``step, sample_id, first_eos, last`` of the completions with tokens after EOS."""
-        frames = [f for f in self.suspects if len(f)]
-        if not frames:
+        tables = [t for t in self.suspects if t.num_rows]
+        if not tables:
             return pd.DataFrame(columns=["step", "sample_id", "first_eos", "last"])
-        return pd.concat(frames, ignore_index=True)
+        return pa.concat_tables(tables).to_pandas()
 
 
-def _fold_sequences(frames: list[pd.DataFrame]) -> pd.DataFrame:
-    if len(frames) == 1:
-        return frames[0]
-    table = pd.concat(frames, ignore_index=True)
-    return table.groupby(_SEQ_KEYS, as_index=False, sort=False).agg(
-        rows=("rows", "sum"), distinct=("distinct", "sum"), first=("first", "min"),
-        last=("last", "max"), first_eos=("first_eos", "min"))
+_SEQ_FIELDS = ["step", "sample_id", "rows", "first", "last", "first_eos", "distinct"]
+
+
+def _fold_sequences(tables: list[pa.Table]) -> pa.Table:
+    """One row per completion from partial rows (a completion split across batches, or
+    across runs of unsorted rows, has several)."""
+    table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+    if table.num_rows < 2:
+        return table
+    grouped = table.group_by(_SEQ_KEYS, use_threads=False).aggregate([
+        ("rows", "sum"), ("distinct", "sum"), ("first", "min"), ("last", "max"),
+        ("first_eos", "min")])
+    return grouped.rename_columns({
+        "rows_sum": "rows", "distinct_sum": "distinct", "first_min": "first",
+        "last_max": "last", "first_eos_min": "first_eos"}).select(_SEQ_FIELDS)
 
 
 class QualityScan(Aggregator):
@@ -117,6 +125,9 @@ class QualityScan(Aggregator):
     ----------
     vocab_size : int, optional
         V, for the ``log V`` upper limit of entropies.
+    logprob, top_logprobs : bool
+        Whether to read those columns for their checks (:func:`quality_scan` leaves out
+        those the Parquet statistics already clear).
 
     Notes
     -----
@@ -129,14 +140,18 @@ class QualityScan(Aggregator):
     comparing the completion's rows with its position range.
     """
 
-    columns = _SCAN_COLUMNS
     after_eos = True   # the checks count the tokens after EOS that analyses leave out
 
     # EOS judged once per distinct text, completions told apart by index
     dictionary_columns = ("token", "sample_id")
 
-    def __init__(self, vocab_size: int | None = None):
+    def __init__(self, vocab_size: int | None = None, *, logprob: bool = True,
+                 top_logprobs: bool = True):
         self.vocab_size = vocab_size
+        self.logprob, self.top_logprobs = logprob, top_logprobs
+        skipped = {name for name, read in (("logprob", logprob),
+                                            ("top_logprobs", top_logprobs)) if not read}
+        self.columns = tuple(c for c in _SCAN_COLUMNS if c not in skipped)
 
     def start(self) -> _ScanState:
         return _ScanState(sequences=[], steps={}, eos_names={})
@@ -154,16 +169,15 @@ class QualityScan(Aggregator):
                                                   positions, is_eos))
         if len(state.sequences) >= _COMPACT_EVERY:
             state.sequences = [_fold_sequences(state.sequences)]
-        unique, codes = step_groups(steps)
-        counts = np.bincount(codes, minlength=len(unique))
-        for step, count in zip(unique.tolist(), counts.tolist()):
+        for step, rows in step_rows(steps):
+            count = rows.stop - rows.start if isinstance(rows, slice) else len(rows)
             state.steps[step] = state.steps.get(step, 0) + count
         self._values(state, batch)
         return state
 
     @staticmethod
     def _per_sequence(steps: np.ndarray, samples: pa.Array, positions: np.ndarray,
-                      is_eos: np.ndarray) -> pd.DataFrame:
+                      is_eos: np.ndarray) -> pa.Table:
         """Rows, distinct positions, first and last position and first EOS per completion.
 
         Runs of consecutive rows are reduced with numpy; a batch whose positions do not
@@ -175,14 +189,13 @@ class QualityScan(Aggregator):
         eos_position = np.where(is_eos, positions, _NO_EOS)
         within = np.diff(positions) > 0
         if n < 2 or (within | ~inside_runs(starts, n)).all():
-            keys = run_keys(steps, samples, starts)
             rows = run_lengths(starts, n)
-            return pd.DataFrame({
-                "step": keys.column("step").to_numpy(),
-                "sample_id": keys.column("sample_id").to_numpy(zero_copy_only=False),
-                "rows": rows, "first": positions[starts],
-                "last": positions[starts + rows - 1],
-                "first_eos": np.minimum.reduceat(eos_position, starts), "distinct": rows})
+            return run_keys(steps, samples, starts).append_column(
+                "rows", pa.array(rows)).append_column(
+                "first", pa.array(positions[starts])).append_column(
+                "last", pa.array(positions[starts + rows - 1])).append_column(
+                "first_eos", pa.array(np.minimum.reduceat(eos_position, starts))).append_column(
+                "distinct", pa.array(rows))
         table = pa.table({"step": pa.array(steps), "sample_id": plain_values(samples),
                           "position": pa.array(positions),
                           "eos_position": pa.array(eos_position)})
@@ -192,8 +205,7 @@ class QualityScan(Aggregator):
         return grouped.rename_columns({
             "position_count": "rows", "position_count_distinct": "distinct",
             "position_min": "first", "position_max": "last",
-            "eos_position_min": "first_eos"}).to_pandas()[
-            ["step", "sample_id", "rows", "first", "last", "first_eos", "distinct"]]
+            "eos_position_min": "first_eos"}).select(_SEQ_FIELDS)
 
     def _values(self, state: _ScanState, batch: pa.RecordBatch) -> None:
         entropy = batch.column("entropy")
@@ -205,11 +217,19 @@ class QualityScan(Aggregator):
             if self.vocab_size:
                 limit = np.log(self.vocab_size) + ENTROPY_TOLERANCE
                 state.entropy_high += int((h[finite] > limit).sum())
-        logprob = batch.column("logprob")
+        if self.logprob:
+            self._logprob_values(state, batch.column("logprob"))
+        if self.top_logprobs:
+            self._topk_values(state, batch.column("top_logprobs"))
+
+    @staticmethod
+    def _logprob_values(state: _ScanState, logprob: pa.Array) -> None:
         if logprob.null_count < len(logprob):
             lp = logprob.drop_null().to_numpy(zero_copy_only=False)
             state.positive_logprob += int((lp > LOGPROB_TOLERANCE).sum())
-        top = batch.column("top_logprobs")
+
+    @staticmethod
+    def _topk_values(state: _ScanState, top: pa.Array) -> None:
         if top.null_count < len(top):
             lengths = pc.list_value_length(top).fill_null(0).to_numpy(zero_copy_only=False)
             flat = pc.list_flatten(top).fill_null(-np.inf).to_numpy(zero_copy_only=False)
@@ -227,20 +247,21 @@ class QualityScan(Aggregator):
             return state
         sequences = _fold_sequences(state.sequences)
         state.sequences = []
-        duplicates = np.maximum(sequences["rows"] - sequences["distinct"],
-                                sequences["rows"] - (sequences["last"] - sequences["first"] + 1))
-        duplicates = duplicates.clip(lower=0)
-        expected = sequences["last"] - np.minimum(sequences["first"], 0) + 1
-        missing = (expected - (sequences["rows"] - duplicates)).clip(lower=0)
-        state.completions += len(sequences)
+        rows, distinct, first, last, first_eos = (
+            sequences.column(name).to_numpy().astype(np.int64, copy=False)
+            for name in ("rows", "distinct", "first", "last", "first_eos"))
+        duplicates = np.maximum(rows - distinct, rows - (last - first + 1)).clip(min=0)
+        expected = last - np.minimum(first, 0) + 1
+        missing = (expected - (rows - duplicates)).clip(min=0)
+        state.completions += len(rows)
         state.duplicate_tokens += int(duplicates.sum())
         state.duplicate_completions += int((duplicates > 0).sum())
         state.missing_positions += int(missing.sum())
         state.gapped_completions += int((missing > 0).sum())
-        after = (sequences["first_eos"] != _NO_EOS) & (sequences["last"] > sequences["first_eos"])
+        after = (first_eos != _NO_EOS) & (last > first_eos)
         if after.any():
-            state.suspects.append(sequences.loc[after, ["step", "sample_id", "first_eos",
-                                                        "last"]].reset_index(drop=True))
+            state.suspects.append(sequences.filter(pa.array(after)).select(
+                ["step", "sample_id", "first_eos", "last"]))
         return state
 
     def merge(self, left: _ScanState, right: _ScanState) -> _ScanState:
@@ -439,11 +460,21 @@ def quality_plan(store: Store, run: str, manifest: dict, scan: _ScanState | None
     return pd.DataFrame(rows, columns=QUALITY_COLUMNS)
 
 
+def quality_scan(store: Store, run: str, manifest: dict) -> QualityScan:
+    """The token checks of one run, reading only the columns its Parquet statistics do not
+    already clear: a run whose footers prove that no logprob is above
+    :data:`LOGPROB_TOLERANCE`, or that it logged no top-k lists, is not read for them."""
+    largest = store.token_column_max(run, "logprob")
+    return QualityScan(manifest.get("vocab_size"),
+                       logprob=largest is None or largest > LOGPROB_TOLERANCE,
+                       top_logprobs=not store.token_column_empty(run, "top_logprobs"))
+
+
 def _quality_run(store: Store, run: str) -> Plan:
     manifest = store.manifest(run)
     scan = None
     if (manifest.get("counts") or {}).get("tokens"):
-        scan = (yield {"q": QualityScan(manifest.get("vocab_size"))})["q"]
+        scan = (yield {"q": quality_scan(store, run, manifest)})["q"]
     return (yield from quality_plan(store, run, manifest, scan))
 
 

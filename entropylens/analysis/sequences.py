@@ -63,30 +63,45 @@ def run_lengths(starts: np.ndarray, n: int) -> np.ndarray:
     return np.diff(np.append(starts, n)).astype(np.int64)
 
 
+def _sorted_bounds(steps: np.ndarray) -> np.ndarray | None:
+    """Start of every step's rows and the end of the last, when the rows come in stored
+    order (steps non-decreasing), as they do from a scan; None otherwise."""
+    if len(steps) > 1 and not (steps[1:] >= steps[:-1]).all():
+        return None
+    return np.concatenate([[0], np.flatnonzero(steps[1:] != steps[:-1]) + 1,
+                           [len(steps)]]).astype(np.int64)
+
+
 def step_groups(steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``numpy.unique(steps, return_inverse=True)``, without sorting when rows come in
-    stored order (steps non-decreasing), as they do from a scan."""
+    stored order."""
     steps = np.asarray(steps)
-    if len(steps) > 1 and not (steps[1:] >= steps[:-1]).all():
+    bounds = _sorted_bounds(steps) if len(steps) else None
+    if not len(steps):
+        return steps[:0], np.zeros(0, np.int64)
+    if bounds is None:
         unique, codes = np.unique(steps, return_inverse=True)
         return unique, codes.reshape(-1)
-    change = np.flatnonzero(steps[1:] != steps[:-1]) + 1 if len(steps) else np.zeros(0, int)
-    unique = steps[np.concatenate([[0], change])] if len(steps) else steps[:0]
-    codes = np.zeros(len(steps), np.int64)
-    codes[change] = 1
-    return unique, np.cumsum(codes)
+    return steps[bounds[:-1]], np.repeat(np.arange(len(bounds) - 1), np.diff(bounds))
 
 
 def step_rows(steps: np.ndarray) -> Iterator[tuple[int, slice | np.ndarray]]:
     """``(step, rows)`` for every distinct step, by increasing step: ``rows`` is a slice
     when the rows come in stored order, else the step's row indices (in row order)."""
-    unique, codes = step_groups(steps)
-    order = np.argsort(codes, kind="stable") if (np.diff(codes) < 0).any() else None
-    bounds = np.searchsorted(codes if order is None else codes[order],
-                             np.arange(len(unique) + 1))
+    steps = np.asarray(steps)
+    if not len(steps):
+        return
+    bounds = _sorted_bounds(steps)
+    if bounds is not None:   # stored order: no codes, no sort
+        for step, begin, end in zip(steps[bounds[:-1]].tolist(), bounds[:-1].tolist(),
+                                    bounds[1:].tolist()):
+            yield step, slice(begin, end)
+        return
+    unique, codes = np.unique(steps, return_inverse=True)
+    order = np.argsort(codes.reshape(-1), kind="stable")
+    edges = np.searchsorted(codes.reshape(-1)[order], np.arange(len(unique) + 1))
     for k, step in enumerate(unique.tolist()):
-        yield step, (slice(bounds[k], bounds[k + 1]) if order is None
-                     else order[bounds[k]:bounds[k + 1]])
+        yield step, order[edges[k]:edges[k + 1]]
 
 
 def inside_runs(starts: np.ndarray, n: int) -> np.ndarray:

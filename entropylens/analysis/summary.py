@@ -12,7 +12,7 @@ from ..engine import Plan, scan_selection
 from ..estimators import best_entropy_source
 from ..store import Store
 from .distribution import step_stats
-from .quality import QUALITY_COLUMNS, QualityScan, quality_plan
+from .quality import QUALITY_COLUMNS, quality_plan, quality_scan
 from .registry import Analysis, register, run_analysis
 
 RUN_COLUMNS = ["run", "tokens", "sequences", "steps", "entropy_source", "tokens_after_eos",
@@ -74,7 +74,7 @@ def summary_plan(store: Store, run: str) -> Plan:
     if source is not None:
         # the data-quality checks ride on the same scan as the statistics
         results = yield {"steps": step_stats(source, manifest),
-                         "quality": QualityScan(manifest.get("vocab_size"))}
+                         "quality": quality_scan(store, run, manifest)}
         stats, scan = results["steps"], results["quality"]
         stats.insert(0, "run", run)
         steps = stats[STEP_COLUMNS]
