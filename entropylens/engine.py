@@ -489,8 +489,9 @@ def run_map(function: Callable[[Any], Any], items: Sequence[Any], *, engine: str
         from .workers import pool
 
         with session():
-            # the same pool as the token scans (one pool per size): workers are reused
-            return list(pool(count).map(function, ((i,) for i in items)))
+            # the same pool as the token scans (one pool per size): workers are reused;
+            # this process is one of the ``count``
+            return list(pool(count - 1).map(function, ((i,) for i in items), caller=True))
     return [function(item) for item in items]
 
 
@@ -785,12 +786,15 @@ def _unit_state(unit: Unit, aggregators, columns, steps, batch_size,
 
 def _pool_partials(units: list[Unit], aggregators, columns, *, steps, batch_size,
                    workers: int, keep_after_eos: bool = False) -> Iterator[dict]:
-    """Partial states of the units from worker processes, yielded in unit order."""
+    """Partial states of the units from ``workers`` processes, this one among them (it
+    scans units while no answer waits, so a small run is done before the others have
+    started), yielded in unit order."""
     from .workers import pool
 
     aggregators, columns = dict(aggregators), list(columns)
-    yield from pool(workers).map(_unit_state, ((unit, aggregators, columns, steps, batch_size,
-                                                keep_after_eos) for unit in units))
+    yield from pool(workers - 1).map(
+        _unit_state, ((unit, aggregators, columns, steps, batch_size, keep_after_eos)
+                      for unit in units), caller=True)
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None):

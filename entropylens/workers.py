@@ -17,6 +17,7 @@ import atexit
 import contextlib
 import os
 import pickle
+import select
 import struct
 import subprocess
 import sys
@@ -27,6 +28,9 @@ from typing import Any, BinaryIO, Callable, Iterable, Iterator
 from .errors import EntropylensError
 
 _HEADER = struct.Struct("<Q")
+#: Requests up to this size are handed to a worker while it works on another: both fit in
+#: the pipe's buffer (64 KiB on Linux, 16 KiB at least elsewhere), so the write never waits.
+AHEAD_BYTES = 6 * 1024
 #: A worker's program (``-c`` rather than ``-m``: the package imports this module first).
 _ENTRY = "from entropylens.workers import serve; serve()"
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
@@ -65,7 +69,8 @@ def _receive(stream: BinaryIO) -> Any:
 
 
 class _Worker:
-    """One worker process; ``busy`` while an item it was given has not been answered."""
+    """One worker process; ``busy`` while items it was given have not been answered
+    (``in_flight`` of them: a worker reads its next request as soon as it has answered)."""
 
     def __init__(self):
         env = dict(os.environ)
@@ -80,12 +85,22 @@ class _Worker:
         self.process = subprocess.Popen([sys.executable, "-c", _ENTRY],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         env=env)
-        self.busy = False
+        self.in_flight = 0
+
+    @property
+    def busy(self) -> bool:
+        return self.in_flight > 0
 
     def submit(self, function: Callable, args: tuple) -> None:
-        self.busy = True
+        self.send(pickle.dumps((function, args), protocol=pickle.HIGHEST_PROTOCOL))
+
+    def send(self, request: bytes) -> None:
+        """Hand over a pickled ``(function, args)``."""
+        self.in_flight += 1
         try:
-            _send(self.process.stdin, (function, args))
+            self.process.stdin.write(_HEADER.pack(len(request)))
+            self.process.stdin.write(request)
+            self.process.stdin.flush()
         except OSError as exc:   # a broken pipe: the worker is gone
             raise self._stopped(exc) from exc
 
@@ -101,7 +116,7 @@ class _Worker:
             ok, value = _receive(self.process.stdout)
         except (EOFError, OSError, pickle.UnpicklingError) as exc:
             raise self._stopped(exc) from exc
-        self.busy = False
+        self.in_flight -= 1
         if not ok:
             error, trace = value
             _add_note(error, f"raised in an entropylens worker process:\n{trace}")
@@ -134,6 +149,13 @@ class _Worker:
                 pass
 
 
+def _first(iterator: Iterator) -> list:
+    """The iterator's next item in a list, or an empty list at its end."""
+    for item in iterator:
+        return [item]
+    return []
+
+
 class WorkerPool:
     """``size`` worker processes that call functions in submission order.
 
@@ -154,33 +176,86 @@ class WorkerPool:
             worker = self.workers[k] = _Worker()
         return worker
 
-    def map(self, function: Callable, arguments: Iterable[tuple]) -> Iterator[Any]:
+    def map(self, function: Callable, arguments: Iterable[tuple], *,
+            caller: bool = False) -> Iterator[Any]:
         """``function(*args)`` for each item, run by the workers, yielded in order.
 
-        Item ``k`` goes to worker ``k % size`` and each worker holds one item at a time, so
-        at most ``size`` results wait to be taken. A worker that raised passes the error on
-        (with its traceback as a note); a worker that died is reported and replaced.
+        Each worker holds one item at a time, or two when both requests are small (up to
+        :data:`AHEAD_BYTES`, so that handing one over never waits on a busy worker): a
+        worker that answers then starts on its next item at once. With ``caller`` this
+        process runs items too, whenever no answer is waiting: a pool of ``n`` workers
+        keeps ``n + 1`` processes busy, and a small job is done before the workers have
+        started. Answers wait, in memory, to be yielded in order. A worker that raised
+        passes the error on (with its traceback as a note); a worker that died is reported
+        and replaced.
         """
-        items = iter(arguments)
-        pending: list[int] = []   # worker of each item in flight, in item order
+        caller = caller or not self.size
+        requests = ((index, args, pickle.dumps((function, args),
+                                               protocol=pickle.HIGHEST_PROTOCOL))
+                    for index, args in enumerate(arguments))
+        upcoming: list = []                     # the next request, drawn but not handed out
+        held: dict[int, Any] = {}               # answers not yet yielded, by item
+        flight: list[list[tuple[int, int]]] = [[] for _ in range(self.size)]  # (item, bytes)
+        following = 0
+
         try:
-            for k, args in zip(range(self.size), items):
-                self._ready(k).submit(function, args)
-                pending.append(k)
-            while pending:
-                k = pending.pop(0)
-                value = self.workers[k].result()
-                following = next(items, None)
-                if following is not None:
-                    self.workers[k].submit(function, following)
-                    pending.append(k)
-                yield value
+            while True:
+                while following in held:
+                    yield held.pop(following)
+                    following += 1
+                self._hand_out(requests, upcoming, flight)
+                for k in self._answered(flight):
+                    held[flight[k].pop(0)[0]] = self.workers[k].result()
+                if following in held:
+                    continue
+                if caller:
+                    if not upcoming:
+                        upcoming.extend(_first(requests))
+                    if upcoming:
+                        index, args, _ = upcoming.pop()
+                        held[index] = function(*args)
+                        continue
+                waiting = [k for k in range(self.size) if flight[k]]
+                if not waiting:
+                    return
+                k = min(waiting, key=lambda w: flight[w][0][0])   # the earliest item
+                held[flight[k].pop(0)[0]] = self.workers[k].result()
         finally:
             # abandoned (an error here or in the caller, or the caller stopped early):
             # answers still in flight must not reach the next call
-            for k in pending:
-                self.workers[k].close()
-                self.workers[k] = None
+            for k in range(self.size):
+                if flight[k]:
+                    self.workers[k].close()
+                    self.workers[k] = None
+
+    def _hand_out(self, requests: Iterator, upcoming: list,
+                  flight: list[list[tuple[int, int]]]) -> None:
+        """Give requests to the workers with room for one: an idle worker takes any, a busy
+        one a small request behind small ones."""
+        for k in range(self.size):
+            while len(flight[k]) < 2:
+                if not upcoming:
+                    upcoming.extend(_first(requests))
+                    if not upcoming:
+                        return
+                index, _, request = upcoming[0]
+                if flight[k] and (len(request) > AHEAD_BYTES
+                                  or flight[k][0][1] > AHEAD_BYTES):
+                    break
+                worker = self.workers[k] if flight[k] else self._ready(k)
+                upcoming.pop()
+                worker.send(request)
+                flight[k].append((index, len(request)))
+
+    def _answered(self, flight: list[list[int]]) -> list[int]:
+        """Workers whose answer has started to arrive (without waiting; none where pipes
+        cannot be polled)."""
+        busy = {self.workers[k].process.stdout.fileno(): k for k in range(self.size)
+                if flight[k]}
+        if not busy or os.name == "nt":
+            return []
+        ready, _, _ = select.select(list(busy), [], [], 0)
+        return sorted(busy[fd] for fd in ready)
 
     def close(self) -> None:
         for k, worker in enumerate(self.workers):

@@ -103,18 +103,34 @@ def test_a_worker_error_keeps_its_file_and_line(store):
     assert sum(result["q"].steps.values()) == 200_000
 
 
+class _BrokenInWorkers(_Broken):
+    """Raises in worker processes only: this process scans units too, and these tests are
+    about what comes back from a worker."""
+
+    def __init__(self, error):
+        super().__init__(error)
+        self.caller = os.getpid()
+
+    def update(self, state, batch):
+        if os.getpid() != self.caller:
+            raise self.error
+        return state
+
+
 class _Unpicklable(Exception):
     def __init__(self, a, b):   # pickles as (a,) only: cannot be rebuilt
         super().__init__(a)
         self.b = b
 
 
-class _RaisesUnpicklable(_Broken):
+class _RaisesUnpicklable(_BrokenInWorkers):
     def __init__(self):
         super().__init__(None)
 
     def update(self, state, batch):
-        raise _Unpicklable("x", "y")
+        if os.getpid() != self.caller:
+            raise _Unpicklable("x", "y")
+        return state
 
 
 def test_an_unpicklable_worker_error_becomes_a_plain_error(store):
@@ -125,7 +141,7 @@ def test_an_unpicklable_worker_error_becomes_a_plain_error(store):
 
 def test_a_request_that_does_not_unpickle_is_an_error_not_a_dead_worker(store):
     with pytest.raises(EntropylensError, match="could not rebuild its task"):
-        run_aggregators(store, "synthetic", {"b": _Broken(_Unpicklable("x", "y"))},
+        run_aggregators(store, "synthetic", {"b": _BrokenInWorkers(_Unpicklable("x", "y"))},
                         unit_rows=UNIT, workers=2)
 
 
@@ -275,7 +291,50 @@ def test_aggregators_from_a_script_run_in_this_process(store, tmp_path):
 
 def test_worker_errors_carry_the_worker_traceback(store):
     with pytest.raises(FormatError) as caught:
-        run_aggregators(store, "synthetic", {"b": _Broken(FormatError("bad", path="/p"))},
+        run_aggregators(store, "synthetic",
+                        {"b": _BrokenInWorkers(FormatError("bad", path="/p"))},
                         unit_rows=UNIT, workers=2)
     assert any("raised in an entropylens worker process" in note and "update" in note
                for note in getattr(caught.value, "__notes__", []))
+
+
+def _pid_of(item):
+    return item, os.getpid()
+
+
+def test_the_caller_runs_items_too_and_answers_stay_in_order():
+    pool = workers.WorkerPool(1)
+    try:
+        done = list(pool.map(_pid_of, [(k,) for k in range(40)], caller=True))
+        assert [item for item, _ in done] == list(range(40))
+        pids = {pid for _, pid in done}
+        # the worker starts slower than the caller scans: the caller took items; a job this
+        # long still reaches the worker once it is up, or the caller did it all
+        assert os.getpid() in pids and len(pids) <= 2
+        # a pool of no workers is this process alone
+        assert list(workers.WorkerPool(0).map(len, [("ab",), ("c",)], caller=True)) == [2, 1]
+    finally:
+        pool.close()
+
+
+def test_large_requests_are_not_handed_ahead_and_never_block():
+    # requests far above the pipe's buffer: each goes to an idle worker only
+    big = "x" * (4 * 2**20)
+    pool = workers.WorkerPool(2)
+    try:
+        assert list(pool.map(len, [(big,)] * 6, caller=True)) == [len(big)] * 6
+        assert list(pool.map(len, [(big,)] * 6)) == [len(big)] * 6
+    finally:
+        pool.close()
+
+
+def test_a_caller_that_stops_early_leaves_no_answer_behind():
+    pool = workers.WorkerPool(1)
+    try:
+        results = pool.map(len, [("a",), ("bb",), ("ccc",), ("dddd",), ("eeeee",)],
+                           caller=True)
+        assert next(results) == 1
+        results.close()
+        assert list(pool.map(len, [("xy",), ("z",)], caller=True)) == [2, 1]
+    finally:
+        pool.close()

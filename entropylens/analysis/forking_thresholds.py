@@ -25,7 +25,7 @@ from ..errors import EntropylensError
 from ..estimators import columns_for, token_entropy
 from ..store import Store
 from .distribution import EXACT_GLOBAL_MAX_TOKENS
-from .sequences import step_rows
+from .sequences import sorted_bounds, step_rows
 from .sketch import QuantileSketch
 
 SCOPES = ("step", "global", "sequence", "batch")
@@ -185,14 +185,13 @@ class ScopeThresholds:
 
 
 def _step_lookup(known: np.ndarray, steps: np.ndarray) -> np.ndarray:
-    """Row of each of ``steps`` in the distinct steps ``known`` (-1 for none): a binary
-    search, several times faster than hashing for the few hundred steps of a unit."""
-    if not len(known):
-        return np.full(len(steps), -1, np.int64)
-    order = np.argsort(known, kind="stable")
-    found = np.minimum(np.searchsorted(known[order], steps), len(known) - 1)
-    row = order[found]
-    return np.where(known[row] == steps, row, -1)
+    """Row of each of ``steps`` in the distinct steps ``known`` (-1 for none). Rows in
+    stored order (steps non-decreasing) are looked up once per step, not once per token."""
+    bounds = sorted_bounds(steps) if len(steps) else None
+    if bounds is None:
+        return pd.Index(known).get_indexer(steps)
+    firsts = steps[bounds[:-1]]
+    return np.repeat(pd.Index(known).get_indexer(firsts), np.diff(bounds))
 
 
 def _empty_frame(scope: str) -> pd.DataFrame:

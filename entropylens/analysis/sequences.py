@@ -63,7 +63,7 @@ def run_lengths(starts: np.ndarray, n: int) -> np.ndarray:
     return np.diff(np.append(starts, n)).astype(np.int64)
 
 
-def _sorted_bounds(steps: np.ndarray) -> np.ndarray | None:
+def sorted_bounds(steps: np.ndarray) -> np.ndarray | None:
     """Start of every step's rows and the end of the last, when the rows come in stored
     order (steps non-decreasing), as they do from a scan; None otherwise."""
     if len(steps) > 1 and not (steps[1:] >= steps[:-1]).all():
@@ -76,7 +76,7 @@ def step_groups(steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``numpy.unique(steps, return_inverse=True)``, without sorting when rows come in
     stored order."""
     steps = np.asarray(steps)
-    bounds = _sorted_bounds(steps) if len(steps) else None
+    bounds = sorted_bounds(steps) if len(steps) else None
     if not len(steps):
         return steps[:0], np.zeros(0, np.int64)
     if bounds is None:
@@ -91,7 +91,7 @@ def step_rows(steps: np.ndarray) -> Iterator[tuple[int, slice | np.ndarray]]:
     steps = np.asarray(steps)
     if not len(steps):
         return
-    bounds = _sorted_bounds(steps)
+    bounds = sorted_bounds(steps)
     if bounds is not None:   # stored order: no codes, no sort
         for step, begin, end in zip(steps[bounds[:-1]].tolist(), bounds[:-1].tolist(),
                                     bounds[1:].tolist()):
