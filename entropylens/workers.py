@@ -17,6 +17,7 @@ import atexit
 import contextlib
 import os
 import pickle
+import queue
 import select
 import struct
 import subprocess
@@ -28,9 +29,7 @@ from typing import Any, BinaryIO, Callable, Iterable, Iterator
 from .errors import EntropylensError
 
 _HEADER = struct.Struct("<Q")
-#: Requests up to this size are handed to a worker while it works on another: both fit in
-#: the pipe's buffer (64 KiB on Linux, 16 KiB at least elsewhere), so the write never waits.
-AHEAD_BYTES = 6 * 1024
+
 #: A worker's program (``-c`` rather than ``-m``: the package imports this module first).
 _ENTRY = "from entropylens.workers import serve; serve()"
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
@@ -70,7 +69,11 @@ def _receive(stream: BinaryIO) -> Any:
 
 class _Worker:
     """One worker process; ``busy`` while items it was given have not been answered
-    (``in_flight`` of them: a worker reads its next request as soon as it has answered)."""
+    (``in_flight`` of them: a worker reads its next request as soon as it has answered).
+
+    Requests go through a writer thread, so handing one over never waits on a worker busy
+    with the one before (a request larger than the pipe's buffer would).
+    """
 
     def __init__(self):
         env = dict(os.environ)
@@ -86,6 +89,24 @@ class _Worker:
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         env=env)
         self.in_flight = 0
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._writer = threading.Thread(target=self._write_requests, daemon=True,
+                                        name="entropylens-worker-input")
+        self._writer.start()
+
+    def _write_requests(self) -> None:
+        stream = self.process.stdin
+        while True:
+            request = self._outbox.get()
+            if request is None:
+                return
+            try:
+                stream.write(_HEADER.pack(len(request)))
+                stream.write(request)
+                stream.flush()
+            except (OSError, ValueError):
+                # the worker is gone (or its input closed): result() reports it
+                return
 
     @property
     def busy(self) -> bool:
@@ -95,14 +116,9 @@ class _Worker:
         self.send(pickle.dumps((function, args), protocol=pickle.HIGHEST_PROTOCOL))
 
     def send(self, request: bytes) -> None:
-        """Hand over a pickled ``(function, args)``."""
+        """Hand over a pickled ``(function, args)`` (written by the writer thread)."""
         self.in_flight += 1
-        try:
-            self.process.stdin.write(_HEADER.pack(len(request)))
-            self.process.stdin.write(request)
-            self.process.stdin.flush()
-        except OSError as exc:   # a broken pipe: the worker is gone
-            raise self._stopped(exc) from exc
+        self._outbox.put(request)
 
     def _stopped(self, exc: Exception) -> EntropylensError:
         try:
@@ -130,10 +146,12 @@ class _Worker:
     def close(self) -> None:
         """End the worker: at once when it is busy (its answer is of no use now), else by
         closing its input."""
+        self._outbox.put(None)
         try:
             if self.busy or not self.alive:
                 self.process.kill()
             else:
+                self._writer.join(timeout=5)   # every request written, then the input ends
                 self.process.stdin.close()
                 self.process.wait(timeout=5)
         except (OSError, subprocess.TimeoutExpired):
@@ -142,6 +160,7 @@ class _Worker:
             self.process.wait(timeout=5)
         except subprocess.TimeoutExpired:   # pragma: no cover - kill is not refused
             pass
+        self._writer.join(timeout=5)   # a write cut short by the kill ends with an error
         for stream in (self.process.stdin, self.process.stdout):
             try:
                 stream.close()
@@ -180,22 +199,19 @@ class WorkerPool:
             caller: bool = False) -> Iterator[Any]:
         """``function(*args)`` for each item, run by the workers, yielded in order.
 
-        Each worker holds one item at a time, or two when both requests are small (up to
-        :data:`AHEAD_BYTES`, so that handing one over never waits on a busy worker): a
-        worker that answers then starts on its next item at once. With ``caller`` this
-        process runs items too, whenever no answer is waiting: a pool of ``n`` workers
+        Each worker holds two items: one it works on, the next waiting, so that a worker
+        that answers starts on its next item at once. With ``caller`` this process runs
+        items too, whenever no answer is waiting: a pool of ``n`` workers
         keeps ``n + 1`` processes busy, and a small job is done before the workers have
         started. Answers wait, in memory, to be yielded in order. A worker that raised
         passes the error on (with its traceback as a note); a worker that died is reported
         and replaced.
         """
         caller = caller or not self.size
-        requests = ((index, args, pickle.dumps((function, args),
-                                               protocol=pickle.HIGHEST_PROTOCOL))
-                    for index, args in enumerate(arguments))
-        upcoming: list = []                     # the next request, drawn but not handed out
+        items = enumerate(arguments)
+        upcoming: list = []                     # the next item, drawn but not handed out
         held: dict[int, Any] = {}               # answers not yet yielded, by item
-        flight: list[list[tuple[int, int]]] = [[] for _ in range(self.size)]  # (item, bytes)
+        flight: list[list[int]] = [[] for _ in range(self.size)]   # items of each worker
         following = 0
 
         try:
@@ -203,23 +219,23 @@ class WorkerPool:
                 while following in held:
                     yield held.pop(following)
                     following += 1
-                self._hand_out(requests, upcoming, flight)
+                self._hand_out(function, items, upcoming, flight)
                 for k in self._answered(flight):
-                    held[flight[k].pop(0)[0]] = self.workers[k].result()
+                    held[flight[k].pop(0)] = self.workers[k].result()
                 if following in held:
                     continue
                 if caller:
                     if not upcoming:
-                        upcoming.extend(_first(requests))
+                        upcoming.extend(_first(items))
                     if upcoming:
-                        index, args, _ = upcoming.pop()
+                        index, args = upcoming.pop()
                         held[index] = function(*args)
                         continue
                 waiting = [k for k in range(self.size) if flight[k]]
                 if not waiting:
                     return
-                k = min(waiting, key=lambda w: flight[w][0][0])   # the earliest item
-                held[flight[k].pop(0)[0]] = self.workers[k].result()
+                k = min(waiting, key=lambda w: flight[w][0])   # the earliest item
+                held[flight[k].pop(0)] = self.workers[k].result()
         finally:
             # abandoned (an error here or in the caller, or the caller stopped early):
             # answers still in flight must not reach the next call
@@ -228,24 +244,19 @@ class WorkerPool:
                     self.workers[k].close()
                     self.workers[k] = None
 
-    def _hand_out(self, requests: Iterator, upcoming: list,
-                  flight: list[list[tuple[int, int]]]) -> None:
-        """Give requests to the workers with room for one: an idle worker takes any, a busy
-        one a small request behind small ones."""
+    def _hand_out(self, function: Callable, items: Iterator, upcoming: list,
+                  flight: list[list[int]]) -> None:
+        """Give items to the workers with room for one."""
         for k in range(self.size):
             while len(flight[k]) < 2:
                 if not upcoming:
-                    upcoming.extend(_first(requests))
+                    upcoming.extend(_first(items))
                     if not upcoming:
                         return
-                index, _, request = upcoming[0]
-                if flight[k] and (len(request) > AHEAD_BYTES
-                                  or flight[k][0][1] > AHEAD_BYTES):
-                    break
+                index, args = upcoming.pop()
                 worker = self.workers[k] if flight[k] else self._ready(k)
-                upcoming.pop()
-                worker.send(request)
-                flight[k].append((index, len(request)))
+                worker.submit(function, args)
+                flight[k].append(index)
 
     def _answered(self, flight: list[list[int]]) -> list[int]:
         """Workers whose answer has started to arrive (without waiting; none where pipes

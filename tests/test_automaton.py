@@ -66,6 +66,21 @@ def test_automaton_equals_the_regular_expression_on_generated_text(lexicon):
     assert found > 1000
 
 
+@pytest.mark.parametrize("lexicon", [default_lexicon(), lexicon_of(TRICKY_PHRASES)],
+                         ids=["default", "tricky"])
+def test_ascii_bytes_match_as_code_points_with_upper_case_folded(lexicon):
+    found = 0
+    for text in random_texts(lexicon, 4000, seed=7):
+        if not text.isascii():
+            continue
+        expected = automaton_matches(lexicon, text)
+        for spelled in (text, text.upper(), text.title()):
+            start, end, phrase = lexicon.automaton.find_ascii(spelled.encode())
+            assert list(zip(start.tolist(), end.tolist(), phrase.tolist())) == expected, text
+        found += len(expected)
+    assert found > 50
+
+
 def test_overlapping_candidates_keep_the_leftmost_longest_match():
     lexicon = lexicon_of(["we need to", "need to find", "to find", "find", "we"])
     text = "so we need to find x; we need  to\tfind it; we needed to find"

@@ -317,8 +317,8 @@ def test_the_caller_runs_items_too_and_answers_stay_in_order():
         pool.close()
 
 
-def test_large_requests_are_not_handed_ahead_and_never_block():
-    # requests far above the pipe's buffer: each goes to an idle worker only
+def test_requests_larger_than_the_pipe_never_block():
+    # requests far above the pipe's buffer, two to a worker: written by its writer thread
     big = "x" * (4 * 2**20)
     pool = workers.WorkerPool(2)
     try:

@@ -73,6 +73,10 @@ class PhraseAutomaton:
     leap_node: np.ndarray       # node after LEAP symbols
     leap_end: np.ndarray        # deepest valid phrase end before that: its depth (0: none)
     leap_phrase: np.ndarray     # ... and its phrase
+    ascii_table: bytes          # symbol of each byte of ASCII text, upper case folded
+    _word_root_flags: bytes     # per symbol (as a byte): 1 where it leaves the word root
+    _other_root_flags: bytes    # ... the other root
+    _word_flags: bytes          # ... where its characters are word characters
 
     @classmethod
     def build(cls, phrases) -> "PhraseAutomaton":
@@ -135,10 +139,19 @@ class PhraseAutomaton:
                                                 & ~symbol_is_word[following])
                 leap_end = np.where(ok, np.int8(depth), leap_end)
                 leap_phrase = np.where(ok, phrase[node], leap_phrase)
+        ascii_table = bytes(int(ascii_symbols[ord(chr(c).lower())]) if c < 128 else OTHER
+                            for c in range(256))
+
+        def flags(of_symbol: np.ndarray) -> bytes:   # a translate table over symbols
+            table = np.zeros(256, np.uint8)
+            table[:n_symbols] = of_symbol
+            return table.tobytes()
+
         return cls(ascii_symbols, symbol_is_word, root, root != DEAD, transitions, ends, phrase,
                    np.ascontiguousarray(node, np.int32).reshape(-1),
                    np.ascontiguousarray(leap_end).reshape(-1),
-                   np.ascontiguousarray(leap_phrase).reshape(-1))
+                   np.ascontiguousarray(leap_phrase).reshape(-1), ascii_table,
+                   flags(root == WORD_ROOT), flags(root == OTHER_ROOT), flags(symbol_is_word))
 
     def classify(self, codes: np.ndarray) -> np.ndarray:
         """The symbol of every character (code points, any unsigned width).
@@ -168,26 +181,42 @@ class PhraseAutomaton:
         regular expression without IGNORECASE.
         """
         n = len(codes)
-        none = np.zeros(0, np.int64)
-        if not n:
-            return none, none, none
         # sentinels past the end (and, read as symbols[-1], before the start): no
         # transition, not word characters
         symbols = np.full(n + LEAP + 1, OTHER, np.uint8)
         symbols[:n] = self.classify(codes)
+        return self._walk(symbols, n)
+
+    def find_ascii(self, text: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`find` for ASCII text given as bytes, upper case folded on the way: one
+        ``bytes.translate`` in C gives every character's symbol (a third of the time of
+        lower-casing, then looking symbols up in numpy)."""
+        symbols = np.frombuffer(text.translate(self.ascii_table) + bytes(LEAP + 1), np.uint8)
+        return self._walk(symbols, len(text))
+
+    def _walk(self, symbols: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Matches in ``symbols[:n]``; ``symbols`` ends with :data:`LEAP` + 1 sentinels."""
+        none = np.zeros(0, np.int64)
+        if not n:
+            return none, none, none
         # positions as int32 where they fit: half the memory traffic of every round
         index = np.int32 if n < 2**31 - LEAP - 1 else np.int64
-        candidate = np.flatnonzero(self.starts_walk[symbols[:n]]).astype(index)
-        root = self.root[symbols[candidate]]
-        # a word phrase must not follow a word character ((?<!\w))
-        keep = (root != WORD_ROOT) | ~self.symbol_is_word[symbols[candidate - 1]]
-        # (flatnonzero then take: boolean indexing branches on every element)
-        keep = np.flatnonzero(keep)
-        start, root = candidate.take(keep), root.take(keep)
+        # where a walk starts: a symbol leaving the root of the non-word phrases, or that of
+        # the word phrases where no word character precedes ((?<!\w)); flags of every
+        # symbol by bytes.translate (a C loop) and whole-array boolean operations, several
+        # times cheaper than gathering from numpy tables
+        data = symbols[:n].tobytes()
+        word_root = np.frombuffer(data.translate(self._word_root_flags), np.bool_)
+        starts = np.frombuffer(data.translate(self._other_root_flags), np.bool_).copy()
+        starts[0] |= word_root[0]
+        starts[1:] |= word_root[1:] & ~np.frombuffer(data.translate(self._word_flags),
+                                                       np.bool_)[:-1]
+        start = np.flatnonzero(starts).astype(index)
         if not len(start):
             return none, none, none
         n_symbols = self.transitions.shape[1]
-        key = (root - WORD_ROOT).astype(np.int32)
+        # leap keys begin with the root: 0 for the word root, 1 for the other
+        key = (~word_root[start]).astype(np.int32)
         for k in range(LEAP):
             key = key * n_symbols + symbols[start + k]
         leap_end = self.leap_end[key]

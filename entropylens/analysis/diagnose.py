@@ -73,6 +73,7 @@ from .curves import (TrainTokens, _metric_series, entropy_label, open_store, per
 from .noise import (Change, Noise, curve_noise, level_change, level_window, metric_range,
                     Z, residual_scatter, trend_change, VAL_SIZE_KEYS)
 from .phases import COLLAPSED_SHARE, analyse_curve
+from .sequences import step_groups
 from .registry import Analysis, FigureSpec, Finding, register, run_analysis
 
 STATUSES = ("learning", "collapsing", "collapsed_plateau", "entropy_explosion", "not_learning",
@@ -287,34 +288,50 @@ class DecisionSplit(Aggregator):
         self.options = {"vocab_size": vocab_size, "top_k": top_k}
         self.columns = tuple(sorted({"step", "sample_id", "position", *columns_for(source)}))
 
-    def start(self) -> list:
-        return []
+    def start(self) -> dict:
+        return {}
 
-    def update(self, state: list, batch: pa.RecordBatch) -> list:
+    def update(self, state: dict, batch: pa.RecordBatch) -> dict:
         from .forking_thresholds import key_arrays
 
         entropy = token_entropy(batch, self.source, **self.options)
         keys = key_arrays(batch, self.thresholds.scope)
         flags = self.thresholds.flags(*keys, entropy)
         finite = np.isfinite(entropy)
-        frame = pd.DataFrame({"step": keys[0][finite], "forking": flags[finite],
-                              "h": entropy[finite]})
-        state.append(frame.groupby(["step", "forking"])["h"].agg(["sum", "count"]))
+        steps, flags, entropy = keys[0][finite], flags[finite], entropy[finite]
+        unique, codes = step_groups(steps)
+        # per step: entropy sum and count of the routine (0) and forking (1) tokens
+        key = codes * 2 + flags
+        sums = np.bincount(key, weights=entropy, minlength=2 * len(unique)).reshape(-1, 2)
+        counts = np.bincount(key, minlength=2 * len(unique)).reshape(-1, 2)
+        for step, total, count in zip(unique.tolist(), sums, counts):
+            if step in state:
+                state[step][0] += total
+                state[step][1] += count
+            else:
+                state[step] = [total, count]
         return state
 
-    def merge(self, left: list, right: list) -> list:
-        return left + right
+    def merge(self, left: dict, right: dict) -> dict:
+        for step, (total, count) in right.items():
+            if step in left:
+                left[step][0] = left[step][0] + total
+                left[step][1] = left[step][1] + count
+            else:
+                left[step] = [total, count]
+        return left
 
-    def finish(self, state: list) -> pd.DataFrame:
+    def finish(self, state: dict) -> pd.DataFrame:
         """``step, decision_entropy, routine_entropy`` (means over each class)."""
         if not state:
             return pd.DataFrame(columns=["step", "decision_entropy", "routine_entropy"])
-        total = pd.concat(state).groupby(level=[0, 1]).sum()
-        mean = (total["sum"] / total["count"]).unstack("forking")
-        out = pd.DataFrame({"step": mean.index.astype("int64"),
-                            "decision_entropy": mean.get(True, np.nan).to_numpy(float),
-                            "routine_entropy": mean.get(False, np.nan).to_numpy(float)})
-        return out.sort_values("step").reset_index(drop=True)
+        steps = sorted(state)
+        totals = np.array([state[s][0] for s in steps])
+        counts = np.array([state[s][1] for s in steps])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.where(counts > 0, totals / np.maximum(counts, 1), np.nan)
+        return pd.DataFrame({"step": np.array(steps, np.int64),
+                             "decision_entropy": mean[:, 1], "routine_entropy": mean[:, 0]})
 
 
 def _classify(frame: pd.DataFrame, decision: str, routine: str, label: str) -> dict | None:

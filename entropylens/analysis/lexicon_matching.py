@@ -130,7 +130,7 @@ class PlanningMatcher:
         """
         automaton = self.lexicon.automaton
         if automaton is not None and raw.isascii():
-            return automaton.find(np.frombuffer(raw.lower(), np.uint8))
+            return automaton.find_ascii(raw)
         text = raw.decode("utf-8", "surrogateescape")
         char_offsets = _char_byte_offsets(text)
         folded = fold_case(text) if automaton is not None else None
