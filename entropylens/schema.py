@@ -121,13 +121,17 @@ def eos_mask(token: pa.Array | pa.ChunkedArray) -> np.ndarray:
     # dictionary-encoded is judged on its dictionary as it is
     encoded = token if pa.types.is_dictionary(token.type) else pc.dictionary_encode(token)
     eos_text = _eos_texts(encoded.dictionary)
-    return pc.fill_null(pc.take(eos_text, encoded.indices), False) \
-        .to_numpy(zero_copy_only=False)
+    indices = encoded.indices
+    if indices.null_count:   # null texts are not EOS: the slot after the dictionary
+        indices = pc.fill_null(indices, len(eos_text) - 1)
+    return eos_text[indices.to_numpy(zero_copy_only=False)]
 
 
-def _judge_eos_texts(dictionary: pa.Array) -> pa.Array:
-    return pc.fill_null(pc.is_in(pc.utf8_trim_whitespace(dictionary),
-                                 value_set=pa.array(EOS_TOKENS)), False)
+def _judge_eos_texts(dictionary: pa.Array) -> np.ndarray:
+    """Whether each text of a dictionary is an EOS, and False for a null text after them."""
+    judged = pc.fill_null(pc.is_in(pc.utf8_trim_whitespace(dictionary),
+                                   value_set=pa.array(EOS_TOKENS)), False)
+    return np.append(judged.to_numpy(zero_copy_only=False), False)
 
 
 #: the EOS judgement of a dictionary, kept for the batches of one row group that share it

@@ -179,9 +179,25 @@ class ScopeThresholds:
 
     def flags(self, steps, sample_ids, positions, entropy: np.ndarray) -> np.ndarray:
         """True for each forking token: entropy strictly above its scope's threshold."""
-        threshold = self.token_thresholds(steps, sample_ids, positions)
-        with np.errstate(invalid="ignore"):
-            return np.asarray(entropy > threshold) & np.isfinite(entropy)
+        bounds = sorted_bounds(steps) if self.scope == "step" and len(steps) else None
+        if bounds is not None:
+            # rows in stored order: one comparison per step's rows, no per-token thresholds
+            known = self.frame["threshold"].to_numpy(np.float64)
+            where = pd.Index(self.frame["step"].to_numpy(np.int64)).get_indexer(
+                steps[bounds[:-1]])
+            out = np.zeros(len(steps), bool)
+            for row, begin, end in zip(where.tolist(), bounds[:-1].tolist(),
+                                       bounds[1:].tolist()):
+                if row >= 0:
+                    np.greater(entropy[begin:end], known[row], out=out[begin:end])
+        else:
+            threshold = self.token_thresholds(steps, sample_ids, positions)
+            with np.errstate(invalid="ignore"):
+                out = np.asarray(entropy > threshold)
+        infinite = entropy == np.inf   # above any threshold, but no entropy to rank
+        if infinite.any():
+            out &= ~infinite
+        return out
 
 
 def _step_lookup(known: np.ndarray, steps: np.ndarray) -> np.ndarray:
