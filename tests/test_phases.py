@@ -187,3 +187,56 @@ def test_long_run_of_2400_steps_like_the_paper():
     early, arrival, _ = _numpy_summary(steps, curve)
     assert result.early_drop_fraction == pytest.approx(early)
     assert result.arrival_step == arrival
+
+
+@pytest.mark.parametrize("jump", [1, 3])
+def test_segment_residuals_equal_a_least_squares_fit_per_segment(jump):
+    from entropylens.analysis.phases import _rss_column, segment_rss
+
+    rng = np.random.default_rng(jump)
+    n = 61
+    x = np.sort(rng.random(n))
+    y = np.cumsum(rng.normal(size=n)) + 100.0   # an offset: no cancellation allowed
+    rss = segment_rss(x, y, jump)
+    design = np.column_stack([np.ones(n), x])
+    ends = [*range(jump, n, jump), n]
+    for start in range(0, n, jump):
+        for end in ends:
+            if end - start < 3:
+                continue
+            expected = np.linalg.lstsq(design[start:end], y[start:end], rcond=None)[1].sum()
+            got = rss[start // jump, _rss_column(end, n, jump)]
+            assert got == pytest.approx(expected, rel=1e-9, abs=1e-9)
+
+
+def test_change_points_equal_ruptures_linear_cost(shared_store):
+    # the table-backed cost must cut where ruptures' own lstsq cost cuts: real curves and
+    # long ones searched on a coarser grid
+    import ruptures
+
+    from entropylens.analysis.phases import MAX_POINTS, _line_cost, change_points
+
+    curves = [(c["step"].to_numpy(float), c["entropy"].to_numpy(float))
+              for c in (el.policy_entropy(shared_store, run).dropna(
+                  subset=["entropy"]) for run in ("vanilla", "top20"))]
+    rng = np.random.default_rng(11)
+    for n in (120, 900):
+        steps = np.sort(rng.choice(np.arange(4 * n), n, replace=False)).astype(float)
+        curves.append((steps, np.exp(-steps / steps.max() * 3)
+                       + rng.normal(0, 0.05, n)))
+    cut = 0
+    for steps, values in curves:
+        n = len(values)
+        sigma = 0.02 * np.ptp(values)
+        span = steps[-1] - steps[0]
+        signal = np.column_stack([values, np.ones(n), (steps - steps[0]) / span])
+        jump = max(1, math.ceil(n / MAX_POINTS))
+        min_size = max(3, math.ceil(n / 20))
+        pen = 3.0 * sigma ** 2 * math.log(n)
+        plain = ruptures.Pelt(model="linear", min_size=min_size, jump=jump).fit(signal)
+        table = ruptures.Pelt(custom_cost=_line_cost(jump), min_size=min_size,
+                              jump=jump).fit(signal)
+        assert table.predict(pen=pen) == plain.predict(pen=pen)
+        assert change_points(steps, values, sigma) == plain.predict(pen=pen)
+        cut += len(plain.predict(pen=pen)) > 1
+    assert cut >= 3   # curves with change points, not only single segments
