@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 import entropylens as el
-from entropylens.analysis.forking_counts import token_category
+from entropylens.analysis.forking_counts import token_categories, token_category
 from entropylens.analysis.forking_thresholds import grouped_quantile
 from entropylens.base.pieces import normalise_token
 from entropylens.cli import app
@@ -212,6 +212,22 @@ def test_bad_options_are_errors(shared_store):
     ("<|im_end|>", "other"), ("", "other")])
 def test_token_categories(text, category):
     assert token_category(text) == category
+    assert token_categories([text]).tolist() == [category]
+
+
+def test_vocabulary_categories_at_once_equal_one_by_one(vanilla):
+    # the vectorised rule (Arrow regular expressions for ASCII and byte-level marks) must
+    # agree with the per-text one on a real vocabulary and on every character near ASCII,
+    # alone and after each mark
+    from entropylens.base.pieces import BYTE_DECODER
+
+    chars = [chr(c) for c in range(0x250)] + sorted(BYTE_DECODER)
+    texts = (list(vanilla["token"].dropna().unique())
+             + chars + [m + c for m in ("Ġ", "Ċ", "ĉ", " ", "") for c in chars]
+             + ["<0x0A>", "<0x0A>\n", "<0x41>x", "ĠĠ7Ġ", "\x1c.\x1f", "Ġ\x0b", "1 2", "--"])
+    expected = [token_category(t) for t in texts]
+    assert token_categories(texts).tolist() == expected
+    assert {"whitespace", "punctuation", "digits", "other"} <= set(expected)
 
 
 def test_normalise_token():

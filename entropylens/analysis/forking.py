@@ -48,7 +48,7 @@ from ..schema import is_special_token
 from ..store import Store
 from .distribution import token_source
 from .registry import Analysis, FigureSpec, Finding, register, run_analysis
-from .forking_counts import CATEGORIES, ForkingCounts, ForkingScan, token_category
+from .forking_counts import CATEGORIES, ForkingCounts, ForkingScan, token_categories
 from .forking_thresholds import (ScopeThresholds, check_options,
                                  forking_flags, thresholds_plan)
 
@@ -155,7 +155,8 @@ def _public_thresholds(run: str, thresholds: ScopeThresholds) -> pd.DataFrame:
 
 
 def _composition(run: str, counts: pd.DataFrame) -> pd.DataFrame:
-    categories = counts["token"].map(token_category)
+    categories = pd.Series(token_categories(counts["token"].to_numpy(object)),
+                           index=counts.index)
     by = counts.groupby(categories)[["count", "forking_count"]].sum() \
         .reindex(list(CATEGORIES), fill_value=0)
     total, forks = by["count"].sum(), by["forking_count"].sum()
@@ -170,14 +171,15 @@ def _composition(run: str, counts: pd.DataFrame) -> pd.DataFrame:
 
 
 def _top(run: str, counts: pd.DataFrame, top_n: int, min_count: int):
-    counts = counts.assign(run=run, forking_rate=counts["forking_count"] / counts["count"],
-                           special=counts["token"].map(is_special_token).astype(bool))
+    counts = counts.assign(run=run, forking_rate=counts["forking_count"] / counts["count"])
     by_count = counts[counts["forking_count"] > 0].sort_values(
         ["forking_count", "count", "token"], ascending=[False, False, True]).head(top_n)
     by_rate = counts[(counts["count"] >= min_count) & (counts["forking_count"] > 0)] \
         .sort_values(["forking_rate", "count", "token"], ascending=[False, False, True]) \
         .head(top_n)
-    return by_count[TOKEN_COLUMNS], by_rate[TOKEN_COLUMNS]
+    # judged for the rows shown only, not the whole vocabulary
+    return tuple(top.assign(special=top["token"].map(is_special_token).astype(bool))
+                 [TOKEN_COLUMNS] for top in (by_count, by_rate))
 
 
 def forking_tokens(store: Store | str, runs=None, *, ratio: float = 0.2, scope: str = "step",

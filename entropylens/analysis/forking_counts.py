@@ -66,6 +66,45 @@ def token_category(text: str) -> str:
     return "other"
 
 
+#: Python's whitespace (``str.isspace``) among ASCII characters, as a regex class.
+_ASCII_SPACE = r"[\t\n\x0b\x0c\r\x1c-\x1f ]"
+#: Pieces judged by Arrow: printable ASCII, ASCII whitespace and the byte-level marks of a
+#: space, newline and tab (they decode to those), not a SentencePiece byte piece.
+_SIMPLE_PIECE = r"^[\x20-\x7e\t\n\x0b\x0c\r\x1c-\x1f\x{0120}\x{010a}\x{0109}]*$"
+
+
+def token_categories(texts) -> np.ndarray:
+    """:func:`token_category` of every text (an object array), for a whole vocabulary.
+
+    Pieces of printable ASCII, with or without the byte-level marks of a space, newline or
+    tab, are judged at once by Arrow's regular expressions under the same rule (ASCII
+    whitespace is ``str.isspace``'s, ASCII punctuation and symbols are all Unicode P* or
+    S*); the others (other Unicode, byte pieces) one by one, as before.
+    """
+    array = pa.array(texts, pa.string()) if not isinstance(texts, pa.Array) else texts
+    out = np.full(len(array), "other", dtype=object)
+    if not len(array):
+        return out
+    simple = pc.and_(pc.match_substring_regex(array, _SIMPLE_PIECE),
+                     pc.invert(pc.starts_with(array, "<0x")))
+    simple = pc.fill_null(simple, False).to_numpy(zero_copy_only=False)
+    decoded = array
+    for mark, char in (("\u0120", " "), ("\u010a", "\n"), ("\u0109", "\t")):
+        decoded = pc.replace_substring(decoded, mark, char)
+    for name, pattern in (
+            ("whitespace", f"^{_ASCII_SPACE}+$"),
+            ("digits", f"^{_ASCII_SPACE}*[0-9]+{_ASCII_SPACE}*$"),
+            ("punctuation", f"^{_ASCII_SPACE}*[!-/:-@\\[-`{{-~]+{_ASCII_SPACE}*$")):
+        hit = pc.fill_null(pc.match_substring_regex(decoded, pattern), False) \
+            .to_numpy(zero_copy_only=False)
+        out[simple & hit & (out == "other")] = name
+    rest = np.flatnonzero(~simple)
+    if len(rest):
+        values = array.take(pa.array(rest)).to_pylist()
+        out[rest] = [token_category(v) if v is not None else "other" for v in values]
+    return out
+
+
 def count_forking(keys: pa.Array, flags: np.ndarray, judged: np.ndarray) -> pa.Table:
     """``token, count, forking_count`` per token text, over the judged tokens.
 
