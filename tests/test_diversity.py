@@ -417,3 +417,23 @@ def test_generic_tables_map_answers_origins_and_vectors(tmp_path):
     assert [list(v) for v in table["reward_vector"]] == [[2, 1], [2, 1], [3, 1]]
     steps = el.diversity(tmp_path / "store").steps.iloc[0]
     assert steps["distinct_answers_mean"] == 2 and steps["reward_space_winners_mean"] == 1
+
+
+def test_per_group_labels_equal_a_pandas_groupby():
+    # distinct labels and their entropy per group, labels compared as text (1 and "1" one)
+    from entropylens.analysis.diversity import _label_codes, _per_group
+
+    rng = np.random.default_rng(3)
+    n = 2000
+    codes = rng.integers(-1, 40, n)
+    labels = pd.Series(rng.choice(np.array([1, "1", "a", "b", " b", None, 2.5, "2.5", "é"],
+                                           dtype=object), n))
+    distinct, entropy = _per_group(codes, _label_codes(labels), 40)
+    frame = pd.DataFrame({"g": codes, "label": labels.astype(str).where(labels.notna())})
+    frame = frame[(frame["g"] >= 0) & frame["label"].notna()]
+    counts = frame.groupby(["g", "label"]).size()
+    expected_distinct = counts.groupby(level="g").size()
+    shares = counts / counts.groupby(level="g").transform("sum")
+    expected_entropy = (-(shares * np.log(shares))).groupby(level="g").sum()
+    np.testing.assert_array_equal(distinct, expected_distinct.to_numpy())
+    np.testing.assert_allclose(entropy, expected_entropy.to_numpy(), rtol=1e-12)

@@ -114,9 +114,14 @@ def pass_at_k(n: np.ndarray | int, c: np.ndarray | int, k: int) -> np.ndarray:
     if k < 1 or (n < k).any() or (c < 0).any() or (c > n).any():
         raise ValueError("pass@k needs 1 <= k <= n and 0 <= c <= n")
     out = np.ones(len(n), np.float64)
-    for g in np.flatnonzero(n - c >= k):
-        i = np.arange(n[g] - c[g] + 1, n[g] + 1, dtype=np.float64)
-        out[g] = 1.0 - np.prod(1.0 - k / i)
+    todo = np.flatnonzero(n - c >= k)
+    if len(todo):
+        # groups share few (n, c) pairs: each product once
+        pairs, inverse = np.unique(np.stack([n[todo], c[todo]]), axis=1, return_inverse=True)
+        values = np.array([1.0 - np.prod(1.0 - k / np.arange(size - right + 1, size + 1,
+                                                             dtype=np.float64))
+                           for size, right in pairs.T.tolist()])
+        out[todo] = values[inverse.reshape(-1)]
     return out
 
 
@@ -291,23 +296,35 @@ def _winners(vectors: list, texts: list, rng: np.random.Generator, draws: int) -
     return len({texts[keep[b]] for b in np.unique(best)})
 
 
-def _per_group(codes: np.ndarray, labels: pd.Series, groups: int) -> tuple:
+def _label_codes(labels: pd.Series) -> np.ndarray:
+    """Codes of labels compared as text (1 and "1" are one answer), numbered in the sorted
+    order of the text; -1 for a missing label."""
+    present = labels.notna().to_numpy()
+    codes = np.full(len(labels), -1, np.int64)
+    if present.any():
+        codes[present] = pd.factorize(labels[present].astype(str).to_numpy(object),
+                                      sort=True)[0]
+    return codes
+
+
+def _per_group(codes: np.ndarray, labels: np.ndarray, groups: int) -> tuple:
     """Distinct labels and the Shannon entropy (nats) of their shares, per group.
 
-    Only rows with a label and a group count; groups with none are left out.
+    ``labels`` are :func:`_label_codes`. Only rows with a label and a group count; groups
+    with none are left out.
 
     Returns
     -------
     (distinct labels, entropy) : arrays in group order
     """
-    keep = (codes >= 0) & labels.notna().to_numpy()
+    keep = (codes >= 0) & (labels >= 0)
     if not keep.any():
         return np.zeros(0, np.int64), np.zeros(0)
-    # labels as text, as the answers compare (1 and "1" are one answer)
-    pairs = pd.DataFrame({"g": codes[keep], "label": labels[keep].astype(str).to_numpy()})
-    counts = pairs.groupby(["g", "label"], sort=True).size()
-    g = counts.index.get_level_values("g").to_numpy()
-    n = counts.to_numpy(np.float64)
+    span = int(labels[keep].max()) + 1
+    # (group, label) pairs in sorted order: labels by their text within each group
+    pairs, n = np.unique(codes[keep] * span + labels[keep], return_counts=True)
+    g = pairs // span
+    n = n.astype(np.float64)
     distinct = np.bincount(g, minlength=groups)
     total = np.bincount(g, weights=n, minlength=groups)
     p = n / total[g]
@@ -340,25 +357,35 @@ def group_stats(frame: pd.DataFrame, *, ks: Sequence[int] | None, correct: float
     winners loop, over the groups that logged reward vectors.
     """
     steps, passes = [], []
-    frame = frame.assign(split=frame["split"].fillna("train"))
-    for (step, split), rows in frame.groupby(["step", "split"], sort=True, dropna=False):
-        texts = rows["completion"].fillna("").str.strip()
-        answers = rows["final_answer"]
-        missing = answers.isna().to_numpy()
-        if missing.any():
-            answers = answers.astype(object).copy()
-            answers[missing] = [extract_answer(t, pattern)
-                                for t in rows["completion"].to_numpy(object)[missing]]
+    frame = frame.assign(split=frame["split"].fillna("train")).reset_index(drop=True)
+    # the text work once for the frame (all its steps), not once per step
+    completion = frame["completion"]
+    texts_all = completion.fillna("").str.strip()
+    answers_all = frame["final_answer"]
+    missing = answers_all.isna().to_numpy()
+    if missing.any():
+        answers_all = answers_all.astype(object).copy()
+        answers_all[missing] = [extract_answer(t, pattern)
+                                for t in completion.to_numpy(object)[missing]]
+    logged_codes = _label_codes(texts_all.where(completion.notna().to_numpy()))
+    answer_codes = _label_codes(answers_all)
+    answered_all = answers_all.notna().to_numpy()
+    keys_all = frame["group_id"].fillna(frame["sample_id"]).to_numpy(object)
+    reward_all = frame["reward"].to_numpy(np.float64, na_value=np.nan)
+    vectors_all = frame["reward_vector"].to_numpy(object)
+    texts_all = texts_all.to_numpy(object)
+    for (step, split), rows in frame[["step", "split"]].groupby(["step", "split"], sort=True,
+                                                                 dropna=False):
+        idx = rows.index.to_numpy()
         # groups in sorted order of their key, as a sorted groupby; keyless rows in none
-        codes, keys = pd.factorize(rows["group_id"].fillna(rows["sample_id"]), sort=True)
+        codes, keys = pd.factorize(keys_all[idx], sort=True)
         groups = len(keys)
         sizes = np.bincount(codes[codes >= 0], minlength=groups)
-        logged = texts.where(rows["completion"].notna().to_numpy())
-        distinct, _ = _per_group(codes, logged, groups)
-        distinct_answers, ans_ent = _per_group(codes, answers, groups)
+        distinct, _ = _per_group(codes, logged_codes[idx], groups)
+        distinct_answers, ans_ent = _per_group(codes, answer_codes[idx], groups)
 
         # rewards: the rewarded rows of each group, groups in order, rows in their order
-        reward = rows["reward"].to_numpy(np.float64, na_value=np.nan)
+        reward = reward_all[idx]
         has = (codes >= 0) & ~np.isnan(reward)
         order = np.flatnonzero(has)[np.argsort(codes[has], kind="stable")]
         r, g = reward[order], codes[order]
@@ -378,17 +405,18 @@ def group_stats(frame: pd.DataFrame, *, ks: Sequence[int] | None, correct: float
             spread = np.zeros(0)
         zero = (spread == 0)[n_r >= 2]
         winners: list[int] = []
-        vectors = rows["reward_vector"]
-        if vectors.notna().any():
-            winners = _group_winners(codes, list(vectors), list(texts), groups,
+        vectors = [v if _is_vector(v) else None for v in vectors_all[idx]]
+        logged_vectors = [v for v in vectors if v is not None]
+        if logged_vectors:
+            winners = _group_winners(codes, vectors, list(texts_all[idx]), groups,
                                      np.random.default_rng(seed), draws)
         spp = int(np.median(sizes)) if groups else 0
-        answered = int(answers.notna().sum())
+        answered = int(answered_all[idx].sum())
         row = {"step": None if pd.isna(step) else int(step), "split": split,
-               "prompts": groups, "samples": len(rows), "samples_per_prompt": spp,
+               "prompts": groups, "samples": len(idx), "samples_per_prompt": spp,
                "distinct_completions_mean": _mean_se(distinct)[0],
                "distinct_answers_mean": _mean_se(distinct_answers)[0],
-               "answered_share": answered / len(rows) if len(rows) else None,
+               "answered_share": answered / len(idx) if len(idx) else None,
                "zero_variance_groups": int(zero.sum()),
                "zero_variance_share": float(np.mean(zero)) if len(zero) else None,
                "reward_mean": float(r.mean()) if len(r) else None,
@@ -397,8 +425,8 @@ def group_stats(frame: pd.DataFrame, *, ks: Sequence[int] | None, correct: float
                "correctness_variance_mean": _mean_se(corr_var)[0],
                "answer_entropy_mean": _mean_se(ans_ent)[0],
                "reward_space_winners_mean": _mean_se(winners)[0],
-               "reward_vector_size": int(vectors.dropna().map(len).max())
-               if vectors.notna().any() else None}
+               "reward_vector_size": max(map(len, logged_vectors))
+               if logged_vectors else None}
         steps.append(row)
         ranked = np.lexsort((r, g))   # rewards sorted within each group, for best@k
         for k in (default_ks(int(n_r.max()) if len(n_r) else 0) if ks is None else ks):
@@ -412,6 +440,12 @@ def group_stats(frame: pd.DataFrame, *, ks: Sequence[int] | None, correct: float
                            "prompts": int(usable.sum()), "pass_at_k": p_mean,
                            "pass_at_k_se": p_se, "best_at_k": b_mean, "best_at_k_se": b_se})
     return steps, passes
+
+
+def _is_vector(value) -> bool:
+    """Whether a ``reward_vector`` cell holds a vector (pandas hands a missing one over as
+    None or NaN)."""
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
 
 
 def _group_winners(codes: np.ndarray, vectors: list, texts: list, groups: int,
