@@ -345,3 +345,18 @@ def test_cli_mine_lexicon_writes_a_usable_lexicon(tmp_path, shared_store):
     assert list(mined.phrases) == [g["gram"] for g in data["grams"]]
     roles = el.roles(shared_store, "top20", lexicon=out)
     assert roles.runs.loc[0, "planning_tokens"] > 0
+
+
+def test_theil_sen_slope_is_scipys_to_the_bit():
+    from scipy import stats
+
+    from entropylens.analysis.roles_phases import theil_sen_slope
+
+    rng = np.random.default_rng(5)
+    for n in (2, 3, 7, 25, 26, 120):
+        for _ in range(20):
+            x = np.sort(rng.choice(1000, n, replace=False)).astype(float)
+            y = rng.normal(size=n)
+            if rng.random() < 0.3:
+                y = np.round(y, 1)   # ties
+            assert theil_sen_slope(x, y) == float(stats.theilslopes(y, x)[0])
