@@ -201,3 +201,29 @@ def test_plans_asking_for_the_same_statistics_share_one_aggregator(store, monkey
     np.testing.assert_allclose(dist.steps["p50"], alone.steps["p50"], rtol=0, atol=0)
     # each plan got its own copy to change
     assert "run" in fused.steps and "run" in dist.steps
+
+
+def test_the_report_matches_and_counts_forks_once(shared_store, monkeypatch):
+    # the roles and forking analyses and the diagnosis that reads them ask for the same
+    # aggregators: each runs once in the report's scan, and every part gets the same answer
+    from entropylens.analysis.forking_counts import ForkingScan
+    from entropylens.analysis.roles import RolesAggregator
+
+    ran = []
+    original = engine.run_aggregators
+
+    def recording(store, run, aggregators, **options):
+        ran.extend(type(a).__name__ for a in aggregators.values())
+        return original(store, run, aggregators, **options)
+
+    monkeypatch.setattr(engine, "run_aggregators", recording)
+    results = collect(shared_store, ["vanilla"], workers=1)
+    assert ran.count(RolesAggregator.__name__) == 1 and ran.count(ForkingScan.__name__) == 1
+    monkeypatch.setattr(engine, "run_aggregators", original)
+    (entry,) = results.runs
+    roles = entry.outcomes["roles"].value
+    alone = el.roles(shared_store, "vanilla", workers=1)
+    pd.testing.assert_frame_equal(roles.steps, alone.steps)
+    forks = entry.outcomes["forking"].value
+    pd.testing.assert_frame_equal(forks.top_tokens,
+                                  el.forking_tokens(shared_store, "vanilla").top_tokens)

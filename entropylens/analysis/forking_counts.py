@@ -226,6 +226,14 @@ class ForkingScan(Aggregator):
         self.vocab_size, self.top_k = vocab_size, top_k
         self.columns = key_columns(scope) + TEXT_COLUMNS + columns_for(source)
 
+    def share_key(self) -> tuple | None:
+        """The same source, scope and ratio give the same thresholds and counts: the forking
+        analysis and the diagnosis that reads them scan once."""
+        if type(self) is not ForkingScan:
+            return None
+        return (ForkingScan, self.source, self.scope, self.ratio, self.batch_size,
+                self.vocab_size, self.top_k)
+
     def start(self) -> _UnitForks:
         return _UnitForks()
 

@@ -130,6 +130,14 @@ class RolesAggregator(Aggregator):
             cols.add("logprob")
         self.columns = tuple(sorted(cols))
 
+    def share_key(self) -> tuple | None:
+        """The same phrases, convention and columns give the same tallies: the roles
+        analysis and the diagnosis that reads them match the tokens once."""
+        if type(self) is not RolesAggregator:
+            return None
+        return (RolesAggregator, self.lexicon.phrases, self.convention, self.source,
+                self.has_logprob, self.vocab_size)
+
     def start(self) -> _RolesState:
         return _RolesState()
 
