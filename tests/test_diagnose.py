@@ -382,3 +382,24 @@ def test_saturation_figure_draws_no_ceiling_below_the_gate(real_store):
     assert not [line for line in ax.lines if line.get_gid() == "ceiling"]
     assert "no ceiling" in ax.get_title(loc="left")
     plt.close(fig)
+
+
+def test_decision_split_equals_flagging_with_the_forking_thresholds(shared_store, shared_run):
+    # the decision split is computed in the forking scan (thresholds at each unit's seal);
+    # it must equal a plain second pass: the forking analysis' step thresholds, training
+    # tokens before their end of sequence, means of each class per step
+    from entropylens.analysis.diagnose import DECISION_RATIO, DecisionScan
+    from entropylens.engine import run_aggregators
+
+    got = run_aggregators(shared_store, "vanilla",
+                          {"d": DecisionScan("exact", ratio=DECISION_RATIO)}, workers=1)["d"]
+    thresholds = el.forking_tokens(shared_store, "vanilla", ratio=DECISION_RATIO).thresholds
+    tokens = before_eos(pd.read_parquet(shared_run / "vanilla" / "tokens.parquet"))
+    tokens["entropy"] = tokens["entropy"].astype(np.float64)
+    tokens = tokens.merge(thresholds[["step", "threshold"]], on="step")
+    tokens["fork"] = tokens["entropy"] > tokens["threshold"]
+    means = tokens.groupby(["step", "fork"])["entropy"].mean().unstack("fork")
+    assert len(got) == len(means) > 10
+    np.testing.assert_array_equal(got["step"], means.index.to_numpy())
+    np.testing.assert_allclose(got["decision_entropy"], means[True], rtol=1e-12)
+    np.testing.assert_allclose(got["routine_entropy"], means[False], rtol=1e-12)

@@ -64,9 +64,9 @@ def test_fused_plans_give_what_each_analysis_gives_alone(store, scans):
 
 def test_the_report_reads_each_unit_once(store, scans):
     results = collect(store, ["r"])
-    # one fused read for every analysis, one more for the diagnosis' decision split (it
-    # needs the forking thresholds of the first)
-    assert len(engine.plan_units(store, "r")) == 1 and scans["units"] == 2
+    # one fused read for every analysis, the diagnosis' decision split included (it flags
+    # tokens with each unit's forking thresholds when the unit is sealed)
+    assert len(engine.plan_units(store, "r")) == 1 and scans["units"] == 1
     entry = results.runs[0]
     # tokens only: the saturation fit (it needs a performance curve), the diversity (it needs
     # completions), the origins and the search trees are missing

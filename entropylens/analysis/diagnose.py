@@ -64,12 +64,13 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from ..base.steps import step_array
 from ..engine import Aggregator, Failed, Plan, together
 from ..errors import EntropylensError
 from ..estimators import best_entropy_source, columns_for, token_entropy
 from ..store import Store
-from .curves import (TrainTokens, _metric_series, entropy_label, open_store, performance,
-                     policy_entropy_plan)
+from .curves import (_metric_series, entropy_label, open_store, performance,
+                     policy_entropy_plan, train_mask)
 from .noise import (Change, Noise, curve_noise, level_change, level_window, metric_range,
                     Z, residual_scatter, trend_change, VAL_SIZE_KEYS)
 from .phases import COLLAPSED_SHARE, analyse_curve
@@ -279,50 +280,69 @@ def validation_size(settings: dict) -> int | None:
 
 
 # -- decision tokens -------------------------------------------------------------------------
-class DecisionSplit(Aggregator):
-    """Per step, entropy sums and counts of the forking tokens (above their scope's
-    threshold, from :func:`~entropylens.analysis.forking.forking_plan`) and of the rest."""
+class DecisionScan(Aggregator):
+    """Per step, entropy sums and counts of the training tokens that fork (entropy above
+    their step's ``1 - ratio`` quantile, as :func:`~entropylens.analysis.forking.
+    forking_plan` puts it) and of the rest, in the same scan as the forking analysis.
 
-    def __init__(self, source: str, thresholds, *, vocab_size=None, top_k=None):
-        self.source, self.thresholds = source, thresholds
+    A unit holds whole steps, so at :meth:`seal` each step's threshold is final: it is
+    computed there over every token of the step (all splits, as the forking analysis does),
+    the tokens are flagged, and only the training tokens are summed, batch by batch.
+    Memory: one unit's steps and entropies.
+    """
+
+    def __init__(self, source: str, *, ratio: float, vocab_size=None, top_k=None):
+        self.source, self.ratio = source, ratio
         self.options = {"vocab_size": vocab_size, "top_k": top_k}
-        self.columns = tuple(sorted({"step", "sample_id", "position", *columns_for(source)}))
+        self.columns = tuple(sorted({"step", "split", *columns_for(source)}))
 
     def start(self) -> dict:
-        return {}
+        return {"pending": [], "sums": {}}
 
     def update(self, state: dict, batch: pa.RecordBatch) -> dict:
-        from .forking_thresholds import key_arrays
-
         entropy = token_entropy(batch, self.source, **self.options)
-        keys = key_arrays(batch, self.thresholds.scope)
-        flags = self.thresholds.flags(*keys, entropy)
-        finite = np.isfinite(entropy)
-        steps, flags, entropy = keys[0][finite], flags[finite], entropy[finite]
-        unique, codes = step_groups(steps)
-        # per step: entropy sum and count of the routine (0) and forking (1) tokens
-        key = codes * 2 + flags
-        sums = np.bincount(key, weights=entropy, minlength=2 * len(unique)).reshape(-1, 2)
-        counts = np.bincount(key, minlength=2 * len(unique)).reshape(-1, 2)
-        for step, total, count in zip(unique.tolist(), sums, counts):
-            if step in state:
-                state[step][0] += total
-                state[step][1] += count
-            else:
-                state[step] = [total, count]
+        train = train_mask(batch)
+        state["pending"].append((step_array(batch.column("step")), entropy,
+                                 None if train is None else
+                                 train.to_numpy(zero_copy_only=False)))
+        return state
+
+    def seal(self, state: dict) -> dict:
+        if not state["pending"]:
+            return state
+        from .forking_thresholds import compute_thresholds
+
+        steps = np.concatenate([p[0] for p in state["pending"]])
+        entropy = np.concatenate([p[1] for p in state["pending"]])
+        placeholder = np.zeros(len(steps), np.int8)   # the step scope reads steps only
+        flags = compute_thresholds(steps, placeholder, placeholder, entropy, scope="step",
+                                   ratio=self.ratio).flags(steps, placeholder, placeholder,
+                                                           entropy)
+        end = 0
+        for batch_steps, batch_entropy, train in state["pending"]:
+            begin, end = end, end + len(batch_steps)
+            keep = np.isfinite(batch_entropy)
+            if train is not None:
+                keep &= train
+            _add_sums(state["sums"], batch_steps[keep], flags[begin:end][keep],
+                      batch_entropy[keep])
+        state["pending"] = []
         return state
 
     def merge(self, left: dict, right: dict) -> dict:
-        for step, (total, count) in right.items():
-            if step in left:
-                left[step][0] = left[step][0] + total
-                left[step][1] = left[step][1] + count
+        # tokens not sealed yet may share steps: they wait together for the next seal
+        sums = left["sums"]
+        for step, (total, count) in right["sums"].items():
+            if step in sums:
+                sums[step][0] = sums[step][0] + total
+                sums[step][1] = sums[step][1] + count
             else:
-                left[step] = [total, count]
-        return left
+                sums[step] = [total, count]
+        return {"pending": left["pending"] + right["pending"], "sums": sums}
 
     def finish(self, state: dict) -> pd.DataFrame:
         """``step, decision_entropy, routine_entropy`` (means over each class)."""
+        state = self.seal(state)["sums"]
         if not state:
             return pd.DataFrame(columns=["step", "decision_entropy", "routine_entropy"])
         steps = sorted(state)
@@ -332,6 +352,21 @@ class DecisionSplit(Aggregator):
             mean = np.where(counts > 0, totals / np.maximum(counts, 1), np.nan)
         return pd.DataFrame({"step": np.array(steps, np.int64),
                              "decision_entropy": mean[:, 1], "routine_entropy": mean[:, 0]})
+
+
+def _add_sums(sums: dict, steps: np.ndarray, flags: np.ndarray, entropy: np.ndarray) -> None:
+    """Add one batch's per-step entropy sums and counts of the routine (0) and forking (1)
+    tokens to ``sums`` (step -> [sums, counts], each of two)."""
+    unique, codes = step_groups(steps)
+    key = codes * 2 + flags
+    totals = np.bincount(key, weights=entropy, minlength=2 * len(unique)).reshape(-1, 2)
+    counts = np.bincount(key, minlength=2 * len(unique)).reshape(-1, 2)
+    for step, total, count in zip(unique.tolist(), totals, counts):
+        if step in sums:
+            sums[step][0] += total
+            sums[step][1] += count
+        else:
+            sums[step] = [total, count]
 
 
 def _classify(frame: pd.DataFrame, decision: str, routine: str, label: str) -> dict | None:
@@ -414,7 +449,7 @@ def diagnose_curves(curve: pd.DataFrame | None, perf: pd.DataFrame | None, *, ru
     settings : dict, optional
         :func:`run_settings` (which interventions the run already applies).
     extras : dict, optional
-        ``seq_curve`` (sequence-mean curve), ``decision`` (:class:`DecisionSplit` result),
+        ``seq_curve`` (sequence-mean curve), ``decision`` (:class:`DecisionScan` result),
         ``roles`` (roles step table), ``length`` (step, value of response length),
         ``covariance`` (step, mean_cov).
 
@@ -720,12 +755,13 @@ def diagnose_plan(store: Store, run: str, *, val_size: int | None = None,
     size = val_size or validation_size(settings)
     source = best_entropy_source(manifest) if manifest.get("counts", {}).get("tokens") \
         else None
-    # the curve, forking thresholds, roles and covariance read the tokens together (one
-    # scan); the decision split needs the thresholds, so it reads them once more
+    # the curve, forking thresholds, decision split, roles and covariance read the tokens
+    # together (one scan)
     subplans = {"curve": policy_entropy_plan(store, run, engine=engine, **engine_options)}
     if source is not None:
         subplans.update(
             forks=forking_plan(store, run, source, manifest, ratio=DECISION_RATIO),
+            decision=_decision_plan(source, manifest),
             roles=roles_plan(store, run),
             covariance=covariance_plan(store, run, engine=engine, **engine_options))
     done = yield from together(subplans)
@@ -749,13 +785,9 @@ def diagnose_plan(store: Store, run: str, *, val_size: int | None = None,
             extras["length"] = lengths.rename(columns={"num_tokens": "value"})
         forks, roles_part, covariance = (_usable(done[k]) for k in ("forks", "roles",
                                                                      "covariance"))
-        if forks is not None:
-            try:
-                extras["decision"] = (yield {"d": TrainTokens(DecisionSplit(
-                    source, forks[1], vocab_size=manifest.get("vocab_size"),
-                    top_k=manifest.get("top_k")))})["d"]
-            except EntropylensError:
-                pass
+        decision = _usable(done["decision"])
+        if forks is not None and decision is not None:
+            extras["decision"] = decision
         table = roles_part[0] if isinstance(roles_part, tuple) else None
         if isinstance(table, pd.DataFrame) and {"cls", "mean_entropy"} <= set(table):
             extras["roles"] = table
@@ -769,6 +801,13 @@ def diagnose_plan(store: Store, run: str, *, val_size: int | None = None,
             extras["covariance"] = covariance[1].dropna(subset=["mean_cov"])
     return diagnose_curves(curve, perf, run=run, val_size=size, settings=settings,
                            extras=extras)
+
+
+def _decision_plan(source: str, manifest: dict) -> Plan:
+    """The :class:`DecisionScan` of one run, as a plan (read with the forking scan)."""
+    return (yield {"d": DecisionScan(source, ratio=DECISION_RATIO,
+                                     vocab_size=manifest.get("vocab_size"),
+                                     top_k=manifest.get("top_k"))})["d"]
 
 
 def _usable(outcome):
