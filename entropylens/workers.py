@@ -168,6 +168,11 @@ class _Worker:
                 pass
 
 
+#: Answers the calling process may hold, waiting for a slower worker's earlier item, before
+#: it stops taking items itself (each is a unit's sealed state: memory stays bounded).
+_CALLER_LEAD = 8
+
+
 def _first(iterator: Iterator) -> list:
     """The iterator's next item in a list, or an empty list at its end."""
     for item in iterator:
@@ -224,7 +229,7 @@ class WorkerPool:
                     held[flight[k].pop(0)] = self.workers[k].result()
                 if following in held:
                     continue
-                if caller:
+                if caller and len(held) < _CALLER_LEAD:
                     if not upcoming:
                         upcoming.extend(_first(items))
                     if upcoming:

@@ -338,3 +338,22 @@ def test_a_caller_that_stops_early_leaves_no_answer_behind():
         assert list(pool.map(len, [("xy",), ("z",)], caller=True)) == [2, 1]
     finally:
         pool.close()
+
+
+def _slow_in_workers(item, caller):
+    import time
+
+    if os.getpid() != caller:
+        time.sleep(0.3)
+    return item
+
+
+def test_the_caller_does_not_run_far_ahead_of_a_slow_worker():
+    # a slow worker holds the earliest items: the caller takes a bounded number of the
+    # later ones, then waits; everything comes back, in order
+    pool = workers.WorkerPool(1)
+    try:
+        items = [(k, os.getpid()) for k in range(30)]
+        assert list(pool.map(_slow_in_workers, items, caller=True)) == list(range(30))
+    finally:
+        pool.close()

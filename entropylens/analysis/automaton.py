@@ -65,8 +65,6 @@ class PhraseAutomaton:
 
     ascii_symbols: np.ndarray   # symbol of each ASCII character (uint8, 128)
     symbol_is_word: np.ndarray  # whether a symbol's characters are regex word characters
-    root: np.ndarray            # root of the walk a symbol starts (DEAD: none), uint8
-    starts_walk: np.ndarray     # root != DEAD, as booleans
     transitions: np.ndarray     # (node, symbol) -> node
     ends: np.ndarray            # end condition of each node (NO_END, END_ANY, END_NOT_WORD)
     phrase: np.ndarray          # index of the phrase ending at each node, -1 for none
@@ -74,9 +72,11 @@ class PhraseAutomaton:
     leap_end: np.ndarray        # deepest valid phrase end before that: its depth (0: none)
     leap_phrase: np.ndarray     # ... and its phrase
     ascii_table: bytes          # symbol of each byte of ASCII text, upper case folded
-    _word_root_flags: bytes     # per symbol (as a byte): 1 where it leaves the word root
-    _other_root_flags: bytes    # ... the other root
-    _word_flags: bytes          # ... where its characters are word characters
+    # bytes.translate tables over symbols: 1 where a symbol leaves the word root, the
+    # other root, or stands for word characters
+    _word_root_flags: bytes
+    _other_root_flags: bytes
+    _word_flags: bytes
 
     @classmethod
     def build(cls, phrases) -> "PhraseAutomaton":
@@ -147,7 +147,7 @@ class PhraseAutomaton:
             table[:n_symbols] = of_symbol
             return table.tobytes()
 
-        return cls(ascii_symbols, symbol_is_word, root, root != DEAD, transitions, ends, phrase,
+        return cls(ascii_symbols, symbol_is_word, transitions, ends, phrase,
                    np.ascontiguousarray(node, np.int32).reshape(-1),
                    np.ascontiguousarray(leap_end).reshape(-1),
                    np.ascontiguousarray(leap_phrase).reshape(-1), ascii_table,
