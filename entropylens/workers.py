@@ -206,11 +206,11 @@ class WorkerPool:
 
         Each worker holds two items: one it works on, the next waiting, so that a worker
         that answers starts on its next item at once. With ``caller`` this process runs
-        items too, whenever no answer is waiting: a pool of ``n`` workers
-        keeps ``n + 1`` processes busy, and a small job is done before the workers have
-        started. Answers wait, in memory, to be yielded in order. A worker that raised
-        passes the error on (with its traceback as a note); a worker that died is reported
-        and replaced.
+        items too, whenever no answer is waiting (and it holds fewer than
+        :data:`_CALLER_LEAD` answers): a pool of ``n`` workers keeps ``n + 1`` processes
+        busy, and a small job is done before the workers have started. Answers wait, in
+        memory, to be yielded in order. A worker that raised passes the error on (with its
+        traceback as a note); a worker that died is reported and replaced.
         """
         caller = caller or not self.size
         items = enumerate(arguments)
