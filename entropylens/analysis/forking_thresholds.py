@@ -179,12 +179,12 @@ class ScopeThresholds:
 
     def flags(self, steps, sample_ids, positions, entropy: np.ndarray) -> np.ndarray:
         """True for each forking token: entropy strictly above its scope's threshold."""
-        bounds = sorted_bounds(steps) if self.scope == "step" and len(steps) else None
-        if bounds is not None:
+        runs = _step_runs(self.frame["step"].to_numpy(np.int64), steps) \
+            if self.scope == "step" else None
+        if runs is not None:
             # rows in stored order: one comparison per step's rows, no per-token thresholds
+            bounds, where = runs
             known = self.frame["threshold"].to_numpy(np.float64)
-            where = pd.Index(self.frame["step"].to_numpy(np.int64)).get_indexer(
-                steps[bounds[:-1]])
             out = np.zeros(len(steps), bool)
             for row, begin, end in zip(where.tolist(), bounds[:-1].tolist(),
                                        bounds[1:].tolist()):
@@ -200,14 +200,23 @@ class ScopeThresholds:
         return out
 
 
-def _step_lookup(known: np.ndarray, steps: np.ndarray) -> np.ndarray:
-    """Row of each of ``steps`` in the distinct steps ``known`` (-1 for none). Rows in
-    stored order (steps non-decreasing) are looked up once per step, not once per token."""
+def _step_runs(known: np.ndarray, steps: np.ndarray):
+    """For rows in stored order (steps non-decreasing): the bounds of each step's rows
+    (:func:`~entropylens.analysis.sequences.sorted_bounds`) and the row of that step in
+    the distinct steps ``known`` (-1 for none), looked up once per step; None otherwise."""
     bounds = sorted_bounds(steps) if len(steps) else None
     if bounds is None:
+        return None
+    return bounds, pd.Index(known).get_indexer(steps[bounds[:-1]])
+
+
+def _step_lookup(known: np.ndarray, steps: np.ndarray) -> np.ndarray:
+    """Row of each of ``steps`` in the distinct steps ``known`` (-1 for none)."""
+    runs = _step_runs(known, steps)
+    if runs is None:
         return pd.Index(known).get_indexer(steps)
-    firsts = steps[bounds[:-1]]
-    return np.repeat(pd.Index(known).get_indexer(firsts), np.diff(bounds))
+    bounds, where = runs
+    return np.repeat(where, np.diff(bounds))
 
 
 def _empty_frame(scope: str) -> pd.DataFrame:

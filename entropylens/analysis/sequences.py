@@ -76,9 +76,9 @@ def step_groups(steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``numpy.unique(steps, return_inverse=True)``, without sorting when rows come in
     stored order."""
     steps = np.asarray(steps)
-    bounds = sorted_bounds(steps) if len(steps) else None
     if not len(steps):
         return steps[:0], np.zeros(0, np.int64)
+    bounds = sorted_bounds(steps)
     if bounds is None:
         unique, codes = np.unique(steps, return_inverse=True)
         return unique, codes.reshape(-1)
@@ -98,8 +98,9 @@ def step_rows(steps: np.ndarray) -> Iterator[tuple[int, slice | np.ndarray]]:
             yield step, slice(begin, end)
         return
     unique, codes = np.unique(steps, return_inverse=True)
-    order = np.argsort(codes.reshape(-1), kind="stable")
-    edges = np.searchsorted(codes.reshape(-1)[order], np.arange(len(unique) + 1))
+    codes = codes.reshape(-1)
+    order = np.argsort(codes, kind="stable")
+    edges = np.searchsorted(codes[order], np.arange(len(unique) + 1))
     for k, step in enumerate(unique.tolist()):
         yield step, order[edges[k]:edges[k + 1]]
 
